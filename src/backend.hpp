@@ -1,0 +1,42 @@
+// The interface every backend implements, over already-validated arguments (see contract.hpp).
+// The op list lives in backend_ops.inc and is declared once per backend namespace.
+#pragma once
+
+#include "fusedmoe/tensor.hpp"
+
+namespace fusedmoe::detail {
+
+// How routed row i (expert order) addresses a row of an operand.
+enum class RowMap : uint8_t {
+  identity,  // row i
+  token,     // row gather[i] / top_k  (the token; as an output of gemm_nn: summed over the k slots)
+  slot,      // row gather[i]          (the flat slot t·k + j)
+};
+
+struct Routing {
+  Tensor expert_offsets;  // [E+1] int32
+  Tensor gather_indices;  // [M] int32 (undefined when every map is identity)
+  int num_experts = 0;
+  int top_k = 1;
+  int64_t M = 0;  // routed rows
+  int64_t T = 0;  // tokens = M / top_k
+};
+
+// Y[y_map(i)] = s(i) · X[x_map(i)] · W[e(i)]ᵀ,  W [E,N,K];  s(i) = slot_scale[gather[i]] when defined.
+struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; };
+// dX[dx_map(i)] (+ over slots when dx_map = token) = s(i) · dY[dy_map(i)] · W[e(i)].
+struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; Tensor slot_scale; };
+// dW[e] = Σ_{i∈e} (s(i) · dY[dy_map(i)])ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
+struct GemmTN { Tensor dY; RowMap dy_map; Tensor slot_scale; Tensor X; RowMap x_map; Tensor dW; };
+
+namespace cpu {
+#include "backend_ops.inc"
+}  // namespace cpu
+
+#ifdef FUSEDMOE_WITH_CUDA
+namespace cuda {
+#include "backend_ops.inc"
+}  // namespace cuda
+#endif
+
+}  // namespace fusedmoe::detail

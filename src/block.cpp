@@ -1,0 +1,213 @@
+// The whole MoE block as a sequence of backend ops (DESIGN.md §3, §4).
+#include "fusedmoe/block.hpp"
+
+#include <vector>
+
+#include "contract.hpp"
+#include "dispatch.hpp"
+
+namespace fusedmoe {
+
+using namespace detail;
+
+void MoeConfig::validate() const { check_config(*this); }
+
+double MoeConfig::forward_flops(int64_t tokens) const {
+  return 6.0 * static_cast<double>(tokens) * top_k * static_cast<double>(hidden_size) *
+         static_cast<double>(intermediate_size);
+}
+
+double MoeConfig::backward_flops(int64_t tokens, bool with_dW) const {
+  return (with_dW ? 2.0 : 1.0) * forward_flops(tokens);
+}
+
+MoeConfig qwen3_30b_a3b_config() { return MoeConfig{2048, 768, 128, 8, true, DType::bf16}; }
+MoeConfig qwen3_235b_a22b_config() { return MoeConfig{4096, 1536, 128, 8, true, DType::bf16}; }
+
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Lays out consecutive tensors in one allocation: first with data == nullptr to count bytes, then for real.
+class Carver {
+ public:
+  Carver(void* base, Device device) : base_(static_cast<char*>(base)), device_(device) {}
+  Tensor take(DType dtype, std::initializer_list<int64_t> shape) {
+    Tensor t = Tensor::contiguous(base_ ? base_ + used_ : nullptr, dtype, shape, device_);
+    used_ += align_up(t.nbytes());
+    return t;
+  }
+  size_t used() const { return used_; }
+
+ private:
+  char* base_;
+  Device device_;
+  size_t used_ = 0;
+};
+
+MoeSaved carve_saved(const MoeConfig& c, int64_t T, Carver& cv) {
+  const int64_t M = T * c.top_k;
+  MoeSaved s;
+  s.topk_weights = cv.take(c.dtype, {T, c.top_k});
+  s.topk_ids = cv.take(DType::i32, {T, c.top_k});
+  s.gather_indices = cv.take(DType::i32, {M});
+  s.m_sizes = cv.take(DType::i32, {c.num_experts});
+  s.expert_offsets = cv.take(DType::i32, {c.num_experts + 1});
+  s.gate_up_out = cv.take(c.dtype, {M, 2 * c.intermediate_size});
+  return s;
+}
+
+struct ForwardScratch { Tensor act, down_out; };
+ForwardScratch carve_forward(const MoeConfig& c, int64_t T, Carver& cv) {
+  const int64_t M = T * c.top_k;
+  return {cv.take(c.dtype, {M, c.intermediate_size}), cv.take(c.dtype, {M, c.hidden_size})};
+}
+
+// What backward computes, from the gradients wanted.
+struct BackwardPlan {
+  bool router;    // dw and d_logits: needed for dx and d_gate
+  bool d_gate_up; // dY1: needed for dx and d_gate_up_proj
+  bool act;       // A materialised: needed for d_down_proj
+  bool d_act_raw; // dA_raw = dOut·W2: needed for dw and dY1
+};
+BackwardPlan plan_backward(const MoeGrads& g) {
+  BackwardPlan p{};
+  p.router = g.dx.defined() || g.d_gate.defined();
+  p.d_gate_up = g.dx.defined() || g.d_gate_up_proj.defined();
+  p.act = g.d_down_proj.defined();
+  p.d_act_raw = p.router || p.d_gate_up;
+  return p;
+}
+
+struct BackwardScratch { Tensor d_act_raw, d_gate_up, act, d_weights, d_logits; };
+BackwardScratch carve_backward(const MoeConfig& c, int64_t T, const BackwardPlan& p, Carver& cv) {
+  const int64_t M = T * c.top_k, I = c.intermediate_size;
+  // Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
+  const DType acc = c.dtype == DType::f64 ? DType::f64 : DType::f32;
+  BackwardScratch s;
+  if (p.d_act_raw) s.d_act_raw = cv.take(acc, {M, I});
+  if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
+  if (p.act) s.act = cv.take(c.dtype, {M, I});
+  if (p.router) {
+    s.d_weights = cv.take(acc, {T, c.top_k});
+    s.d_logits = cv.take(acc, {T, c.num_experts});
+  }
+  return s;
+}
+
+Routing routing_of(const MoeConfig& c, int64_t T, const MoeSaved& s) {
+  Routing r;
+  r.expert_offsets = s.expert_offsets;
+  r.gather_indices = s.gather_indices;
+  r.num_experts = c.num_experts;
+  r.top_k = c.top_k;
+  r.T = T;
+  r.M = T * c.top_k;
+  return r;
+}
+
+}  // namespace
+
+size_t moe_saved_bytes(const MoeConfig& cfg, int64_t tokens) {
+  check_config(cfg);
+  Carver cv(nullptr, {});
+  carve_saved(cfg, tokens, cv);
+  return cv.used();
+}
+
+MoeSaved moe_saved_views(const MoeConfig& cfg, int64_t tokens, void* memory, Device device) {
+  check_config(cfg);
+  if (memory == nullptr) fail("moe_saved_views", "argument 'memory' is null");
+  if (reinterpret_cast<uintptr_t>(memory) % kAlign != 0) fail("moe_saved_views", "argument 'memory' must be 256-byte aligned");
+  Carver cv(memory, device);
+  return carve_saved(cfg, tokens, cv);
+}
+
+size_t moe_forward_workspace_bytes(const MoeConfig& cfg, int64_t tokens) {
+  check_config(cfg);
+  Carver cv(nullptr, {});
+  carve_forward(cfg, tokens, cv);
+  return cv.used();
+}
+
+size_t moe_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const MoeGrads& wanted) {
+  check_config(cfg);
+  Carver cv(nullptr, {});
+  carve_backward(cfg, tokens, plan_backward(wanted), cv);
+  return cv.used();
+}
+
+void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, const Tensor& out,
+                 const Tensor& logits, const MoeSaved& saved, Workspace ws, Stream s) {
+  const int64_t T = check_block_forward(cfg, x, w, out, logits, saved);
+  check_workspace("moe_forward", ws, moe_forward_workspace_bytes(cfg, T));
+  const Device dev = x.device;
+  Carver cv(ws.data, dev);
+  const ForwardScratch tmp = carve_forward(cfg, T, cv);
+  const Routing r = routing_of(cfg, T, saved);
+
+  FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, s);
+  FUSEDMOE_DISPATCH(dev, route_topk, logits, cfg.top_k, cfg.norm_topk_prob, saved.topk_weights, saved.topk_ids, s);
+  FUSEDMOE_DISPATCH(dev, sort_by_expert, saved.topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
+                    saved.expert_offsets, s);
+  // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order).
+  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}}, s);
+  FUSEDMOE_DISPATCH(dev, silu_mul, saved.gate_up_out, tmp.act, s);
+  // GEMM2 with the scatter to slot order fused into its stores.
+  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}}, s);
+  FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, saved.topk_weights, out, s);
+}
+
+void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, const MoeWeights& w,
+                  const Tensor& logits, const MoeSaved& saved, const MoeGrads& g, Workspace ws, Stream s) {
+  const char* op = "moe_backward";
+  check_config(cfg);
+  const DTypeMask dt = mask(cfg.dtype);
+  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, E = cfg.num_experts;
+  check_tensor(op, "x", x, {kAny, H}, dt);
+  const Device dev = x.device;
+  const int64_t T = x.shape[0];
+  check_tensor(op, "d_out", d_out, {T, H}, dt, &dev);
+  check_tensor(op, "gate", w.gate, {E, H}, dt, &dev);
+  check_tensor(op, "gate_up_proj", w.gate_up_proj, {E, 2 * I, H}, dt, &dev);
+  check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
+  check_tensor(op, "router_logits", logits, {T, E}, dt, &dev);
+  check_saved(op, cfg, T, saved, dev);
+  if (g.dx.defined()) check_tensor(op, "grads.dx", g.dx, {T, H}, dt, &dev);
+  if (g.d_gate.defined()) check_tensor(op, "grads.d_gate", g.d_gate, {E, H}, dt, &dev);
+  if (g.d_gate_up_proj.defined()) check_tensor(op, "grads.d_gate_up_proj", g.d_gate_up_proj, {E, 2 * I, H}, dt, &dev);
+  if (g.d_down_proj.defined()) check_tensor(op, "grads.d_down_proj", g.d_down_proj, {E, H, I}, dt, &dev);
+  const BackwardPlan p = plan_backward(g);
+  check_workspace(op, ws, moe_backward_workspace_bytes(cfg, T, g));
+  check_routing_values(op, saved.expert_offsets, &saved.gather_indices, T * cfg.top_k);
+
+  Carver cv(ws.data, dev);
+  const BackwardScratch tmp = carve_backward(cfg, T, p, cv);
+  const Routing r = routing_of(cfg, T, saved);
+  const Tensor& Y1 = saved.gate_up_out;
+
+  if (p.d_act_raw) {
+    // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 (and A) in one elementwise pass.
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity, {}}, s);
+    FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, saved.topk_weights, tmp.d_gate_up, tmp.act,
+                      tmp.d_weights, s);
+  } else if (p.act) {
+    FUSEDMOE_DISPATCH(dev, silu_mul, Y1, tmp.act, s);
+  }
+  if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i]
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r,
+                      GemmTN{d_out, RowMap::token, saved.topk_weights, tmp.act, RowMap::identity, g.d_down_proj}, s);
+  if (g.d_gate_up_proj.defined())  // dW1[e] = Σ dY1[i]ᵀ · x[t_i]
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r,
+                      GemmTN{tmp.d_gate_up, RowMap::identity, {}, x, RowMap::token, g.d_gate_up_proj}, s);
+  if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token, {}}, s);
+  if (p.router) {
+    FUSEDMOE_DISPATCH(dev, route_topk_backward, logits, saved.topk_ids, tmp.d_weights, cfg.norm_topk_prob,
+                      tmp.d_logits, s);
+    FUSEDMOE_DISPATCH(dev, router_logits_backward, tmp.d_logits, x, w.gate, g.dx, g.d_gate, /*accumulate_dx=*/true, s);
+  }
+}
+
+}  // namespace fusedmoe

@@ -1,0 +1,216 @@
+// The whole block on the CPU backend against the float64 reference (same routing decisions), the edge
+// cases of DESIGN.md §5, finite differences in float64, the skip switches and determinism.
+#include <set>
+
+#include "testing.hpp"
+
+using namespace fmt;
+
+namespace {
+
+struct BlockCase {
+  const char* name;
+  DType dtype;
+  int64_t T, H, I;
+  int E, k;
+  bool norm;
+  bool one_expert;  // steer every token's first choice to expert 0
+};
+
+void PrintTo(const BlockCase& c, std::ostream* os) { *os << c.name; }
+
+void steer_to_expert_zero(BlockTensors& b) {
+  const int64_t H = b.cfg.hidden_size;
+  b.x.uniform(0.5, 1.5);
+  for (int64_t h = 0; h < H; ++h) b.gate.set(h, 4.0 / H);
+}
+
+// Workspace and gradient buffers for one backward call.
+struct Backward {
+  HostTensor dout, dx, dgate, dw1, dw2;
+  explicit Backward(const BlockTensors& b) {
+    const auto& c = b.cfg;
+    const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
+    dout = HostTensor(c.dtype, {b.T, H});
+    dout.randn();
+    dx = HostTensor(c.dtype, {b.T, H});
+    dgate = HostTensor(c.dtype, {E, H});
+    dw1 = HostTensor(c.dtype, {E, 2 * I, H});
+    dw2 = HostTensor(c.dtype, {E, H, I});
+  }
+  MoeGrads grads(bool want_dx, bool want_dgate, bool want_dw1, bool want_dw2) {
+    MoeGrads g;
+    if (want_dx) g.dx = dx.t;
+    if (want_dgate) g.d_gate = dgate.t;
+    if (want_dw1) g.d_gate_up_proj = dw1.t;
+    if (want_dw2) g.d_down_proj = dw2.t;
+    return g;
+  }
+  void run(BlockTensors& b, const MoeGrads& g) {
+    for (HostTensor* h : {&dx, &dgate, &dw1, &dw2}) h->poison();
+    std::vector<unsigned char> ws(moe_backward_workspace_bytes(b.cfg, b.T, g) + 256);
+    moe_backward(b.cfg, dout.t, b.x.t, b.weights(), b.logits.t, b.saved, g,
+                 {BlockTensors::aligned(ws), ws.size() - 256});
+  }
+};
+
+class BlockTest : public ::testing::TestWithParam<BlockCase> {};
+
+TEST_P(BlockTest, ForwardAndBackwardMatchFloat64Reference) {
+  const BlockCase c = GetParam();
+  MoeConfig cfg{c.H, c.I, c.E, c.k, c.norm, c.dtype};
+  BlockTensors b(cfg, c.T);
+  if (c.one_expert) steer_to_expert_zero(b);
+  b.forward();
+  ASSERT_TRUE(b.out.all_finite()) << "an output element was not written";
+  ASSERT_TRUE(b.logits.all_finite());
+
+  // Router logits against float64, and the expert choices against the float64 softmax of those logits.
+  const RefProblem p = b.ref_problem();
+  std::vector<double> ref_logits(c.T * c.E, 0);
+  for (int64_t t = 0; t < c.T; ++t)
+    for (int e = 0; e < c.E; ++e)
+      for (int64_t h = 0; h < c.H; ++h) ref_logits[t * c.E + e] += p.x[t * c.H + h] * p.gate[e * c.H + h];
+  EXPECT_CLOSE(b.logits.values(), ref_logits, tolerance(c.dtype));
+  const auto ids = b.ids();
+  const RefRouting r = ref_routing(b.logits.values(), ids, c.T, c.E, c.k, c.norm);
+  for (int64_t t = 0; t < c.T; ++t) {
+    std::set<int32_t> chosen(ids.begin() + t * c.k, ids.begin() + (t + 1) * c.k);
+    ASSERT_EQ(chosen.size(), static_cast<size_t>(c.k)) << "token " << t << " picked an expert twice";
+    double min_in = 1, max_out = 0;
+    for (int e = 0; e < c.E; ++e) {
+      const double pe = r.probs[t * c.E + e];
+      if (chosen.count(e)) min_in = std::min(min_in, pe); else max_out = std::max(max_out, pe);
+    }
+    EXPECT_GE(min_in, max_out - 1e-6) << "token " << t << ": not the top-k experts";
+  }
+  if (c.one_expert) EXPECT_EQ(b.saved.m_sizes.ptr<int32_t>()[0], c.T);
+  EXPECT_CLOSE(values_of(b.saved.topk_weights), r.weights, tolerance(c.dtype));
+
+  const RefForward f = ref_forward(p, r);
+  EXPECT_CLOSE(b.out.values(), f.out, tolerance(c.dtype));
+
+  Backward bw(b);
+  bw.run(b, bw.grads(true, true, true, true));
+  const RefGrads g = ref_backward(p, r, f, bw.dout.values());
+  // bf16 router gradients pass through a softmax Jacobian with cancellation: allow twice the tolerance.
+  const double router_tol = c.dtype == DType::bf16 || c.dtype == DType::f16 ? 2e-2 : tolerance(c.dtype) * 10;
+  EXPECT_CLOSE(bw.dx.values(), g.dx, tolerance(c.dtype));
+  EXPECT_CLOSE(bw.dgate.values(), g.dgate, router_tol);
+  EXPECT_CLOSE(bw.dw1.values(), g.dw1, tolerance(c.dtype));
+  EXPECT_CLOSE(bw.dw2.values(), g.dw2, tolerance(c.dtype));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    EdgeCases, BlockTest,
+    ::testing::Values(BlockCase{"T1", DType::bf16, 1, 64, 32, 8, 2, true, false},
+                      BlockCase{"OddSizes", DType::bf16, 5, 1000, 200, 10, 3, true, false},
+                      BlockCase{"KEqualsE", DType::f32, 40, 48, 24, 6, 6, true, false},
+                      BlockCase{"K1Fp16", DType::f16, 33, 40, 20, 12, 1, false, false},
+                      BlockCase{"OneExpert", DType::bf16, 30, 64, 40, 5, 1, false, true},
+                      BlockCase{"EmptyExperts", DType::f32, 3, 32, 16, 64, 2, false, false},
+                      BlockCase{"NoNormF32", DType::f32, 70, 72, 36, 7, 3, false, false},
+                      BlockCase{"F64", DType::f64, 12, 20, 10, 5, 2, true, false}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// Gradients of L = Σ dOut ⊙ out by central differences, entirely in float64.
+TEST(BlockGradients, MatchCentralFiniteDifferencesInFloat64) {
+  for (bool norm : {true, false}) {
+    MoeConfig cfg{12, 6, 5, 2, norm, DType::f64};
+    BlockTensors b(cfg, 4);
+    b.forward();
+    const auto ids0 = b.ids();
+    Backward bw(b);
+    bw.run(b, bw.grads(true, true, true, true));
+    auto loss = [&]() {
+      b.forward();
+      EXPECT_EQ(b.ids(), ids0) << "perturbation changed the routing; pick another seed";
+      double L = 0;
+      for (int64_t i = 0; i < b.out.numel(); ++i) L += bw.dout.get(i) * b.out.get(i);
+      return L;
+    };
+    auto fd_of = [&](HostTensor& param) {
+      std::vector<double> g(param.numel());
+      const double eps = 1e-6;
+      for (int64_t i = 0; i < param.numel(); ++i) {
+        const double v = param.get(i);
+        param.set(i, v + eps);
+        const double lp = loss();
+        param.set(i, v - eps);
+        const double lm = loss();
+        param.set(i, v);
+        g[i] = (lp - lm) / (2 * eps);
+      }
+      return g;
+    };
+    EXPECT_CLOSE(bw.dx.values(), fd_of(b.x), 1e-6);
+    EXPECT_CLOSE(bw.dgate.values(), fd_of(b.gate), 1e-6);
+    EXPECT_CLOSE(bw.dw1.values(), fd_of(b.w1), 1e-6);
+    EXPECT_CLOSE(bw.dw2.values(), fd_of(b.w2), 1e-6);
+  }
+}
+
+// Unwanted gradients are neither computed nor written; wanted ones equal the full run's bitwise.
+TEST(BlockGradients, SkipSwitchesLeaveUnwantedOutputsUntouched) {
+  MoeConfig cfg{40, 24, 6, 2, true, DType::bf16};
+  BlockTensors b(cfg, 17);
+  b.forward();
+  Backward full(b);
+  full.run(b, full.grads(true, true, true, true));
+  struct Want { bool dx, dgate, dw1, dw2; };
+  for (Want wnt : {Want{true, true, false, false}, Want{false, false, true, true}, Want{false, true, false, false},
+                   Want{false, false, false, true}, Want{true, false, false, false}}) {
+    Backward part(b);
+    part.dout = full.dout;
+    const MoeGrads g = part.grads(wnt.dx, wnt.dgate, wnt.dw1, wnt.dw2);
+    EXPECT_LE(moe_backward_workspace_bytes(cfg, b.T, g), moe_backward_workspace_bytes(cfg, b.T, full.grads(1, 1, 1, 1)));
+    part.run(b, g);
+    const std::pair<bool, std::pair<HostTensor*, HostTensor*>> outs[] = {
+        {wnt.dx, {&part.dx, &full.dx}}, {wnt.dgate, {&part.dgate, &full.dgate}},
+        {wnt.dw1, {&part.dw1, &full.dw1}}, {wnt.dw2, {&part.dw2, &full.dw2}}};
+    for (const auto& [wanted, pair] : outs) {
+      if (wanted)
+        EXPECT_TRUE(pair.first->bitwise_equal(*pair.second));
+      else
+        EXPECT_FALSE(pair.first->all_finite()) << "an unwanted gradient was written";
+    }
+  }
+  // Frozen experts and no dx: the workspace shrinks to the router's needs.
+  EXPECT_LT(moe_backward_workspace_bytes(cfg, b.T, full.grads(false, true, false, false)),
+            moe_backward_workspace_bytes(cfg, b.T, full.grads(true, true, true, true)));
+}
+
+TEST(Block, DeterministicBitwise) {
+  MoeConfig cfg{96, 48, 9, 3, true, DType::bf16};
+  BlockTensors b(cfg, 50);
+  b.forward();
+  HostTensor out1 = b.out;
+  Backward bw(b);
+  bw.run(b, bw.grads(1, 1, 1, 1));
+  HostTensor dx1 = bw.dx, dw1 = bw.dw1;
+  b.forward();
+  EXPECT_TRUE(b.out.bitwise_equal(out1));
+  bw.run(b, bw.grads(1, 1, 1, 1));
+  EXPECT_TRUE(bw.dx.bitwise_equal(dx1));
+  EXPECT_TRUE(bw.dw1.bitwise_equal(dw1));
+}
+
+TEST(Block, ZeroTokens) {
+  MoeConfig cfg{16, 8, 4, 2, true, DType::f32};
+  BlockTensors b(cfg, 0);
+  b.forward();
+  Backward bw(b);
+  bw.run(b, bw.grads(1, 1, 1, 1));
+  EXPECT_TRUE(bw.dw1.all_finite());
+  for (double v : bw.dw1.values()) EXPECT_EQ(v, 0.0);
+  for (double v : bw.dgate.values()) EXPECT_EQ(v, 0.0);
+}
+
+TEST(Block, FlopCountsFollowDesign) {
+  const MoeConfig c = qwen3_30b_a3b_config();
+  EXPECT_DOUBLE_EQ(c.forward_flops(16384), 6.0 * 16384 * 8 * 2048 * 768);
+  EXPECT_DOUBLE_EQ(c.backward_flops(16384, true), 12.0 * 16384 * 8 * 2048 * 768);
+  EXPECT_DOUBLE_EQ(c.backward_flops(16384, false), 6.0 * 16384 * 8 * 2048 * 768);
+}
+
+}  // namespace

@@ -1,0 +1,303 @@
+// Test helpers: host tensors with fresh random contents, and float64 reference loops of the math in
+// DESIGN.md §3–§4, written independently of the library.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "../../src/numeric.hpp"
+#include "fusedmoe/fusedmoe.hpp"
+
+namespace fmt {
+
+using namespace fusedmoe;
+
+inline std::mt19937_64& rng() {
+  static std::mt19937_64 gen = [] {
+    const uint64_t seed = std::random_device{}();
+    std::printf("[testing] random seed %llu\n", static_cast<unsigned long long>(seed));
+    return std::mt19937_64(seed);
+  }();
+  return gen;
+}
+
+// A host tensor that owns its memory.
+struct HostTensor {
+  std::vector<unsigned char> mem;
+  Tensor t;
+  HostTensor() = default;
+  HostTensor(DType dt, std::initializer_list<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    mem.assign(static_cast<size_t>(n) * dtype_size(dt) + 1, 0);
+    t = Tensor::contiguous(mem.data(), dt, shape);
+  }
+  // Copies own their memory: the view is re-pointed at the copy.
+  HostTensor(const HostTensor& o) : mem(o.mem), t(o.t) { t.data = mem.data(); }
+  HostTensor& operator=(const HostTensor& o) {
+    mem = o.mem;
+    t = o.t;
+    t.data = mem.data();
+    return *this;
+  }
+  HostTensor(HostTensor&&) = default;
+  HostTensor& operator=(HostTensor&&) = default;
+  int64_t numel() const { return t.numel(); }
+  double get(int64_t i) const {
+    switch (t.dtype) {
+      case DType::f32: return static_cast<const float*>(t.data)[i];
+      case DType::f64: return static_cast<const double*>(t.data)[i];
+      case DType::bf16: return num::bf16_to_float(static_cast<const uint16_t*>(t.data)[i]);
+      case DType::f16: return num::f16_to_float(static_cast<const uint16_t*>(t.data)[i]);
+      case DType::i32: return static_cast<const int32_t*>(t.data)[i];
+      case DType::i64: return static_cast<double>(static_cast<const int64_t*>(t.data)[i]);
+    }
+    return 0;
+  }
+  void set(int64_t i, double v) {
+    switch (t.dtype) {
+      case DType::f32: static_cast<float*>(t.data)[i] = static_cast<float>(v); break;
+      case DType::f64: static_cast<double*>(t.data)[i] = v; break;
+      case DType::bf16: static_cast<uint16_t*>(t.data)[i] = num::float_to_bf16(static_cast<float>(v)); break;
+      case DType::f16: static_cast<uint16_t*>(t.data)[i] = num::float_to_f16(static_cast<float>(v)); break;
+      case DType::i32: static_cast<int32_t*>(t.data)[i] = static_cast<int32_t>(v); break;
+      case DType::i64: static_cast<int64_t*>(t.data)[i] = static_cast<int64_t>(v); break;
+    }
+  }
+  int32_t i32(int64_t i) const { return static_cast<const int32_t*>(t.data)[i]; }
+  std::vector<double> values() const {
+    std::vector<double> v(static_cast<size_t>(numel()));
+    for (int64_t i = 0; i < numel(); ++i) v[i] = get(i);
+    return v;
+  }
+  HostTensor& randn(double scale = 1.0) {
+    std::normal_distribution<double> d(0.0, scale);
+    for (int64_t i = 0; i < numel(); ++i) set(i, d(rng()));
+    return *this;
+  }
+  HostTensor& uniform(double lo, double hi) {
+    std::uniform_real_distribution<double> d(lo, hi);
+    for (int64_t i = 0; i < numel(); ++i) set(i, d(rng()));
+    return *this;
+  }
+  // Poison: NaN for floats, -7 for ints, so unwritten elements are caught.
+  HostTensor& poison() {
+    for (int64_t i = 0; i < numel(); ++i) set(i, is_floating(t.dtype) ? NAN : -7.0);
+    return *this;
+  }
+  bool all_finite() const {
+    for (int64_t i = 0; i < numel(); ++i)
+      if (!std::isfinite(get(i))) return false;
+    return true;
+  }
+  bool bitwise_equal(const HostTensor& o) const { return t.nbytes() == o.t.nbytes() && std::memcmp(t.data, o.t.data, t.nbytes()) == 0; }
+};
+
+// The values of any host tensor view (e.g. one carved from saved memory) as float64.
+inline std::vector<double> values_of(const Tensor& t) {
+  HostTensor view;
+  view.t = t;
+  return view.values();
+}
+
+// ‖a − b‖ / ‖b‖ (NaN anywhere gives NaN, which fails every comparison).
+inline double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  if (a.size() != b.size()) return INFINITY;
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (std::isnan(a[i]) || std::isnan(b[i])) return NAN;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  if (den == 0) return num == 0 ? 0 : INFINITY;
+  return std::sqrt(num / den);
+}
+
+inline double tolerance(DType dt) {
+  switch (dt) {
+    case DType::f64: return 1e-12;
+    case DType::f32: return 1e-5;
+    default: return 1e-2;
+  }
+}
+
+#define EXPECT_CLOSE(actual, expected, tol)                              \
+  do {                                                                   \
+    const double err_ = ::fmt::rel_err((actual), (expected));            \
+    EXPECT_LE(err_, (tol)) << "relative error " << err_ << " (NaN fails)"; \
+  } while (0)
+
+// ---------------- float64 reference of the block ----------------
+
+inline double sigmoid(double g) { return 1.0 / (1.0 + std::exp(-g)); }
+
+struct RefProblem {
+  int64_t T, H, I, E, k;
+  bool norm;
+  std::vector<double> x, gate, w1, w2;  // [T,H], [E,H], [E,2I,H], [E,H,I]
+};
+
+struct RefRouting {
+  std::vector<double> probs;   // [T,E] softmax of the given logits
+  std::vector<int32_t> ids;    // [T,k]
+  std::vector<double> weights; // [T,k]
+};
+
+inline std::vector<double> ref_softmax(const std::vector<double>& logits, int64_t T, int64_t E) {
+  std::vector<double> p(logits.size());
+  for (int64_t t = 0; t < T; ++t) {
+    double mx = -INFINITY, s = 0;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[t * E + e]);
+    for (int64_t e = 0; e < E; ++e) s += (p[t * E + e] = std::exp(logits[t * E + e] - mx));
+    for (int64_t e = 0; e < E; ++e) p[t * E + e] /= s;
+  }
+  return p;
+}
+
+// Routing with the given expert choices (the library's), weights recomputed in float64.
+inline RefRouting ref_routing(const std::vector<double>& logits, const std::vector<int32_t>& ids, int64_t T, int64_t E,
+                              int64_t k, bool norm) {
+  RefRouting r;
+  r.probs = ref_softmax(logits, T, E);
+  r.ids = ids;
+  r.weights.resize(static_cast<size_t>(T * k));
+  for (int64_t t = 0; t < T; ++t) {
+    double s = 0;
+    for (int64_t j = 0; j < k; ++j) s += r.probs[t * E + ids[t * k + j]];
+    for (int64_t j = 0; j < k; ++j) r.weights[t * k + j] = r.probs[t * E + ids[t * k + j]] / (norm ? s : 1.0);
+  }
+  return r;
+}
+
+struct RefForward {
+  std::vector<double> out;                 // [T,H]
+  std::vector<std::vector<double>> g, u;   // per slot: [I]
+  std::vector<std::vector<double>> y2;     // per slot: [H]
+};
+
+inline RefForward ref_forward(const RefProblem& p, const RefRouting& r) {
+  RefForward f;
+  const int64_t T = p.T, H = p.H, I = p.I, k = p.k;
+  f.out.assign(static_cast<size_t>(T * H), 0.0);
+  f.g.resize(T * k), f.u.resize(T * k), f.y2.resize(T * k);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = t * k + j, e = r.ids[s];
+      auto& g = f.g[s];
+      auto& u = f.u[s];
+      g.assign(I, 0), u.assign(I, 0);
+      for (int64_t c = 0; c < I; ++c)
+        for (int64_t h = 0; h < H; ++h) {
+          g[c] += p.x[t * H + h] * p.w1[(e * 2 * I + c) * H + h];
+          u[c] += p.x[t * H + h] * p.w1[(e * 2 * I + I + c) * H + h];
+        }
+      auto& y2 = f.y2[s];
+      y2.assign(H, 0);
+      for (int64_t h = 0; h < H; ++h) {
+        for (int64_t c = 0; c < I; ++c) y2[h] += g[c] * sigmoid(g[c]) * u[c] * p.w2[(e * H + h) * I + c];
+        f.out[t * H + h] += r.weights[s] * y2[h];
+      }
+    }
+  return f;
+}
+
+struct RefGrads { std::vector<double> dx, dgate, dw1, dw2; };
+
+inline RefGrads ref_backward(const RefProblem& p, const RefRouting& r, const RefForward& f,
+                             const std::vector<double>& dout) {
+  const int64_t T = p.T, H = p.H, I = p.I, E = p.E, k = p.k;
+  RefGrads gr;
+  gr.dx.assign(T * H, 0), gr.dgate.assign(E * H, 0), gr.dw1.assign(E * 2 * I * H, 0), gr.dw2.assign(E * H * I, 0);
+  std::vector<double> dlogits(T * E, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<double> dw(k, 0);
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = t * k + j, e = r.ids[s];
+      const double w = r.weights[s];
+      for (int64_t h = 0; h < H; ++h) dw[j] += dout[t * H + h] * f.y2[s][h];
+      std::vector<double> da(I, 0);
+      for (int64_t c = 0; c < I; ++c) {
+        const double a = f.g[s][c] * sigmoid(f.g[s][c]) * f.u[s][c];
+        for (int64_t h = 0; h < H; ++h) {
+          da[c] += w * dout[t * H + h] * p.w2[(e * H + h) * I + c];
+          gr.dw2[(e * H + h) * I + c] += w * dout[t * H + h] * a;
+        }
+      }
+      for (int64_t c = 0; c < I; ++c) {
+        const double g = f.g[s][c], u = f.u[s][c], sg = sigmoid(g);
+        const double dg = da[c] * u * sg * (1 + g * (1 - sg)), du = da[c] * g * sg;
+        for (int64_t h = 0; h < H; ++h) {
+          gr.dw1[(e * 2 * I + c) * H + h] += dg * p.x[t * H + h];
+          gr.dw1[(e * 2 * I + I + c) * H + h] += du * p.x[t * H + h];
+          gr.dx[t * H + h] += dg * p.w1[(e * 2 * I + c) * H + h] + du * p.w1[(e * 2 * I + I + c) * H + h];
+        }
+      }
+    }
+    // Router: back through renormalisation and softmax.
+    std::vector<double> dp(E, 0);
+    double s = 0, dot = 0;
+    for (int64_t j = 0; j < k; ++j) s += r.probs[t * E + r.ids[t * k + j]];
+    for (int64_t j = 0; j < k; ++j) dot += dw[j] * r.weights[t * k + j];
+    for (int64_t j = 0; j < k; ++j) dp[r.ids[t * k + j]] = p.norm ? (dw[j] - dot) / s : dw[j];
+    double pdp = 0;
+    for (int64_t e = 0; e < E; ++e) pdp += r.probs[t * E + e] * dp[e];
+    for (int64_t e = 0; e < E; ++e) dlogits[t * E + e] = r.probs[t * E + e] * (dp[e] - pdp);
+  }
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t h = 0; h < H; ++h) {
+        gr.dgate[e * H + h] += dlogits[t * E + e] * p.x[t * H + h];
+        gr.dx[t * H + h] += dlogits[t * E + e] * p.gate[e * H + h];
+      }
+  return gr;
+}
+
+// ---------------- running the library's block on host tensors ----------------
+
+struct BlockTensors {
+  MoeConfig cfg;
+  int64_t T;
+  HostTensor x, gate, w1, w2, out, logits;
+  std::vector<unsigned char> saved_mem;
+  MoeSaved saved;
+
+  BlockTensors(const MoeConfig& c, int64_t tokens) : cfg(c), T(tokens) {
+    const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
+    x = HostTensor(c.dtype, {T, H});
+    gate = HostTensor(c.dtype, {E, H});
+    w1 = HostTensor(c.dtype, {E, 2 * I, H});
+    w2 = HostTensor(c.dtype, {E, H, I});
+    out = HostTensor(c.dtype, {T, H});
+    logits = HostTensor(c.dtype, {T, E});
+    x.randn(1.0);
+    gate.randn(0.5 / std::sqrt(static_cast<double>(H)) * 4);
+    w1.randn(1.0 / std::sqrt(static_cast<double>(H)));
+    w2.randn(1.0 / std::sqrt(static_cast<double>(I)));
+    saved_mem.assign(moe_saved_bytes(c, T) + 256, 0);
+    saved = moe_saved_views(c, T, aligned(saved_mem), Device::cpu());
+  }
+  static void* aligned(std::vector<unsigned char>& v) {
+    return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(v.data()) + 255) / 256 * 256);
+  }
+  MoeWeights weights() const { return {gate.t, w1.t, w2.t}; }
+  void forward() {
+    std::vector<unsigned char> ws(moe_forward_workspace_bytes(cfg, T) + 256);
+    out.poison();
+    logits.poison();
+    moe_forward(cfg, x.t, weights(), out.t, logits.t, saved, {aligned(ws), ws.size() - 256});
+  }
+  std::vector<int32_t> ids() const {
+    const int32_t* p = saved.topk_ids.ptr<const int32_t>();
+    return std::vector<int32_t>(p, p + T * cfg.top_k);
+  }
+  RefProblem ref_problem() const {
+    return {T, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.top_k, cfg.norm_topk_prob,
+            x.values(), gate.values(), w1.values(), w2.values()};
+  }
+};
+
+}  // namespace fmt
