@@ -24,10 +24,11 @@ struct Routing {
 
 // Y[y_map(i)] = s(i) · X[x_map(i)] · W[e(i)]ᵀ,  W [E,N,K];  s(i) = slot_scale[gather[i]] when defined.
 struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; };
-// dX[dx_map(i)] (+ over slots when dx_map = token) = s(i) · dY[dy_map(i)] · W[e(i)].
-struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; Tensor slot_scale; };
-// dW[e] = Σ_{i∈e} (s(i) · dY[dy_map(i)])ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
-struct GemmTN { Tensor dY; RowMap dy_map; Tensor slot_scale; Tensor X; RowMap x_map; Tensor dW; };
+// dX[dx_map(i)] (=, or += with accumulate) dY[dy_map(i)] · W[e(i)]; dx_map = token sums a token's k slots
+// in slot order (deterministic).
+struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; };
+// dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
+struct GemmTN { Tensor dY; RowMap dy_map; Tensor X; RowMap x_map; Tensor dW; };
 
 namespace cpu {
 #include "backend_ops.inc"

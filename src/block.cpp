@@ -68,7 +68,7 @@ ForwardScratch carve_forward(const MoeConfig& c, int64_t T, Carver& cv) {
 struct BackwardPlan {
   bool router;    // dw and d_logits: needed for dx and d_gate
   bool d_gate_up; // dY1: needed for dx and d_gate_up_proj
-  bool act;       // A materialised: needed for d_down_proj
+  bool act;       // w·A materialised: needed for d_down_proj
   bool d_act_raw; // dA_raw = dOut·W2: needed for dw and dY1
 };
 BackwardPlan plan_backward(const MoeGrads& g) {
@@ -187,22 +187,18 @@ void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, co
   const Routing r = routing_of(cfg, T, saved);
   const Tensor& Y1 = saved.gate_up_out;
 
-  if (p.d_act_raw) {
-    // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 (and A) in one elementwise pass.
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity, {}}, s);
+  // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
+  if (p.d_act_raw)
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity}, s);
+  if (p.d_act_raw || p.act)
     FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, saved.topk_weights, tmp.d_gate_up, tmp.act,
                       tmp.d_weights, s);
-  } else if (p.act) {
-    FUSEDMOE_DISPATCH(dev, silu_mul, Y1, tmp.act, s);
-  }
-  if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i]
-    FUSEDMOE_DISPATCH(dev, gemm_tn, r,
-                      GemmTN{d_out, RowMap::token, saved.topk_weights, tmp.act, RowMap::identity, g.d_down_proj}, s);
+  if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i] = Σ dOut[t_i]ᵀ · (w·A[i])
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj}, s);
   if (g.d_gate_up_proj.defined())  // dW1[e] = Σ dY1[i]ᵀ · x[t_i]
-    FUSEDMOE_DISPATCH(dev, gemm_tn, r,
-                      GemmTN{tmp.d_gate_up, RowMap::identity, {}, x, RowMap::token, g.d_gate_up_proj}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{tmp.d_gate_up, RowMap::identity, x, RowMap::token, g.d_gate_up_proj}, s);
   if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token, {}}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token}, s);
   if (p.router) {
     FUSEDMOE_DISPATCH(dev, route_topk_backward, logits, saved.topk_ids, tmp.d_weights, cfg.norm_topk_prob,
                       tmp.d_logits, s);

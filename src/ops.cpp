@@ -77,7 +77,7 @@ void grouped_gemm_dX(const Tensor& dY, const Tensor& W, const GroupedGemmArgs& a
   } else {
     check_tensor(op, "dX", dX, {d.M, K}, kFloat, &dY.device);
   }
-  GemmNN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, W, dX, dx_map, Tensor{}};
+  GemmNN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, W, dX, dx_map};
   FUSEDMOE_DISPATCH(dY.device, gemm_nn, routing_of(args, d), g, s);
 }
 
@@ -88,8 +88,8 @@ void grouped_gemm_dW(const Tensor& X, const Tensor& dY, const GroupedGemmArgs& a
   check_tensor(op, "dY", dY, {d.M, kAny}, kFloat, &X.device);
   check_same_dtype(op, "dY", dY, "X", X);
   check_tensor(op, "dW", dW, {d.E, d.N, d.K}, kFloat, &X.device);
-  GemmTN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, Tensor{}, X,
-           args.permute_x ? RowMap::token : RowMap::identity, dW};
+  GemmTN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, X, args.permute_x ? RowMap::token : RowMap::identity,
+           dW};
   FUSEDMOE_DISPATCH(X.device, gemm_tn, routing_of(args, d), g, s);
 }
 

@@ -52,10 +52,10 @@ void silu_mul_backward(const Tensor& dA, const Tensor& Y1, const Tensor& dY1, St
 }
 
 void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& Y1, const Tensor& weights,
-                          const Tensor& dY1, const Tensor& A, const Tensor& d_weights, Stream) {
+                          const Tensor& dY1, const Tensor& scaled_act, const Tensor& d_weights, Stream) {
   const int64_t M = Y1.shape[0], I = Y1.shape[1] / 2;
   const int32_t* gather = r.gather_indices.ptr<const int32_t>();
-  with_acc({&dA_raw, &Y1}, [&](auto acc_tag) {
+  with_acc({&Y1}, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
     visit_float(Y1.dtype, [&](auto store_tag) {
       using S = decltype(store_tag);
@@ -66,11 +66,12 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
         for (int64_t c = 0; c < I; ++c) {
           const Acc g = static_cast<Acc>(load_as_double(Y1, m * 2 * I + c));
           const Acc u = static_cast<Acc>(load_as_double(Y1, m * 2 * I + I + c));
-          const Acc raw = static_cast<Acc>(load_as_double(dA_raw, m * I + c));
           // A as forward stored it (rounded to the activation dtype): dw = ⟨dOut, Y2⟩ = ⟨dA_raw, A⟩ exactly.
           const Acc a = static_cast<Acc>(num::Conv<S>::load(num::Conv<S>::store(act::silu(g) * u)));
+          if (scaled_act.defined()) store_from(scaled_act, m * I + c, w * a);
+          if (!dA_raw.defined()) continue;
+          const Acc raw = static_cast<Acc>(load_as_double(dA_raw, m * I + c));
           dw += raw * a;
-          if (A.defined()) store_from(A, m * I + c, a);
           if (dY1.defined()) {
             Acc dg, du;
             act::silu_mul_grad(g, u, w * raw, dg, du);
@@ -78,7 +79,7 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
             store_from(dY1, m * 2 * I + I + c, du);
           }
         }
-        if (d_weights.defined()) store_from(d_weights, slot, dw);
+        if (d_weights.defined() && dA_raw.defined()) store_from(d_weights, slot, dw);
       });
     });
   });

@@ -82,7 +82,6 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream) {
   }
   const auto dy_rows = routed_row_offsets(r, g.dy_map, N);
   const auto dx_rows = routed_row_offsets(r, sum_slots ? RowMap::slot : g.dx_map, K);
-  const auto scales = routed_scales(r, g.slot_scale);
   const auto unit_n = strided_offsets(N, 1), unit_k = strided_offsets(K, 1), w_rows = strided_offsets(N, K);
   std::vector<MatmulJob> jobs;
   for (int e = 0; e < r.num_experts; ++e) {
@@ -90,10 +89,10 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream) {
     if (m == 0) continue;
     MatmulJob j;
     j.M = m, j.N = K, j.K = N;
-    j.A = {g.dY.data, g.dY.dtype, dy_rows.data() + o, unit_n.data(), at(scales, o), nullptr};
+    j.A = {g.dY.data, g.dY.dtype, dy_rows.data() + o, unit_n.data(), nullptr, nullptr};
     // B(n, k) = W[e][n][k]
     j.B = {advance(g.W.data, g.W.dtype, e * N * K), g.W.dtype, w_rows.data(), unit_k.data(), nullptr, nullptr};
-    j.C = {dst.data, dst.dtype, dx_rows.data() + o, unit_k.data(), false};
+    j.C = {dst.data, dst.dtype, dx_rows.data() + o, unit_k.data(), g.accumulate && !sum_slots};
     jobs.push_back(j);
   }
   run_matmuls(jobs, f64);
@@ -105,6 +104,7 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream) {
       for (int64_t c = 0; c < K; ++c) {
         A sum = 0;
         for (int j = 0; j < r.top_k; ++j) sum += src[(t * r.top_k + j) * K + c];
+        if (g.accumulate) sum += static_cast<A>(load_as_double(g.dX, t * K + c));
         store_from(g.dX, t * K + c, sum);
       }
   };
@@ -116,14 +116,13 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream) {
   const int32_t* offs = r.expert_offsets.ptr<const int32_t>();
   const auto dy_rows = routed_row_offsets(r, g.dy_map, N);
   const auto x_rows = routed_row_offsets(r, g.x_map, K);
-  const auto scales = routed_scales(r, g.slot_scale);
   const auto unit_n = strided_offsets(N, 1), unit_k = strided_offsets(K, 1), w_rows = strided_offsets(N, K);
   std::vector<MatmulJob> jobs;
   for (int e = 0; e < r.num_experts; ++e) {
     const int64_t o = offs[e], m = offs[e + 1] - offs[e];
     MatmulJob j;  // experts without rows still run: K = 0 writes their zeros
     j.M = N, j.N = K, j.K = m;
-    j.A = {g.dY.data, g.dY.dtype, unit_n.data(), dy_rows.data() + o, nullptr, at(scales, o)};  // A(n, i)
+    j.A = {g.dY.data, g.dY.dtype, unit_n.data(), dy_rows.data() + o, nullptr, nullptr};  // A(n, i)
     j.B = {g.X.data, g.X.dtype, x_rows.data() + o, unit_k.data(), nullptr, nullptr};          // B(i, k)
     j.C = {advance(g.dW.data, g.dW.dtype, e * N * K), g.dW.dtype, w_rows.data(), unit_k.data(), false};
     jobs.push_back(j);

@@ -22,7 +22,8 @@ void PrintTo(const BlockCase& c, std::ostream* os) { *os << c.name; }
 void steer_to_expert_zero(BlockTensors& b) {
   const int64_t H = b.cfg.hidden_size;
   b.x.uniform(0.5, 1.5);
-  for (int64_t h = 0; h < H; ++h) b.gate.set(h, 4.0 / H);
+  b.gate.randn(0.01 / std::sqrt(static_cast<double>(H)));
+  for (int64_t h = 0; h < H; ++h) b.gate.set(h, 4.0 / H);  // expert 0's logit ≈ 4, the others ≈ 0
 }
 
 // Workspace and gradient buffers for one backward call.
