@@ -125,11 +125,9 @@ inline double tolerance(DType dt) {
   }
 }
 
-#define EXPECT_CLOSE(actual, expected, tol)                              \
-  do {                                                                   \
-    const double err_ = ::fmt::rel_err((actual), (expected));            \
-    EXPECT_LE(err_, (tol)) << "relative error " << err_ << " (NaN fails)"; \
-  } while (0)
+// ‖actual − expected‖ / ‖expected‖ ≤ tol; NaN fails. Chainable with << like any EXPECT.
+#define EXPECT_CLOSE(actual, expected, tol) \
+  EXPECT_LE(::fmt::rel_err((actual), (expected)), (tol)) << "relative error (NaN fails) "
 
 // ---------------- float64 reference of the block ----------------
 
@@ -299,5 +297,151 @@ struct BlockTensors {
             x.values(), gate.values(), w1.values(), w2.values()};
   }
 };
+
+}  // namespace fmt
+
+namespace fmt {
+
+// ---------------- one forward + backward of the block on any device ----------------
+
+inline void poison_bytes(void* p, size_t n, const Device& d) {
+  std::vector<unsigned char> ff(n, 0xFF);  // all-ones: NaN in every float dtype, -1 in int32
+  copy_bytes(p, d, ff.data(), Device::cpu(), n);
+}
+
+// A device copy of a host tensor (or a poisoned device tensor of the same shape and dtype).
+struct DeviceCopy {
+  Buffer buf;
+  Tensor t;
+  DeviceCopy(const HostTensor& h, const Device& d, bool upload = true) : buf(h.t.nbytes() + 16, d) {
+    t = h.t;
+    t.data = buf.data();
+    t.device = d;
+    if (upload) copy_bytes(t.data, d, h.t.data, Device::cpu(), h.t.nbytes());
+    else poison_bytes(t.data, h.t.nbytes(), d);
+  }
+  HostTensor download() const {
+    HostTensor h;
+    h.mem.resize(t.nbytes() + 1);
+    h.t = t;
+    h.t.data = h.mem.data();
+    h.t.device = Device::cpu();
+    copy_bytes(h.t.data, Device::cpu(), t.data, t.device, t.nbytes());
+    return h;
+  }
+};
+
+struct BlockResult {
+  HostTensor out, logits, topk_weights, topk_ids, dx, dgate, dw1, dw2;
+  std::vector<int32_t> ids() const {
+    const int32_t* p = topk_ids.t.ptr<const int32_t>();
+    return std::vector<int32_t>(p, p + topk_ids.numel());
+  }
+};
+
+// Runs moe_forward then moe_backward (all gradients) on `dev` with every output poisoned first.
+inline BlockResult run_block(const BlockTensors& b, const HostTensor& dout, const Device& dev) {
+  const MoeConfig& c = b.cfg;
+  DeviceCopy x(b.x, dev), gate(b.gate, dev), w1(b.w1, dev), w2(b.w2, dev), dO(dout, dev);
+  DeviceCopy out(b.out, dev, false), logits(b.logits, dev, false);
+  Buffer saved_mem(moe_saved_bytes(c, b.T), dev);
+  poison_bytes(saved_mem.data(), saved_mem.bytes(), dev);
+  const MoeSaved saved = moe_saved_views(c, b.T, saved_mem.data(), dev);
+  Buffer fws(moe_forward_workspace_bytes(c, b.T) + 256, dev);
+  const MoeWeights w{gate.t, w1.t, w2.t};
+  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()});
+  DeviceCopy dx(b.x, dev, false), dgate(b.gate, dev, false), dw1(b.w1, dev, false), dw2(b.w2, dev, false);
+  const MoeGrads g{dx.t, dgate.t, dw1.t, dw2.t};
+  Buffer bws(moe_backward_workspace_bytes(c, b.T, g) + 256, dev);
+  moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()});
+  auto fetch = [&](const Tensor& t) {
+    HostTensor h;
+    h.mem.resize(t.nbytes() + 1);
+    h.t = t;
+    h.t.data = h.mem.data();
+    h.t.device = Device::cpu();
+    copy_bytes(h.t.data, Device::cpu(), t.data, dev, t.nbytes());
+    return h;
+  };
+  return {out.download(), logits.download(), fetch(saved.topk_weights), fetch(saved.topk_ids),
+          dx.download(), dgate.download(), dw1.download(), dw2.download()};
+}
+
+// Every output against the float64 reference computed with the same expert choices (DESIGN.md §5).
+inline void expect_block_matches_reference(const BlockTensors& b, const HostTensor& dout, const BlockResult& res) {
+  const MoeConfig& c = b.cfg;
+  const int64_t T = b.T, H = c.hidden_size, E = c.num_experts, k = c.top_k;
+  for (const HostTensor* h : {&res.out, &res.logits, &res.dx, &res.dgate, &res.dw1, &res.dw2})
+    ASSERT_TRUE(h->all_finite()) << "an output element was not written (still NaN) or overflowed";
+  const RefProblem p = b.ref_problem();
+  std::vector<double> ref_logits(T * E, 0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t h = 0; h < H; ++h) ref_logits[t * E + e] += p.x[t * H + h] * p.gate[e * H + h];
+  EXPECT_CLOSE(res.logits.values(), ref_logits, tolerance(c.dtype));
+  const auto ids = res.ids();
+  const RefRouting r = ref_routing(res.logits.values(), ids, T, E, k, c.norm_topk_prob);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<bool> chosen(E, false);
+    for (int64_t j = 0; j < k; ++j) {
+      ASSERT_TRUE(ids[t * k + j] >= 0 && ids[t * k + j] < E) << "expert id out of range";
+      ASSERT_FALSE(chosen[ids[t * k + j]]) << "token " << t << " picked an expert twice";
+      chosen[ids[t * k + j]] = true;
+    }
+    double min_in = 1, max_out = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const double pe = r.probs[t * E + e];
+      if (chosen[e]) min_in = std::min(min_in, pe); else max_out = std::max(max_out, pe);
+    }
+    EXPECT_GE(min_in, max_out - 1e-6) << "token " << t << ": not the top-k experts";
+  }
+  EXPECT_CLOSE(res.topk_weights.values(), r.weights, tolerance(c.dtype));
+  const RefForward f = ref_forward(p, r);
+  EXPECT_CLOSE(res.out.values(), f.out, tolerance(c.dtype));
+  const RefGrads g = ref_backward(p, r, f, dout.values());
+  // Router gradients pass through the softmax Jacobian with cancellation: a looser bound in 16-bit.
+  const double router_tol = (c.dtype == DType::bf16 || c.dtype == DType::f16) ? 2e-2 : tolerance(c.dtype) * 10;
+  EXPECT_CLOSE(res.dx.values(), g.dx, tolerance(c.dtype));
+  EXPECT_CLOSE(res.dgate.values(), g.dgate, router_tol);
+  EXPECT_CLOSE(res.dw1.values(), g.dw1, tolerance(c.dtype));
+  EXPECT_CLOSE(res.dw2.values(), g.dw2, tolerance(c.dtype));
+}
+
+struct BlockCase {
+  const char* name;
+  DType dtype;
+  int64_t T, H, I;
+  int E, k;
+  bool norm;
+  bool one_expert;  // steer every token's first choice to expert 0
+};
+inline void PrintTo(const BlockCase& c, std::ostream* os) { *os << c.name; }
+
+inline void steer_to_expert_zero(BlockTensors& b) {
+  const int64_t H = b.cfg.hidden_size;
+  b.x.uniform(0.5, 1.5);
+  b.gate.randn(0.01 / std::sqrt(static_cast<double>(H)));
+  for (int64_t h = 0; h < H; ++h) b.gate.set(h, 4.0 / H);  // expert 0's logit ≈ 4, the others ≈ 0
+}
+
+// The edge cases of DESIGN.md §5 that every backend must pass.
+inline std::vector<BlockCase> edge_cases(bool with_wide_dtypes) {
+  std::vector<BlockCase> v = {
+      {"T1", DType::bf16, 1, 64, 32, 8, 2, true, false},
+      {"OddSizes", DType::bf16, 5, 1000, 200, 10, 3, true, false},
+      {"KEqualsE", DType::bf16, 40, 48, 24, 6, 6, true, false},
+      {"K1Fp16", DType::f16, 33, 40, 20, 12, 1, false, false},
+      {"OneExpert", DType::bf16, 30, 64, 40, 5, 1, false, true},
+      {"EmptyExperts", DType::bf16, 3, 32, 16, 64, 2, false, false},
+      {"Unaligned", DType::bf16, 21, 61, 27, 7, 3, true, false},
+      {"ManyTiles", DType::bf16, 300, 136, 200, 6, 2, true, false},
+  };
+  if (with_wide_dtypes) {
+    v.push_back({"KEqualsEF32", DType::f32, 40, 48, 24, 6, 6, true, false});
+    v.push_back({"NoNormF32", DType::f32, 70, 72, 36, 7, 3, false, false});
+    v.push_back({"F64", DType::f64, 12, 20, 10, 5, 2, true, false});
+  }
+  return v;
+}
 
 }  // namespace fmt

@@ -1,0 +1,106 @@
+// Shared pieces of the CUDA backend: error checks, dtype mapping, routing row maps with clamping, and
+// stream-ordered scratch memory (graph-capturable).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "../backend.hpp"
+#include "fusedmoe/error.hpp"
+
+namespace fusedmoe::detail::cuda {
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw Error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+// After a launch: reports configuration errors at once (execution errors surface at the next sync).
+inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), kernel); }
+
+inline cudaStream_t stream_of(Stream s) { return static_cast<cudaStream_t>(s.handle); }
+
+inline unsigned blocks_for(int64_t n, int per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
+// The CUDA backend computes its matrix products on tensor cores in 16-bit floats.
+inline void require_tensor_core_dtype(const char* op, const char* name, const Tensor& t) {
+  if (t.dtype != DType::bf16 && t.dtype != DType::f16)
+    throw Error(std::string(op) + ": argument '" + name + "' on CUDA must be bfloat16 or float16, got " + t.describe() +
+                " (float32 and float64 run on the CPU backend)");
+}
+
+// Stream-ordered scratch: cudaMallocAsync/cudaFreeAsync, so it is legal inside CUDA-graph capture.
+class Scratch {
+ public:
+  Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
+    if (bytes) check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (scratch)");
+  }
+  ~Scratch() {
+    if (ptr_) cudaFreeAsync(ptr_, stream_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  template <class T> T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// Scalar conversions between storage types and float on the device.
+template <class T> __device__ __forceinline__ float to_f32(T v);
+template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f32<double>(double v) { return static_cast<float>(v); }
+template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
+template <class T> __device__ __forceinline__ T from_f32(float v);
+template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_f32<double>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+
+// Calls fn(T{}) with the CUDA storage type of a floating dtype.
+template <class Fn>
+void visit_float(DType dt, Fn&& fn) {
+  switch (dt) {
+    case DType::f32: fn(float{}); return;
+    case DType::f64: fn(double{}); return;
+    case DType::bf16: fn(__nv_bfloat16{}); return;
+    case DType::f16: fn(__half{}); return;
+    default: throw Error(std::string("internal: expected a floating dtype, got ") + dtype_name(dt));
+  }
+}
+
+// Device view of the routing metadata. Values coming from device memory are clamped before use, so
+// corrupt metadata produces wrong numbers but never an out-of-bounds access.
+struct DeviceRouting {
+  const int32_t* offsets;  // [E+1]
+  const int32_t* gather;   // [M] or nullptr
+  int num_experts;
+  int top_k;
+  int64_t M;
+
+  __device__ __forceinline__ int64_t offset(int e) const {
+    const int64_t o = offsets ? offsets[e] : (e == 0 ? 0 : M);
+    return o < 0 ? 0 : (o > M ? M : o);
+  }
+  __device__ __forceinline__ int64_t slot(int64_t i) const {
+    const int64_t s = gather[i];
+    return s < 0 ? 0 : (s >= M ? M - 1 : s);
+  }
+  __device__ __forceinline__ int64_t row(RowMap map, int64_t i) const {
+    switch (map) {
+      case RowMap::token: return slot(i) / top_k;
+      case RowMap::slot: return slot(i);
+      default: return i;
+    }
+  }
+};
+
+inline DeviceRouting device_routing(const Routing& r) {
+  return {r.expert_offsets.defined() ? r.expert_offsets.ptr<const int32_t>() : nullptr,
+          r.gather_indices.defined() ? r.gather_indices.ptr<const int32_t>() : nullptr, r.num_experts, r.top_k, r.M};
+}
+
+}  // namespace fusedmoe::detail::cuda

@@ -1,0 +1,455 @@
+// Grouped GEMMs on tensor cores (mma.sync m16n8k16, bf16/f16 in, fp32 accumulate) for every matrix
+// product of the block: forward (NT), dX (NN) and dW (TN, variable-length reduction over each expert's
+// rows), plus the router's products as single-group cases.
+//
+// One kernel template serves all three: operands are K-major (reduction dim contiguous) or not, and rows
+// are addressed through the routing maps, so the token gather happens in the tile loads (cp.async per
+// 16-byte chunk) and the slot scatter in the epilogue stores. Deterministic: no atomics, each output
+// element is written by exactly one thread after a fixed-order reduction.
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace fusedmoe::detail::cuda {
+
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 32, kStages = 4, kThreads = 256;
+constexpr int kPad = 8;  // 16 bytes of padding per shared-memory row: ldmatrix rows hit distinct banks
+
+enum class Mode { grouped_m, varlen_k };
+
+template <class T, class OutT>
+struct Problem {
+  const T* A; int64_t lda; RowMap a_map;  // K-major A: row m; otherwise row k (reduction index)
+  const T* B; int64_t ldb; int64_t b_group_stride; RowMap b_map;
+  OutT* C; int64_t ldc; int64_t c_group_stride; RowMap c_map;
+  const T* row_scale;  // grouped_m only: output row i scaled by row_scale[slot(i)]
+  bool accumulate;     // C += result
+  DeviceRouting routing;
+  int64_t M, N, K;     // grouped_m: N, K fixed, M per group; varlen_k: M, N fixed, K per group
+};
+
+template <bool KMajor, int Rows>
+struct TileShape {
+  // K-major: [Rows][kBK] (k contiguous); otherwise [kBK][Rows] (rows contiguous).
+  static constexpr int kRowsStored = KMajor ? Rows : kBK;
+  static constexpr int kCols = KMajor ? kBK : Rows;
+  static constexpr int kLd = kCols + kPad;
+  static constexpr int kElems = kRowsStored * kLd;
+  static constexpr int kChunksPerRow = kCols / 8;
+  static constexpr int kChunks = kRowsStored * kChunksPerRow;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+template <bool Trans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  if constexpr (Trans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem)));
+}
+
+template <class T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Copies one tile into shared memory. row_ptr(r) gives the global address of stored row r at the tile's
+// first column (nullptr: row out of range, zero-filled); `valid` columns exist from there. Full aligned
+// 16-byte chunks go through cp.async; ragged edges and unaligned rows are copied element by element.
+template <class T, class Shape, class RowPtr>
+__device__ __forceinline__ void load_tile(T* smem, RowPtr&& row_ptr, int64_t valid) {
+  static_assert(Shape::kChunks % kThreads == 0, "tile chunks must divide among the threads");
+#pragma unroll
+  for (int j = 0; j < Shape::kChunks / kThreads; ++j) {
+    const int c = threadIdx.x + j * kThreads;
+    const int r = c / Shape::kChunksPerRow, col = (c % Shape::kChunksPerRow) * 8;
+    T* dst = smem + r * Shape::kLd + col;
+    const T* src = row_ptr(r);
+    if (src != nullptr && col + 8 <= valid && (reinterpret_cast<uintptr_t>(src + col) & 15) == 0) {
+      cp_async_16(dst, src + col);
+    } else {
+      alignas(16) T vals[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) vals[e] = (src != nullptr && col + e < valid) ? src[col + e] : from_f32<T>(0.f);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(vals);
+    }
+  }
+}
+
+// Finds this CTA's (group, m-tile) among all groups' m-tiles: a warp scans the per-group tile counts.
+__device__ __forceinline__ bool find_group_tile(const DeviceRouting& rt, int64_t tile, int& group, int64_t& m0) {
+  __shared__ int s_group;
+  __shared__ int64_t s_m0;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int64_t base = 0;
+    int found_group = -1;
+    int64_t found_m0 = 0;
+    for (int e0 = 0; e0 < rt.num_experts; e0 += 32) {
+      const int e = e0 + lane;
+      int64_t tiles = 0;
+      if (e < rt.num_experts) {
+        const int64_t m = rt.offset(e + 1) - rt.offset(e);
+        tiles = m > 0 ? (m + kBM - 1) / kBM : 0;
+      }
+      int64_t incl = tiles;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int64_t v = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += v;
+      }
+      const int64_t lo = base + incl - tiles;
+      const bool mine = tiles > 0 && tile >= lo && tile < base + incl;
+      const unsigned hit = __ballot_sync(0xffffffffu, mine);
+      if (hit) {
+        const int src = __ffs(hit) - 1;
+        found_group = e0 + src;
+        found_m0 = (tile - __shfl_sync(0xffffffffu, lo, src)) * kBM;
+        break;
+      }
+      base += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) {
+      s_group = found_group;
+      s_m0 = found_m0;
+    }
+  }
+  __syncthreads();
+  group = s_group;
+  m0 = s_m0;
+  return group >= 0;
+}
+
+template <class T, class OutT, bool AK, bool BK_, Mode kMode>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const Problem<T, OutT> p) {
+  using ShapeA = TileShape<AK, kBM>;
+  using ShapeB = TileShape<BK_, kBN>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem_a = reinterpret_cast<T*>(smem_raw);
+  T* smem_b = smem_a + kStages * ShapeA::kElems;
+  const DeviceRouting& rt = p.routing;
+
+  // This CTA's output tile and the routed rows it covers.
+  int group;
+  int64_t m0, n0, row_begin, row_end, M, K;
+  if constexpr (kMode == Mode::grouped_m) {
+    if (!find_group_tile(rt, blockIdx.x, group, m0)) return;
+    n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+    row_begin = rt.offset(group);
+    row_end = rt.offset(group + 1);
+    M = row_end - row_begin;  // rows of this group
+    K = p.K;
+  } else {
+    group = blockIdx.y;
+    const int64_t n_tiles = (p.N + kBN - 1) / kBN;
+    m0 = (blockIdx.x / n_tiles) * kBM;
+    n0 = (blockIdx.x % n_tiles) * kBN;
+    row_begin = rt.offset(group);
+    row_end = rt.offset(group + 1);
+    M = p.M;
+    K = row_end > row_begin ? row_end - row_begin : 0;  // the reduction runs over the group's rows
+  }
+  const int64_t N = p.N;
+  const T* B_group = p.B + (kMode == Mode::grouped_m ? group * p.b_group_stride : 0);
+
+  // Global row pointers of the tiles (K-major rows are fixed across k-steps; the others move with k).
+  auto a_row = [&](int r, int64_t k0) -> const T* {
+    if constexpr (AK) {  // row m = m0 + r of the group, reduction columns from k0
+      const int64_t i = row_begin + m0 + r;
+      return (m0 + r < M) ? p.A + rt.row(p.a_map, i) * p.lda + k0 : nullptr;
+    } else {  // stored row k = k0 + r (a routed row of the group), columns m from m0
+      const int64_t i = row_begin + k0 + r;
+      return (k0 + r < K) ? p.A + rt.row(p.a_map, i) * p.lda + m0 : nullptr;
+    }
+  };
+  auto b_row = [&](int r, int64_t k0) -> const T* {
+    if constexpr (BK_) {  // row n = n0 + r of the group's weight, columns k from k0
+      return (n0 + r < N) ? B_group + (n0 + r) * p.ldb + k0 : nullptr;
+    } else if constexpr (kMode == Mode::grouped_m) {  // weight row k = k0 + r, columns n from n0
+      return (k0 + r < K) ? B_group + (k0 + r) * p.ldb + n0 : nullptr;
+    } else {  // routed row k0 + r of the group, columns n from n0
+      const int64_t i = row_begin + k0 + r;
+      return (k0 + r < K) ? p.B + rt.row(p.b_map, i) * p.ldb + n0 : nullptr;
+    }
+  };
+  auto load_stage = [&](int stage, int64_t k0) {
+    load_tile<T, ShapeA>(smem_a + stage * ShapeA::kElems, [&](int r) { return a_row(r, k0); },
+                         AK ? K - k0 : M - m0);
+    load_tile<T, ShapeB>(smem_b + stage * ShapeB::kElems, [&](int r) { return b_row(r, k0); },
+                         BK_ ? K - k0 : N - n0);
+  };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wm = warp / 4, wn = warp % 4;  // 2 × 4 warps, each a 64 × 32 tile
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.f;
+
+  const int64_t k_tiles = (K + kBK - 1) / kBK;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s * kBK);
+    cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile kt landed for all threads; the stage refilled below is no longer read
+    const int64_t next = kt + kStages - 1;
+    if (next < k_tiles) load_stage(static_cast<int>(next % kStages), next * kBK);
+    cp_async_commit();
+
+    const T* sa = smem_a + (kt % kStages) * ShapeA::kElems;
+    const T* sb = smem_b + (kt % kStages) * ShapeB::kElems;
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi) {
+        const int mrow = wm * 64 + mi * 16;
+        if constexpr (AK) {
+          ldmatrix_x4<false>(af[mi], sa + (mrow + lane % 16) * ShapeA::kLd + kk + (lane / 16) * 8);
+        } else {
+          const int j = lane / 8, r = lane % 8;
+          ldmatrix_x4<true>(af[mi], sa + (kk + r + (j / 2) * 8) * ShapeA::kLd + mrow + (j % 2) * 8);
+        }
+      }
+#pragma unroll
+      for (int pair = 0; pair < 2; ++pair) {
+        const int ncol = wn * 32 + pair * 16;
+        const int j = lane / 8, r = lane % 8;
+        uint32_t q[4];
+        if constexpr (BK_)
+          ldmatrix_x4<false>(q, sb + (ncol + r + (j / 2) * 8) * ShapeB::kLd + kk + (j % 2) * 8);
+        else
+          ldmatrix_x4<true>(q, sb + (kk + r + (j % 2) * 8) * ShapeB::kLd + ncol + (j / 2) * 8);
+        bf[2 * pair][0] = q[0], bf[2 * pair][1] = q[1], bf[2 * pair + 1][0] = q[2], bf[2 * pair + 1][1] = q[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma_16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: each thread owns pairs of adjacent columns in rows lane/4 and lane/4 + 8 of each fragment.
+  OutT* C_group = p.C + (kMode == Mode::varlen_k ? group * p.c_group_stride : 0);
+#pragma unroll
+  for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t m = m0 + wm * 64 + mi * 16 + lane / 4 + half * 8;
+      if (m >= M) continue;
+      int64_t out_row;
+      float scale = 1.f;
+      if constexpr (kMode == Mode::grouped_m) {
+        const int64_t i = row_begin + m;
+        out_row = rt.row(p.c_map, i);
+        if (p.row_scale) scale = to_f32(p.row_scale[rt.slot(i)]);
+      } else {
+        out_row = m;
+      }
+      OutT* crow = C_group + out_row * p.ldc;
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni) {
+        const int64_t n = n0 + wn * 32 + ni * 8 + (lane % 4) * 2;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          if (n + e >= N) continue;
+          float v = acc[mi][ni][half * 2 + e] * scale;
+          if (p.accumulate) v += to_f32(crow[n + e]);
+          crow[n + e] = from_f32<OutT>(v);
+        }
+      }
+    }
+}
+
+template <class T, class OutT, bool AK, bool BK_, Mode kMode>
+void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, cudaStream_t stream) {
+  constexpr int smem = kStages * (TileShape<AK, kBM>::kElems + TileShape<BK_, kBN>::kElems) * sizeof(T);
+  auto kernel = grouped_gemm_kernel<T, OutT, AK, BK_, kMode>;
+  static bool configured = false;  // per instantiation (and per process; all devices are sm_90)
+  if (!configured) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
+    configured = true;
+  }
+  dim3 grid;
+  if constexpr (kMode == Mode::grouped_m) {
+    // Upper bound on the m-tiles of all groups: each group adds at most one partial tile.
+    const int64_t tiles = (M_total + kBM - 1) / kBM + std::min<int64_t>(groups, M_total);
+    if (tiles == 0 || p.N == 0) return;
+    grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>((p.N + kBN - 1) / kBN));
+  } else {
+    const int64_t tiles = ((p.M + kBM - 1) / kBM) * ((p.N + kBN - 1) / kBN);
+    if (tiles == 0 || groups == 0) return;
+    grid = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(groups));
+  }
+  if (grid.y > 65535) throw Error("grouped GEMM: too many column tiles or groups for one launch");
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  check_launch("grouped_gemm_kernel");
+}
+
+// Dispatches the 16-bit input type and the output type (the input type or float32).
+template <class Fn>
+void with_types(const char* op, const Tensor& in, const Tensor& out, Fn&& fn) {
+  require_tensor_core_dtype(op, "input", in);
+  if (out.dtype != in.dtype && out.dtype != DType::f32)
+    throw Error(std::string(op) + ": output on CUDA must be " + dtype_name(in.dtype) + " or float32, got " +
+                out.describe());
+  auto with_out = [&](auto t_tag) {
+    using T = decltype(t_tag);
+    if (out.dtype == DType::f32) fn(T{}, float{}); else fn(T{}, T{});
+  };
+  if (in.dtype == DType::bf16) with_out(__nv_bfloat16{}); else with_out(__half{});
+}
+
+// dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending: the deterministic sum of a token's k slots.
+template <class OutT>
+__global__ void sum_slots_kernel(const float* slots, OutT* out, int64_t T, int64_t K, int top_k, bool accumulate) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= T * K) return;
+  const int64_t t = idx / K, c = idx % K;
+  float s = accumulate ? to_f32(out[idx]) : 0.f;
+  for (int j = 0; j < top_k; ++j) s += slots[(t * top_k + j) * K + c];
+  out[idx] = from_f32<OutT>(s);
+}
+
+}  // namespace
+
+void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
+  const int64_t N = g.W.shape[1], K = g.W.shape[2];
+  if (g.slot_scale.defined() && g.slot_scale.dtype != g.X.dtype)
+    throw Error(std::string("grouped_gemm: argument 'row_weights' on CUDA must have the dtype of X (") +
+                dtype_name(g.X.dtype) + "), got " + g.slot_scale.describe());
+  with_types("grouped_gemm", g.X, g.Y, [&](auto t_tag, auto o_tag) {
+    using T = decltype(t_tag);
+    using O = decltype(o_tag);
+    Problem<T, O> p{g.X.ptr<const T>(), K, g.x_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
+                    g.Y.ptr<O>(), N, 0, g.y_map,
+                    g.slot_scale.defined() ? g.slot_scale.ptr<const T>() : nullptr, false, device_routing(r), 0, N, K};
+    launch<T, O, true, true, Mode::grouped_m>(p, r.num_experts, r.M, stream_of(s));
+  });
+}
+
+void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
+  const int64_t N = g.W.shape[1], K = g.W.shape[2];  // reduction over N, output columns K
+  const cudaStream_t stream = stream_of(s);
+  const bool sum_slots = g.dx_map == RowMap::token;
+  Scratch slots(sum_slots ? static_cast<size_t>(r.M * K) * sizeof(float) : 0, stream);
+  with_types("grouped_gemm_dX", g.dY, g.dX, [&](auto t_tag, auto o_tag) {
+    using T = decltype(t_tag);
+    using O = decltype(o_tag);
+    if (sum_slots) {
+      Problem<T, float> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
+                          slots.as<float>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
+      launch<T, float, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
+      if (r.T * K > 0) {
+        sum_slots_kernel<O><<<blocks_for(r.T * K, 256), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), r.T, K,
+                                                                          r.top_k, g.accumulate);
+        check_launch("sum_slots_kernel");
+      }
+    } else {
+      Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
+                      g.dX.ptr<O>(), K, 0, g.dx_map, nullptr, g.accumulate, device_routing(r), 0, K, N};
+      launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
+    }
+  });
+}
+
+void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
+  const int64_t N = g.dW.shape[1], K = g.dW.shape[2];
+  if (g.X.dtype != g.dY.dtype)
+    throw Error(std::string("grouped_gemm_dW: on CUDA 'X' and 'dY' must share a dtype, got ") + g.X.describe() +
+                " and " + g.dY.describe());
+  with_types("grouped_gemm_dW", g.X, g.dW, [&](auto t_tag, auto o_tag) {
+    using T = decltype(t_tag);
+    using O = decltype(o_tag);
+    // C[n, k] = Σ_i dY[i, n] · X[i, k]: A stored [i][n], B stored [i][k], both gathered by routed row.
+    Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
+                    g.dW.ptr<O>(), K, N * K, RowMap::identity, nullptr, false, device_routing(r), N, K, 0};
+    launch<T, O, false, false, Mode::varlen_k>(p, r.num_experts, r.M, stream_of(s));
+  });
+}
+
+namespace {
+Routing single_group(int64_t rows) {
+  Routing r;
+  r.num_experts = 1;
+  r.top_k = 1;
+  r.M = rows;
+  r.T = rows;
+  return r;
+}
+Tensor as_one_group(const Tensor& w) {  // [E, H] -> [1, E, H]
+  Tensor t = Tensor::contiguous(w.data, w.dtype, {1, w.shape[0], w.shape[1]}, w.device);
+  return t;
+}
+
+template <class In, class Out>
+__global__ void convert_kernel(const In* in, Out* out, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = from_f32<Out>(to_f32(in[i]));
+}
+}  // namespace
+
+void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, Stream s) {
+  gemm_nt(single_group(x.shape[0]), GemmNT{x, RowMap::identity, as_one_group(gate), logits, RowMap::identity, {}}, s);
+}
+
+void router_logits_backward(const Tensor& d_logits, const Tensor& x, const Tensor& gate, const Tensor& dx,
+                            const Tensor& dgate, bool accumulate_dx, Stream s) {
+  const cudaStream_t stream = stream_of(s);
+  require_tensor_core_dtype("router_logits_backward", "x", x);
+  // The products run on tensor cores in x's dtype: bring d_logits there first when it is float32.
+  Tensor dl = d_logits;
+  Scratch converted(d_logits.dtype != x.dtype ? d_logits.numel() * dtype_size(x.dtype) : 0, stream);
+  if (d_logits.dtype != x.dtype) {
+    dl = Tensor::contiguous(converted.as<void>(), x.dtype, {d_logits.shape[0], d_logits.shape[1]}, x.device);
+    const int64_t n = d_logits.numel();
+    if (n > 0)
+      visit_float(d_logits.dtype, [&](auto in_tag) {
+        visit_float(x.dtype, [&](auto out_tag) {
+          using In = decltype(in_tag);
+          using Out = decltype(out_tag);
+          convert_kernel<In, Out><<<blocks_for(n, 256), 256, 0, stream>>>(d_logits.ptr<const In>(), dl.ptr<Out>(), n);
+          check_launch("convert_kernel");
+        });
+      });
+  }
+  const Routing one = single_group(x.shape[0]);
+  if (dgate.defined())  // dgate[e, h] = Σ_t dl[t, e] · x[t, h]
+    gemm_tn(one, GemmTN{dl, RowMap::identity, x, RowMap::identity, as_one_group(dgate)}, s);
+  if (dx.defined())  // dx[t, h] (+)= Σ_e dl[t, e] · gate[e, h]
+    gemm_nn(one, GemmNN{dl, RowMap::identity, as_one_group(gate), dx, RowMap::identity, accumulate_dx}, s);
+}
+
+}  // namespace fusedmoe::detail::cuda

@@ -1,0 +1,271 @@
+// Router kernels: fused float32 softmax + top-k + renormalisation (a warp per token), a stable counting
+// sort by expert with no host synchronisation, and the router backward.
+#include <cfloat>
+#include <cstdint>
+
+#include "common.cuh"
+
+namespace fusedmoe::detail::cuda {
+
+namespace {
+
+constexpr int kRouteWarps = 4;   // tokens per block
+constexpr int kMaxExperts = 4096;
+constexpr int kSortChunk = 256;  // slots per sort block (one warp, 8 rounds of 32)
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, d));
+  return v;
+}
+
+// p[0..E) = softmax(float32(logits row)); a NaN anywhere makes the whole row NaN (as torch.softmax).
+template <class L>
+__device__ void softmax_row(const L* row, float* p, int E, int lane) {
+  float mx = -INFINITY;
+  bool nan = false;
+  for (int e = lane; e < E; e += 32) {
+    const float v = to_f32(row[e]);
+    p[e] = v;
+    nan |= isnan(v);
+    mx = fmaxf(mx, v);
+  }
+  mx = warp_max(mx);
+  nan = __any_sync(0xffffffffu, nan);
+  float s = 0.f;
+  for (int e = lane; e < E; e += 32) s += (p[e] = nan ? NAN : expf(p[e] - mx));
+  s = warp_sum(s);
+  for (int e = lane; e < E; e += 32) p[e] /= s;
+  __syncwarp();
+}
+
+// Top-k order: larger first, NaN above every number, ties to the lower expert id.
+__device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
+  const bool na = isnan(a), nb = isnan(b);
+  if (na != nb) return na;
+  if (!na && a != b) return a > b;
+  return ia < ib;
+}
+
+template <class L, class W>
+__global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int64_t T, int E, int k, bool norm) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (t >= T) return;
+  float* p = smem + warp * E;
+  unsigned char* taken = reinterpret_cast<unsigned char*>(smem + kRouteWarps * E) + warp * E;
+  softmax_row(logits + t * E, p, E, lane);
+  for (int e = lane; e < E; e += 32) taken[e] = 0;
+  __syncwarp();
+  float sum = 0.f;  // of the selected probabilities, in selection order (lane 0)
+  for (int j = 0; j < k; ++j) {
+    float bv = 0.f;
+    int bi = INT32_MAX;
+    for (int e = lane; e < E; e += 32)
+      if (!taken[e] && (bi == INT32_MAX || ranks_before(p[e], e, bv, bi))) bv = p[e], bi = e;
+#pragma unroll
+    for (int d = 16; d > 0; d >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, d);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, d);
+      if (oi != INT32_MAX && (bi == INT32_MAX || ranks_before(ov, oi, bv, bi))) bv = ov, bi = oi;
+    }
+    if (lane == 0) {
+      taken[bi] = 1;
+      ids[t * k + j] = bi;
+      sum += bv;
+    }
+    __syncwarp();
+  }
+  if (lane == 0)
+    for (int j = 0; j < k; ++j) {
+      const float v = p[ids[t * k + j]];
+      weights[t * k + j] = from_f32<W>(norm ? v / sum : v);
+    }
+}
+
+// Per-block expert counts of a chunk of slots: counts[e * blocks + b].
+__global__ void sort_count_kernel(const int32_t* ids, int64_t M, int E, int32_t* counts, int64_t blocks) {
+  extern __shared__ int32_t local[];
+  const int lane = threadIdx.x;
+  for (int e = lane; e < E; e += 32) local[e] = 0;
+  __syncwarp();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
+  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32) {
+    const int64_t f = f0 + lane;
+    const bool live = f < M;
+    const int id = live ? min(max(ids[f], 0), E - 1) : -1;  // out-of-range ids are clamped
+    const unsigned mask = __match_any_sync(0xffffffffu, id);
+    if (live && lane == __ffs(mask) - 1) local[id] += __popc(mask);
+    __syncwarp();
+  }
+  for (int e = lane; e < E; e += 32) counts[static_cast<int64_t>(e) * blocks + blockIdx.x] = local[e];
+}
+
+// For each expert (one block each): exclusive scan of its per-block counts in place; total to m_sizes.
+__global__ void sort_scan_blocks_kernel(int32_t* counts, int64_t blocks, int32_t* m_sizes) {
+  __shared__ int32_t warp_totals[32];
+  int32_t* row = counts + static_cast<int64_t>(blockIdx.x) * blocks;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int32_t carry = 0;
+  for (int64_t b0 = 0; b0 < blocks; b0 += blockDim.x) {
+    const int64_t b = b0 + threadIdx.x;
+    const int32_t v = b < blocks ? row[b] : 0;
+    int32_t incl = v;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int32_t o = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += o;
+    }
+    if (lane == 31) warp_totals[warp] = incl;
+    __syncthreads();
+    int32_t before = 0, total = 0;
+    for (int w = 0; w < warps; ++w) {
+      if (w < warp) before += warp_totals[w];
+      total += warp_totals[w];
+    }
+    if (b < blocks) row[b] = carry + before + incl - v;
+    carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) m_sizes[blockIdx.x] = carry;
+}
+
+__global__ void sort_offsets_kernel(const int32_t* m_sizes, int E, int32_t* offsets) {
+  if (threadIdx.x != 0) return;
+  int32_t acc = 0;
+  offsets[0] = 0;
+  for (int e = 0; e < E; ++e) offsets[e + 1] = (acc += m_sizes[e]);
+}
+
+// Writes each slot to its expert-order row: offsets[e] + rows of e in earlier chunks + rank in this chunk.
+__global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const int32_t* counts, int64_t blocks,
+                                    const int32_t* offsets, int32_t* gather) {
+  extern __shared__ int32_t next_row[];
+  const int lane = threadIdx.x;
+  for (int e = lane; e < E; e += 32) next_row[e] = offsets[e] + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
+  __syncwarp();
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
+  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32) {
+    const int64_t f = f0 + lane;
+    const bool live = f < M;
+    const int id = live ? min(max(ids[f], 0), E - 1) : -1;
+    const unsigned mask = __match_any_sync(0xffffffffu, id);
+    const int rank = __popc(mask & ((1u << lane) - 1u));  // earlier lanes with the same expert: stable
+    if (live) gather[next_row[id] + rank] = static_cast<int32_t>(f);
+    __syncwarp();
+    if (live && lane == __ffs(mask) - 1) next_row[id] += __popc(mask);
+    __syncwarp();
+  }
+}
+
+template <class L, class DW, class DL>
+__global__ void route_topk_backward_kernel(const L* logits, const int32_t* ids, const DW* d_weights, DL* d_logits,
+                                           int64_t T, int E, int k, bool norm) {
+  extern __shared__ float smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
+  if (t >= T) return;
+  float* p = smem + warp * E;
+  softmax_row(logits + t * E, p, E, lane);
+  auto id_of = [&](int j) { return min(max(ids[t * k + j], 0), E - 1); };
+  float s = 0.f, dot = 0.f;
+  for (int j = lane; j < k; j += 32) s += p[id_of(j)];
+  s = warp_sum(s);
+  for (int j = lane; j < k; j += 32) dot += to_f32(d_weights[t * k + j]) * p[id_of(j)] / s;
+  dot = warp_sum(dot);
+  // With renormalisation w_j = p_j / s: dp_j = (dw_j − Σ_l dw_l w_l) / s. Softmax: dl_e = p_e (dp_e − Σ p dp).
+  auto dp_of = [&](int j) { const float dw = to_f32(d_weights[t * k + j]); return norm ? (dw - dot) / s : dw; };
+  float pdp = 0.f;
+  for (int j = lane; j < k; j += 32) pdp += p[id_of(j)] * dp_of(j);
+  pdp = warp_sum(pdp);
+  for (int e = lane; e < E; e += 32) d_logits[t * E + e] = from_f32<DL>(-p[e] * pdp);
+  __syncwarp();
+  for (int j = lane; j < k; j += 32) d_logits[t * E + id_of(j)] = from_f32<DL>(p[id_of(j)] * (dp_of(j) - pdp));
+}
+
+void check_experts(const char* op, int64_t E) {
+  if (E > kMaxExperts)
+    throw Error(std::string(op) + ": the CUDA backend supports up to " + std::to_string(kMaxExperts) +
+                " experts, got " + std::to_string(E));
+}
+
+}  // namespace
+
+void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weights, const Tensor& ids, Stream s) {
+  const int64_t T = logits.shape[0];
+  const int E = static_cast<int>(logits.shape[1]);
+  check_experts("route_topk", E);
+  if (T == 0) return;
+  const size_t smem = kRouteWarps * E * (sizeof(float) + 1);
+  visit_float(logits.dtype, [&](auto l_tag) {
+    visit_float(weights.dtype, [&](auto w_tag) {
+      using L = decltype(l_tag);
+      using W = decltype(w_tag);
+      auto kernel = route_topk_kernel<L, W>;
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                 "cudaFuncSetAttribute");
+      kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
+          logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E, top_k, norm);
+      check_launch("route_topk_kernel");
+    });
+  });
+}
+
+void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor& m_sizes, const Tensor& offsets,
+                    Stream s) {
+  check_experts("sort_by_expert", E);
+  const cudaStream_t stream = stream_of(s);
+  const int64_t M = ids.numel();
+  const int64_t blocks = (M + kSortChunk - 1) / kSortChunk;
+  if (M == 0) {
+    check_cuda(cudaMemsetAsync(m_sizes.data, 0, sizeof(int32_t) * E, stream), "cudaMemsetAsync");
+    check_cuda(cudaMemsetAsync(offsets.data, 0, sizeof(int32_t) * (E + 1), stream), "cudaMemsetAsync");
+    return;
+  }
+  Scratch counts(static_cast<size_t>(blocks) * E * sizeof(int32_t), stream);
+  const size_t smem = sizeof(int32_t) * E;
+  sort_count_kernel<<<static_cast<unsigned>(blocks), 32, smem, stream>>>(ids.ptr<const int32_t>(), M, E,
+                                                                           counts.as<int32_t>(), blocks);
+  check_launch("sort_count_kernel");
+  sort_scan_blocks_kernel<<<E, 1024, 0, stream>>>(counts.as<int32_t>(), blocks, m_sizes.ptr<int32_t>());
+  check_launch("sort_scan_blocks_kernel");
+  sort_offsets_kernel<<<1, 32, 0, stream>>>(m_sizes.ptr<const int32_t>(), E, offsets.ptr<int32_t>());
+  check_launch("sort_offsets_kernel");
+  sort_scatter_kernel<<<static_cast<unsigned>(blocks), 32, smem, stream>>>(
+      ids.ptr<const int32_t>(), M, E, counts.as<const int32_t>(), blocks, offsets.ptr<const int32_t>(),
+      gather.ptr<int32_t>());
+  check_launch("sort_scatter_kernel");
+}
+
+void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& d_weights, bool norm,
+                         const Tensor& d_logits, Stream s) {
+  const int64_t T = logits.shape[0];
+  const int E = static_cast<int>(logits.shape[1]), k = static_cast<int>(ids.shape[1]);
+  check_experts("route_topk_backward", E);
+  if (T == 0) return;
+  const size_t smem = kRouteWarps * E * sizeof(float);
+  visit_float(logits.dtype, [&](auto l_tag) {
+    visit_float(d_weights.dtype, [&](auto w_tag) {
+      visit_float(d_logits.dtype, [&](auto o_tag) {
+        using L = decltype(l_tag);
+        using DW = decltype(w_tag);
+        using DL = decltype(o_tag);
+        auto kernel = route_topk_backward_kernel<L, DW, DL>;
+        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+                   "cudaFuncSetAttribute");
+        kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
+            logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k,
+            norm);
+        check_launch("route_topk_backward_kernel");
+      });
+    });
+  });
+}
+
+}  // namespace fusedmoe::detail::cuda

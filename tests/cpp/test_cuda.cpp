@@ -1,0 +1,292 @@
+// The CUDA backend against the CPU oracle and the float64 reference: every op, the whole block on the
+// edge cases of DESIGN.md §5, poisoned outputs, determinism, CUDA-graph capture and 64-bit offsets.
+// Every test skips itself where no Hopper GPU is visible.
+#include <algorithm>
+#include <numeric>
+
+#include "testing.hpp"
+
+#ifdef FUSEDMOE_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+using namespace fmt;
+
+namespace {
+
+#define REQUIRE_GPU() \
+  if (!cuda_available()) GTEST_SKIP() << "no Hopper (sm_90) GPU visible"
+
+const Device kGpu = Device::cuda(0);
+
+// Random distinct expert choices per token, routed on the CPU (the oracle for the GPU sort).
+struct Routing {
+  HostTensor ids, gather, m_sizes, offsets;
+  Routing(int64_t T, int E, int k, double hot_fraction = 0.0) {
+    ids = HostTensor(DType::i32, {T, k});
+    std::vector<int32_t> all(E);
+    std::iota(all.begin(), all.end(), 0);
+    std::uniform_real_distribution<double> u(0, 1);
+    for (int64_t t = 0; t < T; ++t) {
+      std::shuffle(all.begin(), all.end(), rng());
+      if (u(rng()) < hot_fraction) std::swap(*std::find(all.begin(), all.end(), 0), all[0]);  // skew to expert 0
+      for (int j = 0; j < k; ++j) ids.set(t * k + j, all[j]);
+    }
+    gather = HostTensor(DType::i32, {T * k});
+    m_sizes = HostTensor(DType::i32, {E});
+    offsets = HostTensor(DType::i32, {E + 1});
+    sort_by_expert(ids.t, E, gather.t, m_sizes.t, offsets.t);
+  }
+};
+
+TEST(CudaOps, SortByExpertMatchesCpuExactly) {
+  REQUIRE_GPU();
+  for (auto [T, E, k, hot] : {std::tuple{1, 8, 2, 0.0}, std::tuple{3000, 128, 8, 0.0}, std::tuple{777, 10, 10, 0.0},
+                              std::tuple{5000, 6, 1, 1.0}, std::tuple{4096, 64, 4, 0.7}}) {
+    Routing r(T, E, k, hot);
+    DeviceCopy ids(r.ids, kGpu), gather(r.gather, kGpu, false), ms(r.m_sizes, kGpu, false), offs(r.offsets, kGpu, false);
+    sort_by_expert(ids.t, E, gather.t, ms.t, offs.t);
+    EXPECT_EQ(gather.download().values(), r.gather.values()) << "T=" << T << " E=" << E;
+    EXPECT_EQ(ms.download().values(), r.m_sizes.values());
+    EXPECT_EQ(offs.download().values(), r.offsets.values());
+  }
+}
+
+TEST(CudaOps, RouteTopkMatchesCpu) {
+  REQUIRE_GPU();
+  for (bool norm : {true, false})
+    for (int k : {1, 8}) {
+      const int64_t T = 999;
+      const int E = 40;
+      HostTensor logits(DType::bf16, {T, E}), w(DType::bf16, {T, k}), ids(DType::i32, {T, k});
+      logits.randn(2.0);
+      route_topk(logits.t, k, norm, w.t, ids.t);
+      DeviceCopy dl(logits, kGpu), dw(w, kGpu, false), di(ids, kGpu, false);
+      route_topk(dl.t, k, norm, dw.t, di.t);
+      EXPECT_EQ(di.download().values(), ids.values());
+      EXPECT_CLOSE(dw.download().values(), w.values(), 1e-2);
+    }
+}
+
+struct GemmCase { DType dtype; int64_t T; int E, k; int64_t N, K; bool px, py; double hot; };
+
+class CudaGroupedGemm : public ::testing::TestWithParam<GemmCase> {};
+
+TEST_P(CudaGroupedGemm, ForwardDxDwMatchCpu) {
+  REQUIRE_GPU();
+  const GemmCase c = GetParam();
+  Routing r(c.T, c.E, c.k, c.hot);
+  const int64_t M = c.T * c.k;
+  HostTensor X(c.dtype, {c.px ? c.T : M, c.K}), W(c.dtype, {c.E, c.N, c.K}), Y(c.dtype, {M, c.N});
+  HostTensor dY(c.dtype, {M, c.N}), dXs(c.dtype, {M, c.K}), dXt(c.dtype, {c.T, c.K}), dW(c.dtype, {c.E, c.N, c.K});
+  X.randn(), W.randn(1.0 / std::sqrt(double(c.K))), dY.randn();
+  const GroupedGemmArgs a{r.offsets.t, r.gather.t, c.k, c.px, c.py};
+  grouped_gemm(X.t, W.t, a, Y.t);
+  grouped_gemm_dX(dY.t, W.t, a, dXs.t);
+  if (c.px) grouped_gemm_dX(dY.t, W.t, a, dXt.t);
+  grouped_gemm_dW(X.t, dY.t, a, dW.t);
+
+  DeviceCopy gX(X, kGpu), gW(W, kGpu), gdY(dY, kGpu), go(r.offsets, kGpu), gg(r.gather, kGpu);
+  DeviceCopy gY(Y, kGpu, false), gdXs(dXs, kGpu, false), gdXt(dXt, kGpu, false), gdW(dW, kGpu, false);
+  const GroupedGemmArgs ga{go.t, gg.t, c.k, c.px, c.py};
+  grouped_gemm(gX.t, gW.t, ga, gY.t);
+  grouped_gemm_dX(gdY.t, gW.t, ga, gdXs.t);
+  if (c.px) grouped_gemm_dX(gdY.t, gW.t, ga, gdXt.t);
+  grouped_gemm_dW(gX.t, gdY.t, ga, gdW.t);
+  const double tol = 1e-2;
+  EXPECT_CLOSE(gY.download().values(), Y.values(), tol);
+  EXPECT_CLOSE(gdXs.download().values(), dXs.values(), tol);
+  if (c.px) EXPECT_CLOSE(gdXt.download().values(), dXt.values(), tol);
+  EXPECT_CLOSE(gdW.download().values(), dW.values(), tol);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CudaGroupedGemm,
+    ::testing::Values(GemmCase{DType::bf16, 300, 8, 2, 256, 512, true, false, 0.0},
+                      GemmCase{DType::bf16, 300, 8, 2, 256, 512, false, true, 0.0},
+                      GemmCase{DType::bf16, 300, 8, 2, 256, 512, false, false, 0.0},
+                      GemmCase{DType::f16, 257, 5, 3, 200, 136, true, true, 0.0},
+                      GemmCase{DType::bf16, 1, 16, 4, 96, 1000, true, false, 0.0},     // T = 1
+                      GemmCase{DType::bf16, 123, 7, 2, 61, 45, true, true, 0.0},       // unaligned rows
+                      GemmCase{DType::bf16, 2000, 16, 4, 384, 256, true, true, 0.8},   // skewed
+                      GemmCase{DType::bf16, 64, 4, 4, 128, 128, true, false, 0.0}));  // k = E
+
+TEST(CudaOps, ElementwiseMatchCpu) {
+  REQUIRE_GPU();
+  const int64_t T = 123, k = 3, M = T * k, I = 77, H = 90;
+  HostTensor Y1(DType::bf16, {M, 2 * I}), A(DType::bf16, {M, I}), dA(DType::bf16, {M, I}), dY1(DType::bf16, {M, 2 * I});
+  HostTensor Y2(DType::bf16, {M, H}), w(DType::bf16, {T, k}), out(DType::bf16, {T, H}), dOut(DType::bf16, {T, H});
+  HostTensor dY2(DType::bf16, {M, H}), dw(DType::f32, {T, k});
+  Y1.randn(2), dA.randn(), Y2.randn(), w.uniform(0, 1), dOut.randn();
+  silu_mul(Y1.t, A.t);
+  silu_mul_backward(dA.t, Y1.t, dY1.t);
+  topk_combine(Y2.t, w.t, out.t);
+  topk_combine_backward(dOut.t, Y2.t, w.t, dY2.t, dw.t);
+  DeviceCopy gY1(Y1, kGpu), gdA(dA, kGpu), gY2(Y2, kGpu), gw(w, kGpu), gdOut(dOut, kGpu);
+  DeviceCopy gA(A, kGpu, false), gdY1(dY1, kGpu, false), gout(out, kGpu, false), gdY2(dY2, kGpu, false),
+      gdw(dw, kGpu, false);
+  silu_mul(gY1.t, gA.t);
+  silu_mul_backward(gdA.t, gY1.t, gdY1.t);
+  topk_combine(gY2.t, gw.t, gout.t);
+  topk_combine_backward(gdOut.t, gY2.t, gw.t, gdY2.t, gdw.t);
+  EXPECT_CLOSE(gA.download().values(), A.values(), 1e-2);
+  EXPECT_CLOSE(gdY1.download().values(), dY1.values(), 1e-2);
+  EXPECT_CLOSE(gout.download().values(), out.values(), 1e-2);
+  EXPECT_CLOSE(gdY2.download().values(), dY2.values(), 1e-2);
+  EXPECT_CLOSE(gdw.download().values(), dw.values(), 1e-4);
+}
+
+class CudaBlock : public ::testing::TestWithParam<BlockCase> {};
+
+TEST_P(CudaBlock, ForwardAndBackwardMatchFloat64Reference) {
+  REQUIRE_GPU();
+  const BlockCase c = GetParam();
+  BlockTensors b(MoeConfig{c.H, c.I, c.E, c.k, c.norm, c.dtype}, c.T);
+  if (c.one_expert) steer_to_expert_zero(b);
+  HostTensor dout(c.dtype, {c.T, c.H});
+  dout.randn();
+  const BlockResult res = run_block(b, dout, kGpu);
+  expect_block_matches_reference(b, dout, res);
+}
+
+INSTANTIATE_TEST_SUITE_P(EdgeCases, CudaBlock, ::testing::ValuesIn(edge_cases(/*with_wide_dtypes=*/false)),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(CudaBlock, DeterministicBitwise) {
+  REQUIRE_GPU();
+  BlockTensors b(MoeConfig{512, 256, 16, 4, true, DType::bf16}, 700);
+  HostTensor dout(DType::bf16, {700, 512});
+  dout.randn();
+  const BlockResult r1 = run_block(b, dout, kGpu), r2 = run_block(b, dout, kGpu);
+  for (auto [x, y] : {std::pair{&r1.out, &r2.out}, std::pair{&r1.dx, &r2.dx}, std::pair{&r1.dgate, &r2.dgate},
+                      std::pair{&r1.dw1, &r2.dw1}, std::pair{&r1.dw2, &r2.dw2}})
+    EXPECT_TRUE(x->bitwise_equal(*y));
+}
+
+TEST(CudaBlock, QwenShapeMatchesCpuOracle) {
+  REQUIRE_GPU();
+  // Qwen3-30B-A3B expert shapes at a few hundred tokens: the GPU against the CPU backend.
+  BlockTensors b(qwen3_30b_a3b_config(), 256);
+  HostTensor dout(DType::bf16, {256, 2048});
+  dout.randn();
+  const BlockResult gpu = run_block(b, dout, kGpu);
+  // Same routing on both sides is required for a fair comparison: near-ties may differ, so count them.
+  const BlockResult cpu = run_block(b, dout, Device::cpu());
+  size_t same = 0;
+  for (size_t i = 0; i < gpu.ids().size(); ++i) same += gpu.ids()[i] == cpu.ids()[i];
+  ASSERT_GE(same, gpu.ids().size() * 99 / 100) << "routing decisions differ too often";
+  if (same == gpu.ids().size()) {
+    EXPECT_CLOSE(gpu.out.values(), cpu.out.values(), 1e-2);
+    EXPECT_CLOSE(gpu.dx.values(), cpu.dx.values(), 1e-2);
+    EXPECT_CLOSE(gpu.dw1.values(), cpu.dw1.values(), 1e-2);
+    EXPECT_CLOSE(gpu.dw2.values(), cpu.dw2.values(), 1e-2);
+  }
+}
+
+#ifdef FUSEDMOE_WITH_CUDA
+TEST(CudaBlock, GraphCaptureReplaysIdentically) {
+  REQUIRE_GPU();
+  const MoeConfig c{256, 128, 12, 3, true, DType::bf16};
+  const int64_t T = 333;
+  BlockTensors b(c, T);
+  HostTensor dout(DType::bf16, {T, 256});
+  dout.randn();
+  const BlockResult eager = run_block(b, dout, kGpu);
+
+  DeviceCopy x(b.x, kGpu), gate(b.gate, kGpu), w1(b.w1, kGpu), w2(b.w2, kGpu), dO(dout, kGpu);
+  DeviceCopy out(b.out, kGpu, false), logits(b.logits, kGpu, false);
+  DeviceCopy dx(b.x, kGpu, false), dgate(b.gate, kGpu, false), dw1(b.w1, kGpu, false), dw2(b.w2, kGpu, false);
+  Buffer saved_mem(moe_saved_bytes(c, T), kGpu);
+  const MoeSaved saved = moe_saved_views(c, T, saved_mem.data(), kGpu);
+  const MoeWeights w{gate.t, w1.t, w2.t};
+  const MoeGrads g{dx.t, dgate.t, dw1.t, dw2.t};
+  Buffer fws(moe_forward_workspace_bytes(c, T), kGpu), bws(moe_backward_workspace_bytes(c, T, g), kGpu);
+  cudaStream_t stream;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  // Warm once outside capture (one-time kernel attribute setup), then capture forward + backward.
+  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()}, {stream});
+  moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()}, {stream});
+  ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+  for (const Tensor* t : {&out.t, &dx.t, &dw1.t}) poison_bytes(t->data, t->nbytes(), kGpu);
+  cudaGraph_t graph;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
+  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()}, {stream});
+  moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()}, {stream});
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  cudaGraphExec_t exec;
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int rep = 0; rep < 3; ++rep) {
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    EXPECT_TRUE(out.download().bitwise_equal(eager.out)) << "replay " << rep;
+    EXPECT_TRUE(dx.download().bitwise_equal(eager.dx)) << "replay " << rep;
+    EXPECT_TRUE(dgate.download().bitwise_equal(eager.dgate)) << "replay " << rep;
+    EXPECT_TRUE(dw1.download().bitwise_equal(eager.dw1)) << "replay " << rep;
+    EXPECT_TRUE(dw2.download().bitwise_equal(eager.dw2)) << "replay " << rep;
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+// Output and input tensors of more than 2^31 elements: the row offsets must be 64-bit everywhere.
+TEST(CudaOps, OffsetsPastTwoToThe31) {
+  REQUIRE_GPU();
+  const int64_t T = 32768, k = 8, M = T * k, N = 8192, K = 64;  // M·N = 2^31 elements (4 GiB in bf16)
+  const int E = 8;
+  Routing r(T, E, k);
+  HostTensor X(DType::bf16, {T, K}), W(DType::bf16, {E, N, K});
+  X.randn(), W.randn(0.125);
+  DeviceCopy gX(X, kGpu), gW(W, kGpu), go(r.offsets, kGpu), gg(r.gather, kGpu);
+  Buffer ybuf(static_cast<size_t>(M) * N * 2, kGpu);
+  const Tensor Y = ybuf.view(DType::bf16, {M, N});
+  const GroupedGemmArgs a{go.t, gg.t, static_cast<int>(k), true, true};
+  grouped_gemm(gX.t, gW.t, a, Y);  // Y[slot] = x[token] · W[e]ᵀ, scattered to slot order
+  // Check the last slots (offsets past 2^31 elements) and a few early ones on the host.
+  auto expert_of_slot = [&](int64_t f) { return r.ids.i32(f); };
+  std::vector<int64_t> slots = {0, 1, M / 2, M - 3, M - 2, M - 1};
+  for (int64_t f : slots) {
+    std::vector<uint16_t> row(N);
+    copy_bytes(row.data(), Device::cpu(), static_cast<char*>(ybuf.data()) + f * N * 2, kGpu, N * 2);
+    std::vector<double> got(N), ref(N, 0);
+    const int64_t t = f / k, e = expert_of_slot(f);
+    for (int64_t n = 0; n < N; ++n) {
+      got[n] = num::bf16_to_float(row[n]);
+      for (int64_t kk = 0; kk < K; ++kk) ref[n] += X.get(t * K + kk) * W.get((e * N + n) * K + kk);
+    }
+    EXPECT_CLOSE(got, ref, 1e-2) << "slot " << f;
+  }
+  // dW over the same 4 GiB operand: dW[e] = Σ_{i∈e} Y[slot]ᵀ · x[token]; spot-check entries.
+  HostTensor dW(DType::bf16, {E, N, K});
+  DeviceCopy gdW(dW, kGpu, false);
+  grouped_gemm_dW(gX.t, Y, a, gdW.t);
+  const HostTensor got_dw = gdW.download();
+  std::vector<double> got, ref;
+  for (auto [e, n, kk] : {std::tuple<int64_t, int64_t, int64_t>{0, 0, 0}, {E - 1, N - 1, K - 1}, {3, N / 2, 7}}) {
+    double s = 0;
+    for (int64_t i = r.offsets.i32(e); i < r.offsets.i32(e + 1); ++i) {
+      const int64_t f = r.gather.i32(i), t = f / k;
+      double y = 0;  // Y[f, n] in float64, rounded like the stored bf16 value
+      for (int64_t q = 0; q < K; ++q) y += X.get(t * K + q) * W.get((e * N + n) * K + q);
+      s += num::bf16_to_float(num::float_to_bf16(static_cast<float>(y))) * X.get(t * K + kk);
+    }
+    got.push_back(got_dw.get((e * N + n) * K + kk));
+    ref.push_back(s);
+  }
+  EXPECT_CLOSE(got, ref, 1e-2);
+}
+#endif
+
+TEST(CudaValidation, FloatThirtyTwoIsRejectedWithAClearError) {
+  REQUIRE_GPU();
+  BlockTensors b(MoeConfig{32, 16, 4, 2, true, DType::f32}, 4);
+  HostTensor dout(DType::f32, {4, 32});
+  try {
+    run_block(b, dout, kGpu);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bfloat16 or float16"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
