@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The one-call GPU check (run on the GPU machine from the repo root, with .deps carried):
+# builds, runs every GPU test (C++ and Python), a compute-sanitizer pass, and the benchmark,
+# then prints a compact table last. Logs go to $OUT (or ./out).
+#   GPU_CHECK_QUICK=1  skips the sanitizer and the long benchmark sweep.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+: >"$summary"
+note() { printf '%-38s %s\n' "$1" "$2" | tee -a "$summary" >/dev/null; }
+PY="${PYTHON:-python3}"
+export PATH="/usr/local/cuda/bin:$PATH"
+
+gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)
+note "card" "$gpu"
+
+t0=$(date +%s)
+if cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON >"$OUT/build.log" 2>&1 &&
+   cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1; then
+  note "build (C++ + CUDA sm_90a)" "ok ($(( $(date +%s) - t0 )) s)"
+else
+  note "build" "FAILED (see build.log)"; tail -30 "$OUT/build.log"; cat "$summary"; exit 1
+fi
+
+./build/gpu/fusedmoe_tests --gtest_brief=1 >"$OUT/cpp_tests.log" 2>&1
+rc=$?
+note "C++ tests (CPU + GPU)" "$( [ $rc -eq 0 ] && echo ok || echo FAILED ): $(grep -E '^\[  (PASSED|FAILED)' "$OUT/cpp_tests.log" | tr '\n' ' ')"
+[ $rc -ne 0 ] && grep -E "Failure|FAILED|error|Expected|Which is|relative" "$OUT/cpp_tests.log" | head -40
+
+if [ "${GPU_CHECK_QUICK:-0}" != 1 ]; then
+  subset='CudaOps.SortBy*:CudaOps.RouteTopk*:CudaOps.Elementwise*:Shapes/CudaGroupedGemm.*:EdgeCases/CudaBlock.*:CudaBlock.Deterministic*'
+  compute-sanitizer --tool memcheck --error-exitcode 9 ./build/gpu/fusedmoe_tests --gtest_filter="$subset" \
+    >"$OUT/memcheck.log" 2>&1
+  note "compute-sanitizer memcheck" "$( [ $? -eq 0 ] && echo clean || echo 'ERRORS (memcheck.log)' ): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1)"
+  race='CudaOps.SortBy*:Shapes/CudaGroupedGemm.ForwardDxDwMatchCpu/3:EdgeCases/CudaBlock.*/Unaligned'
+  compute-sanitizer --tool racecheck --error-exitcode 9 ./build/gpu/fusedmoe_tests --gtest_filter="$race" \
+    >"$OUT/racecheck.log" 2>&1
+  note "compute-sanitizer racecheck" "$( [ $? -eq 0 ] && echo clean || echo 'ERRORS (racecheck.log)' ): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -1)"
+fi
+
+# Python package and its GPU tests, when the package exists.
+if [ -f pyproject.toml ]; then
+  if $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/pip.log" 2>&1; then
+    note "python package build" "ok"
+    $PY -m pytest -q -x tests/python >"$OUT/pytest.log" 2>&1
+    note "Python tests (CPU + GPU)" "$(tail -1 "$OUT/pytest.log")"
+  else
+    note "python package build" "FAILED (pip.log)"; tail -20 "$OUT/pip.log"
+  fi
+fi
+
+# The benchmark: the Python side-by-side when installed, else the C++ example.
+if $PY -c "import fusedmoe.bench" >/dev/null 2>&1; then
+  $PY -m fusedmoe.bench ${BENCH_ARGS:---tokens 2048 16384 --modes fwd fwdbwd --out "$OUT/bench"} \
+    >"$OUT/bench.log" 2>&1
+  note "benchmark" "exit $? (bench.log, bench.json)"
+  cat "$OUT/bench.log" | tail -40
+else
+  for T in 2048 16384; do
+    ./build/gpu/moe_example --tokens $T --repeats 5 >"$OUT/example_$T.log" 2>&1
+    note "example T=$T fwd" "$(grep '^forward' "$OUT/example_$T.log")"
+    note "example T=$T bwd" "$(grep '^backward' "$OUT/example_$T.log")"
+    note "example T=$T err" "$(grep 'rel. error' "$OUT/example_$T.log")"
+  done
+fi
+echo "================ summary ================"
+cat "$summary"
