@@ -64,36 +64,48 @@ ForwardScratch carve_forward(const MoeConfig& c, int64_t T, Carver& cv) {
   return {cv.take(c.dtype, {M, c.intermediate_size}), cv.take(c.dtype, {M, c.hidden_size})};
 }
 
-// What backward computes, from the gradients wanted.
-struct BackwardPlan {
-  bool router;    // dw and d_logits: needed for dx and d_gate
-  bool d_gate_up; // dY1: needed for dx and d_gate_up_proj
-  bool act;       // w·A materialised: needed for d_down_proj
-  bool d_act_raw; // dA_raw = dOut·W2: needed for dw and dY1
+// What the experts' backward computes, from the gradients wanted.
+struct ExpertsPlan {
+  bool d_weights;  // dw = ⟨dA_raw, A⟩
+  bool d_gate_up;  // dY1: needed for dx and d_gate_up_proj
+  bool act;        // w·A materialised: needed for d_down_proj
+  bool d_act_raw;  // dA_raw = dOut·W2: needed for dw and dY1
 };
-BackwardPlan plan_backward(const MoeGrads& g) {
-  BackwardPlan p{};
-  p.router = g.dx.defined() || g.d_gate.defined();
+ExpertsPlan plan_experts(const MoeExpertGrads& g) {
+  ExpertsPlan p{};
+  p.d_weights = g.d_topk_weights.defined();
   p.d_gate_up = g.dx.defined() || g.d_gate_up_proj.defined();
   p.act = g.d_down_proj.defined();
-  p.d_act_raw = p.router || p.d_gate_up;
+  p.d_act_raw = p.d_weights || p.d_gate_up;
   return p;
 }
 
-struct BackwardScratch { Tensor d_act_raw, d_gate_up, act, d_weights, d_logits; };
-BackwardScratch carve_backward(const MoeConfig& c, int64_t T, const BackwardPlan& p, Carver& cv) {
+// Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
+DType acc_dtype(const MoeConfig& c) { return c.dtype == DType::f64 ? DType::f64 : DType::f32; }
+
+struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act; };
+ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv) {
   const int64_t M = T * c.top_k, I = c.intermediate_size;
-  // Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
-  const DType acc = c.dtype == DType::f64 ? DType::f64 : DType::f32;
-  BackwardScratch s;
-  if (p.d_act_raw) s.d_act_raw = cv.take(acc, {M, I});
+  ExpertsScratch s;
+  if (p.d_act_raw) s.d_act_raw = cv.take(acc_dtype(c), {M, I});
   if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
   if (p.act) s.act = cv.take(c.dtype, {M, I});
-  if (p.router) {
-    s.d_weights = cv.take(acc, {T, c.top_k});
-    s.d_logits = cv.take(acc, {T, c.num_experts});
+  return s;
+}
+
+// The block's backward: the router's scratch, then the experts' scratch.
+struct RouterScratch { Tensor d_weights, d_logits; };
+bool wants_router(const MoeGrads& g) { return g.dx.defined() || g.d_gate.defined(); }
+RouterScratch carve_router_backward(const MoeConfig& c, int64_t T, bool router, Carver& cv) {
+  RouterScratch s;
+  if (router) {
+    s.d_weights = cv.take(acc_dtype(c), {T, c.top_k});
+    s.d_logits = cv.take(acc_dtype(c), {T, c.num_experts});
   }
   return s;
+}
+MoeExpertGrads expert_grads_of(const MoeGrads& g, const Tensor& d_weights) {
+  return {g.dx, d_weights, g.d_gate_up_proj, g.d_down_proj};
 }
 
 Routing routing_of(const MoeConfig& c, int64_t T, const MoeSaved& s) {
@@ -131,11 +143,137 @@ size_t moe_forward_workspace_bytes(const MoeConfig& cfg, int64_t tokens) {
   return cv.used();
 }
 
+size_t moe_experts_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const MoeExpertGrads& wanted) {
+  check_config(cfg);
+  Carver cv(nullptr, {});
+  carve_experts_backward(cfg, tokens, plan_experts(wanted), cv);
+  return cv.used();
+}
+
 size_t moe_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const MoeGrads& wanted) {
   check_config(cfg);
   Carver cv(nullptr, {});
-  carve_backward(cfg, tokens, plan_backward(wanted), cv);
-  return cv.used();
+  const RouterScratch r = carve_router_backward(cfg, tokens, wants_router(wanted), cv);
+  return cv.used() + moe_experts_backward_workspace_bytes(cfg, tokens, expert_grads_of(wanted, r.d_weights));
+}
+
+namespace {
+
+void check_weights(const char* op, const MoeConfig& c, const MoeWeights& w, const Device& dev, bool with_gate) {
+  const DTypeMask dt = mask(c.dtype);
+  const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
+  if (with_gate) check_tensor(op, "gate", w.gate, {E, H}, dt, &dev);
+  check_tensor(op, "gate_up_proj", w.gate_up_proj, {E, 2 * I, H}, dt, &dev);
+  check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
+}
+
+// Checks x and returns T.
+int64_t check_tokens(const char* op, const MoeConfig& c, const Tensor& x) {
+  check_config(c);
+  check_tensor(op, "x", x, {kAny, c.hidden_size}, mask(c.dtype));
+  const int64_t T = x.shape[0];
+  if (T * c.top_k >= (int64_t{1} << 31)) fail(op, "argument 'x': T*top_k must be < 2^31");
+  return T;
+}
+
+void check_routing(const char* op, const MoeConfig& c, int64_t T, const Tensor& weights, const Tensor& ids,
+                   const Device& dev) {
+  check_tensor(op, "topk_weights", weights, {T, c.top_k}, kFloat, &dev);
+  check_tensor(op, "topk_ids", ids, {T, c.top_k}, kInt32, &dev);
+}
+
+void check_expert_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
+  const int64_t M = T * c.top_k;
+  check_tensor(op, "saved.gather_indices", s.gather_indices, {M}, kInt32, &dev);
+  check_tensor(op, "saved.m_sizes", s.m_sizes, {c.num_experts}, kInt32, &dev);
+  check_tensor(op, "saved.expert_offsets", s.expert_offsets, {c.num_experts + 1}, kInt32, &dev);
+  check_tensor(op, "saved.gate_up_out", s.gate_up_out, {M, 2 * c.intermediate_size}, mask(c.dtype), &dev);
+}
+
+// The experts' forward, arguments checked.
+void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Tensor& topk_weights,
+                     const Tensor& topk_ids, const MoeWeights& w, const Tensor& out, const MoeSaved& saved,
+                     Workspace ws, Stream s) {
+  const Device dev = x.device;
+  Carver cv(ws.data, dev);
+  const ForwardScratch tmp = carve_forward(cfg, T, cv);
+  const Routing r = routing_of(cfg, T, saved);
+  FUSEDMOE_DISPATCH(dev, sort_by_expert, topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
+                    saved.expert_offsets, s);
+  // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order).
+  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}}, s);
+  FUSEDMOE_DISPATCH(dev, silu_mul, saved.gate_up_out, tmp.act, s);
+  // GEMM2 with the scatter to slot order fused into its stores.
+  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}}, s);
+  FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, topk_weights, out, s);
+}
+
+// The experts' backward, arguments checked.
+void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, const Tensor& x, const Tensor& topk_weights,
+                      const MoeWeights& w, const MoeSaved& saved, const MoeExpertGrads& g, Workspace ws, Stream s) {
+  const Device dev = x.device;
+  const ExpertsPlan p = plan_experts(g);
+  Carver cv(ws.data, dev);
+  const ExpertsScratch tmp = carve_experts_backward(cfg, T, p, cv);
+  const Routing r = routing_of(cfg, T, saved);
+  const Tensor& Y1 = saved.gate_up_out;
+  // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
+  if (p.d_act_raw)
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity}, s);
+  if (p.d_act_raw || p.act)
+    FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, topk_weights, tmp.d_gate_up, tmp.act,
+                      g.d_topk_weights, s);
+  if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i] = Σ dOut[t_i]ᵀ · (w·A[i])
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj}, s);
+  if (g.d_gate_up_proj.defined())  // dW1[e] = Σ dY1[i]ᵀ · x[t_i]
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{tmp.d_gate_up, RowMap::identity, x, RowMap::token, g.d_gate_up_proj}, s);
+  if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token}, s);
+}
+
+void check_expert_grads(const char* op, const MoeConfig& c, int64_t T, const MoeExpertGrads& g, const Device& dev) {
+  const DTypeMask dt = mask(c.dtype);
+  const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
+  if (g.dx.defined()) check_tensor(op, "grads.dx", g.dx, {T, H}, dt, &dev);
+  if (g.d_topk_weights.defined())
+    check_tensor(op, "grads.d_topk_weights", g.d_topk_weights, {T, c.top_k}, mask(acc_dtype(c)) | dt, &dev);
+  if (g.d_gate_up_proj.defined()) check_tensor(op, "grads.d_gate_up_proj", g.d_gate_up_proj, {E, 2 * I, H}, dt, &dev);
+  if (g.d_down_proj.defined()) check_tensor(op, "grads.d_down_proj", g.d_down_proj, {E, H, I}, dt, &dev);
+}
+
+Workspace after(Workspace ws, size_t used) {
+  return {ws.data ? static_cast<char*>(ws.data) + used : nullptr, ws.bytes >= used ? ws.bytes - used : 0};
+}
+
+}  // namespace
+
+void moe_experts_forward(const MoeConfig& cfg, const Tensor& x, const Tensor& topk_weights, const Tensor& topk_ids,
+                         const MoeWeights& w, const Tensor& out, const MoeSaved& saved, Workspace ws, Stream s) {
+  const char* op = "moe_experts_forward";
+  const int64_t T = check_tokens(op, cfg, x);
+  const Device dev = x.device;
+  check_routing(op, cfg, T, topk_weights, topk_ids, dev);
+  check_weights(op, cfg, w, dev, false);
+  check_tensor(op, "out", out, {T, cfg.hidden_size}, mask(cfg.dtype), &dev);
+  check_expert_saved(op, cfg, T, saved, dev);
+  check_workspace(op, ws, moe_forward_workspace_bytes(cfg, T));
+  experts_forward(cfg, T, x, topk_weights, topk_ids, w, out, saved, ws, s);
+}
+
+void moe_experts_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, const Tensor& topk_weights,
+                          const MoeWeights& w, const MoeSaved& saved, const MoeExpertGrads& g, Workspace ws,
+                          Stream s) {
+  const char* op = "moe_experts_backward";
+  const int64_t T = check_tokens(op, cfg, x);
+  const Device dev = x.device;
+  check_tensor(op, "d_out", d_out, {T, cfg.hidden_size}, mask(cfg.dtype), &dev);
+  check_tensor(op, "topk_weights", topk_weights, {T, cfg.top_k}, kFloat, &dev);
+  check_weights(op, cfg, w, dev, false);
+  check_expert_saved(op, cfg, T, saved, dev);
+  check_expert_grads(op, cfg, T, g, dev);
+  check_workspace(op, ws, moe_experts_backward_workspace_bytes(cfg, T, g));
+  check_routing_values(op, saved.expert_offsets, &saved.gather_indices, T * cfg.top_k);
+  experts_backward(cfg, T, d_out, x, topk_weights, w, saved, g, ws, s);
 }
 
 void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, const Tensor& out,
@@ -143,66 +281,35 @@ void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, con
   const int64_t T = check_block_forward(cfg, x, w, out, logits, saved);
   check_workspace("moe_forward", ws, moe_forward_workspace_bytes(cfg, T));
   const Device dev = x.device;
-  Carver cv(ws.data, dev);
-  const ForwardScratch tmp = carve_forward(cfg, T, cv);
-  const Routing r = routing_of(cfg, T, saved);
-
   FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, s);
   FUSEDMOE_DISPATCH(dev, route_topk, logits, cfg.top_k, cfg.norm_topk_prob, saved.topk_weights, saved.topk_ids, s);
-  FUSEDMOE_DISPATCH(dev, sort_by_expert, saved.topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
-                    saved.expert_offsets, s);
-  // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order).
-  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}}, s);
-  FUSEDMOE_DISPATCH(dev, silu_mul, saved.gate_up_out, tmp.act, s);
-  // GEMM2 with the scatter to slot order fused into its stores.
-  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}}, s);
-  FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, saved.topk_weights, out, s);
+  experts_forward(cfg, T, x, saved.topk_weights, saved.topk_ids, w, out, saved, ws, s);
 }
 
 void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, const MoeWeights& w,
                   const Tensor& logits, const MoeSaved& saved, const MoeGrads& g, Workspace ws, Stream s) {
   const char* op = "moe_backward";
-  check_config(cfg);
-  const DTypeMask dt = mask(cfg.dtype);
-  const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, E = cfg.num_experts;
-  check_tensor(op, "x", x, {kAny, H}, dt);
+  const int64_t T = check_tokens(op, cfg, x);
   const Device dev = x.device;
-  const int64_t T = x.shape[0];
-  check_tensor(op, "d_out", d_out, {T, H}, dt, &dev);
-  check_tensor(op, "gate", w.gate, {E, H}, dt, &dev);
-  check_tensor(op, "gate_up_proj", w.gate_up_proj, {E, 2 * I, H}, dt, &dev);
-  check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
-  check_tensor(op, "router_logits", logits, {T, E}, dt, &dev);
+  const DTypeMask dt = mask(cfg.dtype);
+  check_tensor(op, "d_out", d_out, {T, cfg.hidden_size}, dt, &dev);
+  check_weights(op, cfg, w, dev, true);
+  check_tensor(op, "router_logits", logits, {T, cfg.num_experts}, dt, &dev);
   check_saved(op, cfg, T, saved, dev);
-  if (g.dx.defined()) check_tensor(op, "grads.dx", g.dx, {T, H}, dt, &dev);
-  if (g.d_gate.defined()) check_tensor(op, "grads.d_gate", g.d_gate, {E, H}, dt, &dev);
-  if (g.d_gate_up_proj.defined()) check_tensor(op, "grads.d_gate_up_proj", g.d_gate_up_proj, {E, 2 * I, H}, dt, &dev);
-  if (g.d_down_proj.defined()) check_tensor(op, "grads.d_down_proj", g.d_down_proj, {E, H, I}, dt, &dev);
-  const BackwardPlan p = plan_backward(g);
+  if (g.d_gate.defined()) check_tensor(op, "grads.d_gate", g.d_gate, {cfg.num_experts, cfg.hidden_size}, dt, &dev);
+  check_expert_grads(op, cfg, T, {g.dx, {}, g.d_gate_up_proj, g.d_down_proj}, dev);
   check_workspace(op, ws, moe_backward_workspace_bytes(cfg, T, g));
   check_routing_values(op, saved.expert_offsets, &saved.gather_indices, T * cfg.top_k);
 
+  const bool router = wants_router(g);
   Carver cv(ws.data, dev);
-  const BackwardScratch tmp = carve_backward(cfg, T, p, cv);
-  const Routing r = routing_of(cfg, T, saved);
-  const Tensor& Y1 = saved.gate_up_out;
-
-  // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
-  if (p.d_act_raw)
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity}, s);
-  if (p.d_act_raw || p.act)
-    FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, saved.topk_weights, tmp.d_gate_up, tmp.act,
-                      tmp.d_weights, s);
-  if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i] = Σ dOut[t_i]ᵀ · (w·A[i])
-    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj}, s);
-  if (g.d_gate_up_proj.defined())  // dW1[e] = Σ dY1[i]ᵀ · x[t_i]
-    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{tmp.d_gate_up, RowMap::identity, x, RowMap::token, g.d_gate_up_proj}, s);
-  if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token}, s);
-  if (p.router) {
-    FUSEDMOE_DISPATCH(dev, route_topk_backward, logits, saved.topk_ids, tmp.d_weights, cfg.norm_topk_prob,
-                      tmp.d_logits, s);
-    FUSEDMOE_DISPATCH(dev, router_logits_backward, tmp.d_logits, x, w.gate, g.dx, g.d_gate, /*accumulate_dx=*/true, s);
+  const RouterScratch rs = carve_router_backward(cfg, T, router, cv);
+  experts_backward(cfg, T, d_out, x, saved.topk_weights, w, saved, expert_grads_of(g, rs.d_weights),
+                   after(ws, cv.used()), s);
+  if (router) {
+    FUSEDMOE_DISPATCH(dev, route_topk_backward, logits, saved.topk_ids, rs.d_weights, cfg.norm_topk_prob,
+                      rs.d_logits, s);
+    FUSEDMOE_DISPATCH(dev, router_logits_backward, rs.d_logits, x, w.gate, g.dx, g.d_gate, /*accumulate_dx=*/true, s);
   }
 }
 

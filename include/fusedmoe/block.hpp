@@ -69,4 +69,26 @@ void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, co
                   const Tensor& router_logits, const MoeSaved& saved, const MoeGrads& grads, Workspace workspace,
                   Stream stream = {});
 
+// ---- The experts alone, given the routing ----
+// For integrations whose router runs elsewhere (e.g. transformers' experts interface):
+//   out[t] = Σ_j topk_weights[t,j] · down_j(silu(gate_j(x[t])) · up_j(x[t])),  expert ids from topk_ids.
+// topk_weights [T,k] (any float dtype), topk_ids [T,k] int32. `saved` receives the sort and Y1; its
+// topk_* views are not used. weights.gate is not used.
+void moe_experts_forward(const MoeConfig& cfg, const Tensor& x, const Tensor& topk_weights, const Tensor& topk_ids,
+                         const MoeWeights& weights, const Tensor& out, const MoeSaved& saved, Workspace workspace,
+                         Stream stream = {});
+
+struct MoeExpertGrads {
+  Tensor dx;              // [T,H]
+  Tensor d_topk_weights;  // [T,k] float32 or cfg.dtype
+  Tensor d_gate_up_proj;  // [E,2I,H]
+  Tensor d_down_proj;     // [E,H,I]
+};
+
+size_t moe_experts_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const MoeExpertGrads& wanted);
+
+void moe_experts_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, const Tensor& topk_weights,
+                          const MoeWeights& weights, const MoeSaved& saved, const MoeExpertGrads& grads,
+                          Workspace workspace, Stream stream = {});
+
 }  // namespace fusedmoe

