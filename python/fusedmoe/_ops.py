@@ -1,0 +1,355 @@
+"""torch.library custom ops over the C++ core, with fake (meta) implementations and autograd.
+
+Every op allocates its outputs with torch, passes DLPack views and the current CUDA stream to the
+extension, and never synchronises: the ops run under torch.compile(fullgraph=True) and CUDA graphs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _C
+
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise TypeError(f"fusedmoe: unsupported dtype {dtype}; expected one of {list(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.device.type == "cuda" else 0
+
+
+def _scratch(nbytes: int, device: torch.device) -> Tensor:
+    # 256 spare bytes: the extension aligns the region to 256 bytes.
+    return torch.empty(nbytes + 256, dtype=torch.uint8, device=device)
+
+
+def _config(x: Tensor, gate_up_proj: Tensor, top_k: int, norm_topk_prob: bool) -> "_C.Config":
+    if gate_up_proj.dim() != 3:
+        raise ValueError(f"fusedmoe: gate_up_proj must be [E, 2I, H], got shape {tuple(gate_up_proj.shape)}")
+    E, two_i, H = gate_up_proj.shape
+    return _C.Config(H, two_i // 2, E, top_k, norm_topk_prob, dtype_name(x.dtype))
+
+
+# ---------------------------------------------------------------- the whole block
+
+
+@torch.library.custom_op("fusedmoe::moe_forward", mutates_args=())
+def moe_forward(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k: int,
+                norm_topk_prob: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, router_logits, topk_weights, topk_ids, gather_indices, m_sizes, expert_offsets, gate_up_out)."""
+    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob)
+    out, logits, tw, ids, gather, m_sizes, offsets, y1 = _forward_outputs(x, gate, gate_up_proj, top_k)
+    ws = _scratch(_C.moe_forward_workspace_bytes(cfg, x.shape[0]), x.device)
+    _C.moe_forward(cfg, x, gate, gate_up_proj, down_proj, out, logits, tw, ids, gather, m_sizes, offsets, y1, ws,
+                   _stream(x))
+    return out, logits, tw, ids, gather, m_sizes, offsets, y1
+
+
+def _forward_outputs(x, gate, gate_up_proj, top_k):
+    T = x.shape[0]
+    E = gate.shape[0]
+    M = T * top_k
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return (x.new_empty(x.shape), x.new_empty((T, E)), x.new_empty((T, top_k)), torch.empty((T, top_k), **i32),
+            torch.empty((M,), **i32), torch.empty((E,), **i32), torch.empty((E + 1,), **i32),
+            x.new_empty((M, gate_up_proj.shape[1])))
+
+
+@moe_forward.register_fake
+def _(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob):
+    return _forward_outputs(x, gate, gate_up_proj, top_k)
+
+
+@torch.library.custom_op("fusedmoe::moe_backward", mutates_args=())
+def moe_backward(d_out: Tensor, x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, logits: Tensor,
+                 topk_weights: Tensor, topk_ids: Tensor, gather: Tensor, m_sizes: Tensor, offsets: Tensor,
+                 y1: Tensor, top_k: int, norm_topk_prob: bool, need_dx: bool, need_dgate: bool, need_dw1: bool,
+                 need_dw2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d_gate, d_gate_up_proj, d_down_proj); a gradient not needed comes back empty and costs nothing."""
+    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob)
+    dx, dg, dw1, dw2 = _backward_outputs(x, gate, gate_up_proj, down_proj, need_dx, need_dgate, need_dw1, need_dw2)
+    ws = _scratch(_C.moe_backward_workspace_bytes(cfg, x.shape[0], need_dx, need_dgate, need_dw1, need_dw2), x.device)
+    _C.moe_backward(cfg, d_out, x, gate, gate_up_proj, down_proj, logits, topk_weights, topk_ids, gather, m_sizes,
+                    offsets, y1, dx if need_dx else None, dg if need_dgate else None, dw1 if need_dw1 else None,
+                    dw2 if need_dw2 else None, ws, _stream(x))
+    return dx, dg, dw1, dw2
+
+
+def _backward_outputs(x, gate, gate_up_proj, down_proj, need_dx, need_dgate, need_dw1, need_dw2):
+    def maybe(need, like):
+        return like.new_empty(like.shape) if need else like.new_empty((0,))
+    return maybe(need_dx, x), maybe(need_dgate, gate), maybe(need_dw1, gate_up_proj), maybe(need_dw2, down_proj)
+
+
+@moe_backward.register_fake
+def _(d_out, x, gate, gate_up_proj, down_proj, logits, topk_weights, topk_ids, gather, m_sizes, offsets, y1, top_k,
+      norm_topk_prob, need_dx, need_dgate, need_dw1, need_dw2):
+    return _backward_outputs(x, gate, gate_up_proj, down_proj, need_dx, need_dgate, need_dw1, need_dw2)
+
+
+def _moe_setup_context(ctx, inputs, output):
+    x, gate, gate_up_proj, down_proj, top_k, norm = inputs
+    out, logits, tw, ids, gather, m_sizes, offsets, y1 = output
+    ctx.save_for_backward(x, gate, gate_up_proj, down_proj, logits, tw, ids, gather, m_sizes, offsets, y1)
+    ctx.top_k, ctx.norm = top_k, norm
+    ctx.mark_non_differentiable(tw, ids, gather, m_sizes, offsets, y1)
+    ctx.set_materialize_grads(False)
+
+
+def _moe_backward_rule(ctx, d_out, d_logits, *unused):
+    x, gate, w1, w2, logits, tw, ids, gather, m_sizes, offsets, y1 = ctx.saved_tensors
+    need = ctx.needs_input_grad[:4]
+    if d_out is None:
+        d_out = torch.zeros_like(x)
+    dx, dg, dw1, dw2 = moe_backward(d_out.contiguous(), x, gate, w1, w2, logits, tw, ids, gather, m_sizes, offsets,
+                                    y1, ctx.top_k, ctx.norm, need[0], need[1], need[2], need[3])
+    if d_logits is not None:  # router_logits used directly by the caller (an auxiliary loss, say)
+        if need[0]:
+            dx = dx + (d_logits @ gate).to(dx.dtype)
+        if need[1]:
+            dg = dg + (d_logits.transpose(0, 1) @ x).to(dg.dtype)
+    return (dx if need[0] else None, dg if need[1] else None, dw1 if need[2] else None, dw2 if need[3] else None,
+            None, None)
+
+
+torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, setup_context=_moe_setup_context)
+
+
+# ---------------------------------------------------------------- the experts, given the routing
+
+
+@torch.library.custom_op("fusedmoe::experts_forward", mutates_args=())
+def experts_forward(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, gate_up_proj: Tensor,
+                    down_proj: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out, gather_indices, m_sizes, expert_offsets, gate_up_out) for int32 topk_ids [T, k]."""
+    cfg = _config(x, gate_up_proj, topk_ids.shape[1], False)
+    out, gather, m_sizes, offsets, y1 = _experts_outputs(x, topk_ids, gate_up_proj)
+    ws = _scratch(_C.moe_forward_workspace_bytes(cfg, x.shape[0]), x.device)
+    _C.moe_experts_forward(cfg, x, topk_weights, topk_ids, gate_up_proj, down_proj, out, gather, m_sizes, offsets, y1,
+                           ws, _stream(x))
+    return out, gather, m_sizes, offsets, y1
+
+
+def _experts_outputs(x, topk_ids, gate_up_proj):
+    M = topk_ids.numel()
+    E = gate_up_proj.shape[0]
+    i32 = dict(dtype=torch.int32, device=x.device)
+    return (x.new_empty(x.shape), torch.empty((M,), **i32), torch.empty((E,), **i32), torch.empty((E + 1,), **i32),
+            x.new_empty((M, gate_up_proj.shape[1])))
+
+
+@experts_forward.register_fake
+def _(x, topk_weights, topk_ids, gate_up_proj, down_proj):
+    return _experts_outputs(x, topk_ids, gate_up_proj)
+
+
+@torch.library.custom_op("fusedmoe::experts_backward", mutates_args=())
+def experts_backward(d_out: Tensor, x: Tensor, topk_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+                     gather: Tensor, m_sizes: Tensor, offsets: Tensor, y1: Tensor, need_dx: bool, need_dtw: bool,
+                     need_dw1: bool, need_dw2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d_topk_weights (float32), d_gate_up_proj, d_down_proj); unneeded ones come back empty."""
+    cfg = _config(x, gate_up_proj, topk_weights.shape[1], False)
+    dx, dtw, dw1, dw2 = _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx, need_dtw,
+                                                  need_dw1, need_dw2)
+    ws = _scratch(_C.moe_experts_backward_workspace_bytes(cfg, x.shape[0], need_dx, need_dtw, need_dw1, need_dw2),
+                  x.device)
+    _C.moe_experts_backward(cfg, d_out, x, topk_weights, gate_up_proj, down_proj, gather, m_sizes, offsets, y1,
+                            dx if need_dx else None, dtw if need_dtw else None, dw1 if need_dw1 else None,
+                            dw2 if need_dw2 else None, ws, _stream(x))
+    return dx, dtw, dw1, dw2
+
+
+def _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx, need_dtw, need_dw1, need_dw2):
+    def maybe(need, like, dtype=None):
+        return torch.empty(like.shape if need else (0,), dtype=dtype or like.dtype, device=like.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (maybe(need_dx, x), maybe(need_dtw, topk_weights, acc), maybe(need_dw1, gate_up_proj),
+            maybe(need_dw2, down_proj))
+
+
+@experts_backward.register_fake
+def _(d_out, x, topk_weights, gate_up_proj, down_proj, gather, m_sizes, offsets, y1, need_dx, need_dtw, need_dw1,
+      need_dw2):
+    return _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx, need_dtw, need_dw1, need_dw2)
+
+
+def _experts_setup_context(ctx, inputs, output):
+    x, tw, ids, w1, w2 = inputs
+    out, gather, m_sizes, offsets, y1 = output
+    ctx.save_for_backward(x, tw, w1, w2, gather, m_sizes, offsets, y1)
+    ctx.mark_non_differentiable(gather, m_sizes, offsets, y1)
+    ctx.set_materialize_grads(False)
+
+
+def _experts_backward_rule(ctx, d_out, *unused):
+    x, tw, w1, w2, gather, m_sizes, offsets, y1 = ctx.saved_tensors
+    nx, ntw, _, nw1, nw2 = ctx.needs_input_grad
+    if d_out is None:
+        return None, None, None, None, None
+    dx, dtw, dw1, dw2 = experts_backward(d_out.contiguous(), x, tw, w1, w2, gather, m_sizes, offsets, y1, nx, ntw,
+                                         nw1, nw2)
+    return (dx if nx else None, dtw.to(tw.dtype) if ntw else None, None, dw1 if nw1 else None,
+            dw2 if nw2 else None)
+
+
+torch.library.register_autograd("fusedmoe::experts_forward", _experts_backward_rule,
+                                setup_context=_experts_setup_context)
+
+
+# ---------------------------------------------------------------- routing
+
+
+@torch.library.custom_op("fusedmoe::route", mutates_args=())
+def route(x: Tensor, gate: Tensor, top_k: int, norm_topk_prob: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(router_logits [T,E], topk_weights [T,k] in x's dtype, topk_ids [T,k] int32)."""
+    logits, tw, ids = _route_outputs(x, gate, top_k)
+    _C.router_logits(x, gate, logits, _stream(x))
+    _C.route_topk(logits, top_k, norm_topk_prob, tw, ids, _stream(x))
+    return logits, tw, ids
+
+
+def _route_outputs(x, gate, top_k):
+    T = x.shape[0]
+    return (x.new_empty((T, gate.shape[0])), x.new_empty((T, top_k)),
+            torch.empty((T, top_k), dtype=torch.int32, device=x.device))
+
+
+@route.register_fake
+def _(x, gate, top_k, norm_topk_prob):
+    return _route_outputs(x, gate, top_k)
+
+
+@torch.library.custom_op("fusedmoe::route_backward", mutates_args=())
+def route_backward(d_logits: Optional[Tensor], d_weights: Optional[Tensor], x: Tensor, gate: Tensor, logits: Tensor,
+                   topk_ids: Tensor, norm_topk_prob: bool, need_dx: bool, need_dgate: bool) -> tuple[Tensor, Tensor]:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = torch.zeros(logits.shape, dtype=acc, device=x.device)
+    if d_weights is not None:
+        _C.route_topk_backward(logits, topk_ids, d_weights.contiguous(), norm_topk_prob, total, _stream(x))
+    if d_logits is not None:
+        total += d_logits
+    dx = x.new_empty(x.shape if need_dx else (0,))
+    dg = gate.new_empty(gate.shape if need_dgate else (0,))
+    _C.router_logits_backward(total, x, gate, dx if need_dx else None, dg if need_dgate else None, False, _stream(x))
+    return dx, dg
+
+
+@route_backward.register_fake
+def _(d_logits, d_weights, x, gate, logits, topk_ids, norm_topk_prob, need_dx, need_dgate):
+    return x.new_empty(x.shape if need_dx else (0,)), gate.new_empty(gate.shape if need_dgate else (0,))
+
+
+def _route_setup_context(ctx, inputs, output):
+    x, gate, top_k, norm = inputs
+    logits, tw, ids = output
+    ctx.save_for_backward(x, gate, logits, ids)
+    ctx.norm = norm
+    ctx.mark_non_differentiable(ids)
+    ctx.set_materialize_grads(False)
+
+
+def _route_backward_rule(ctx, d_logits, d_weights, _):
+    x, gate, logits, ids = ctx.saved_tensors
+    nx, ng = ctx.needs_input_grad[:2]
+    if (d_logits is None and d_weights is None) or not (nx or ng):
+        return None, None, None, None
+    dx, dg = route_backward(d_logits, d_weights, x, gate, logits, ids, ctx.norm, nx, ng)
+    return (dx if nx else None, dg if ng else None, None, None)
+
+
+torch.library.register_autograd("fusedmoe::route", _route_backward_rule, setup_context=_route_setup_context)
+
+
+@torch.library.custom_op("fusedmoe::sort_by_expert", mutates_args=())
+def sort_by_expert(topk_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(gather_indices [T·k], m_sizes [E], expert_offsets [E+1]), all int32; stable."""
+    gather, m_sizes, offsets = _sort_outputs(topk_ids, num_experts)
+    _C.sort_by_expert(topk_ids, num_experts, gather, m_sizes, offsets, _stream(topk_ids))
+    return gather, m_sizes, offsets
+
+
+def _sort_outputs(topk_ids, E):
+    i32 = dict(dtype=torch.int32, device=topk_ids.device)
+    return torch.empty((topk_ids.numel(),), **i32), torch.empty((E,), **i32), torch.empty((E + 1,), **i32)
+
+
+@sort_by_expert.register_fake
+def _(topk_ids, num_experts):
+    return _sort_outputs(topk_ids, num_experts)
+
+
+# ---------------------------------------------------------------- the grouped GEMM building block
+
+
+@torch.library.custom_op("fusedmoe::grouped_gemm", mutates_args=())
+def grouped_gemm_op(X: Tensor, W: Tensor, expert_offsets: Tensor, gather_indices: Optional[Tensor], top_k: int,
+                    permute_x: bool, permute_y: bool, row_weights: Optional[Tensor]) -> Tensor:
+    Y = _gemm_output(X, W, gather_indices, top_k, permute_x)
+    _C.grouped_gemm(X, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, Y, row_weights, _stream(X))
+    return Y
+
+
+def _gemm_output(X, W, gather, top_k, permute_x):
+    M = gather.shape[0] if gather is not None else (X.shape[0] * top_k if permute_x else X.shape[0])
+    return X.new_empty((M, W.shape[1]))
+
+
+@grouped_gemm_op.register_fake
+def _(X, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, row_weights):
+    return _gemm_output(X, W, gather_indices, top_k, permute_x)
+
+
+@torch.library.custom_op("fusedmoe::grouped_gemm_dX", mutates_args=())
+def grouped_gemm_dX_op(dY: Tensor, W: Tensor, expert_offsets: Tensor, gather_indices: Optional[Tensor], top_k: int,
+                       permute_x: bool, permute_y: bool, x_rows: int) -> Tensor:
+    dX = dY.new_empty((x_rows, W.shape[2]))
+    _C.grouped_gemm_dX(dY, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, dX, _stream(dY))
+    return dX
+
+
+@grouped_gemm_dX_op.register_fake
+def _(dY, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, x_rows):
+    return dY.new_empty((x_rows, W.shape[2]))
+
+
+@torch.library.custom_op("fusedmoe::grouped_gemm_dW", mutates_args=())
+def grouped_gemm_dW_op(X: Tensor, dY: Tensor, expert_offsets: Tensor, gather_indices: Optional[Tensor], top_k: int,
+                       permute_x: bool, permute_y: bool, num_experts: int) -> Tensor:
+    dW = X.new_empty((num_experts, dY.shape[1], X.shape[1]))
+    _C.grouped_gemm_dW(X, dY, expert_offsets, gather_indices, top_k, permute_x, permute_y, dW, _stream(X))
+    return dW
+
+
+@grouped_gemm_dW_op.register_fake
+def _(X, dY, expert_offsets, gather_indices, top_k, permute_x, permute_y, num_experts):
+    return X.new_empty((num_experts, dY.shape[1], X.shape[1]))
+
+
+def _gemm_setup_context(ctx, inputs, output):
+    X, W, offsets, gather, top_k, px, py, row_weights = inputs
+    ctx.save_for_backward(X, W, offsets, gather)
+    ctx.args = (top_k, px, py)
+    ctx.has_row_weights = row_weights is not None
+
+
+def _gemm_backward_rule(ctx, dY):
+    X, W, offsets, gather = ctx.saved_tensors
+    top_k, px, py = ctx.args
+    if ctx.has_row_weights:
+        raise RuntimeError("fusedmoe.grouped_gemm: fuse_mul_post (topk_weights in the GEMM) is inference-only; "
+                           "it has no backward")
+    nX, nW = ctx.needs_input_grad[:2]
+    dY = dY.contiguous()
+    dX = grouped_gemm_dX_op(dY, W, offsets, gather, top_k, px, py, X.shape[0]) if nX else None
+    dW = grouped_gemm_dW_op(X, dY, offsets, gather, top_k, px, py, W.shape[0]) if nW else None
+    return dX, dW, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedmoe::grouped_gemm", _gemm_backward_rule, setup_context=_gemm_setup_context)

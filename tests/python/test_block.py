@@ -1,0 +1,201 @@
+"""The fused block against transformers' own Qwen3MoeSparseMoeBlock, and the Python API's contract."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+import fusedmoe
+from conftest import dtype_for, rel_err, tol_for
+
+
+def hf_block(H, I, E, k, norm, dtype, device, seed=None):
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k,
+                         norm_topk_prob=norm, hidden_act="silu")
+    blk = Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        blk.gate.weight.normal_(0, 0.3)
+        blk.experts.gate_up_proj.normal_(0, H ** -0.5)
+        blk.experts.down_proj.normal_(0, I ** -0.5)
+    return blk.to(device=device, dtype=dtype)
+
+
+CASES = [  # (T, H, I, E, k, norm)
+    (13, 64, 32, 8, 2, True),
+    (37, 48, 40, 6, 1, False),      # k = 1
+    (3, 32, 16, 16, 2, True),       # most experts get no token
+    (25, 40, 24, 5, 5, False),      # k = E
+    (50, 96, 48, 12, 4, True),
+]
+
+
+@pytest.mark.parametrize("T,H,I,E,k,norm", CASES)
+def test_matches_transformers_block_forward_and_backward(device, T, H, I, E, k, norm):
+    dtype = dtype_for(device)
+    hf = hf_block(H, I, E, k, norm, dtype, device)
+    ours = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf))
+    x = torch.randn(1, T, H, device=device, dtype=dtype)
+    x_hf, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = hf(x_hf)
+    ref_logits = hf.gate(x_hf.detach().view(-1, H))[0]
+    out, logits = ours(x_ours)
+    tol = tol_for(dtype)
+    assert out.shape == (1, T, H) and logits.shape == (T, E)
+    assert rel_err(logits, ref_logits) < tol
+    assert rel_err(out, ref) < tol
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    assert rel_err(x_ours.grad, x_hf.grad) < tol
+    assert rel_err(ours.gate.grad, hf.gate.weight.grad) < (tol if dtype == torch.float32 else 5e-2)
+    assert rel_err(ours.gate_up_proj.grad, hf.experts.gate_up_proj.grad) < tol
+    assert rel_err(ours.down_proj.grad, hf.experts.down_proj.grad) < tol
+
+
+class _V4Mlp(nn.Module):
+    def __init__(self, H, I):
+        super().__init__()
+        self.gate_proj = nn.Linear(H, I, bias=False)
+        self.up_proj = nn.Linear(H, I, bias=False)
+        self.down_proj = nn.Linear(I, H, bias=False)
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _V4Block(nn.Module):
+    """The transformers 4.x layout of Qwen3MoeSparseMoeBlock, written out (4.x is not installed)."""
+
+    def __init__(self, H, I, E, k, norm):
+        super().__init__()
+        self.num_experts, self.top_k, self.norm_topk_prob = E, k, norm
+        self.gate = nn.Linear(H, E, bias=False)
+        self.experts = nn.ModuleList([_V4Mlp(H, I) for _ in range(E)])
+
+    def forward(self, hidden_states):
+        B, S, H = hidden_states.shape
+        x = hidden_states.view(-1, H)
+        logits = self.gate(x)
+        w = torch.softmax(logits, dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.to(x.dtype)
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for j in range(self.top_k):
+                out[t] += w[t, j] * self.experts[int(sel[t, j])](x[t])
+        return out.view(B, S, H), logits
+
+
+def test_from_hf_accepts_the_transformers_4_layout(device):
+    torch.manual_seed(1)
+    v4 = _V4Block(32, 16, 6, 2, True).to(device)
+    ours = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(v4)
+    x = torch.randn(2, 7, 32, device=device)
+    ref, ref_logits = v4(x)
+    ours = ours.to(dtype_for(device))
+    out, logits = ours(x.to(dtype_for(device)))
+    tol = tol_for(dtype_for(device))
+    assert rel_err(out, ref) < tol
+    assert rel_err(logits, ref_logits) < tol
+
+
+def test_from_hf_shares_transformers_5_parameters(device):
+    hf = hf_block(32, 16, 4, 2, True, dtype_for(device), device)
+    ours = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(hf)
+    assert ours.gate_up_proj is hf.experts.gate_up_proj and ours.down_proj is hf.experts.down_proj
+    assert ours.gate is hf.gate.weight and ours.top_k == 2 and ours.norm_topk_prob
+
+
+@pytest.mark.parametrize("permute_x,permute_y", [(False, True), (True, False), (False, False)])
+def test_unfused_paths_compute_the_same_function(device, permute_x, permute_y):
+    dtype = dtype_for(device)
+    hf = hf_block(48, 24, 6, 2, True, dtype, device)
+    fused = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf))
+    other = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf), permute_x=permute_x, permute_y=permute_y)
+    x = torch.randn(3, 9, 48, device=device, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, la = fused(xa)
+    b, lb = other(xb)
+    tol = tol_for(dtype)
+    assert rel_err(b, a) < tol and rel_err(lb, la) < tol
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert rel_err(xb.grad, xa.grad) < tol
+    assert rel_err(other.gate_up_proj.grad, fused.gate_up_proj.grad) < tol
+    assert rel_err(other.gate.grad, fused.gate.grad) < (tol if dtype == torch.float32 else 5e-2)
+
+
+def test_frozen_experts_and_switches_cost_no_gradient(device):
+    dtype = dtype_for(device)
+    hf = hf_block(32, 16, 4, 2, True, dtype, device)
+    blk = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf))
+    blk.gate_up_proj.requires_grad_(False)
+    blk.down_proj.requires_grad_(False)
+    x = torch.randn(1, 10, 32, device=device, dtype=dtype, requires_grad=True)
+    blk(x)[0].sum().backward()
+    assert blk.gate_up_proj.grad is None and blk.down_proj.grad is None
+    assert x.grad is not None and blk.gate.grad is not None
+
+    dx_only = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf), dX_only=True)
+    x = torch.randn(1, 10, 32, device=device, dtype=dtype, requires_grad=True)
+    dx_only(x)[0].sum().backward()
+    assert dx_only.gate_up_proj.grad is None and dx_only.down_proj.grad is None and x.grad is not None
+
+    dw_only = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf), dW_only=True)
+    x = torch.randn(1, 10, 32, device=device, dtype=dtype, requires_grad=True)
+    dw_only(x)[0].sum().backward()
+    assert x.grad is None and dw_only.gate_up_proj.grad is not None and dw_only.down_proj.grad is not None
+
+
+def test_bad_inputs_raise_clear_errors(device):
+    dtype = dtype_for(device)
+    hf = hf_block(32, 16, 4, 2, True, dtype, device)
+    blk = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(hf)
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, S, 32\]"):
+        blk(torch.randn(10, 32, device=device, dtype=dtype))
+    with pytest.raises(ValueError, match=r"hidden_states must be \[B, S, 32\]"):
+        blk(torch.randn(1, 10, 31, device=device, dtype=dtype))
+    with pytest.raises(ValueError, match="hidden_states dtype .* does not match"):
+        blk(torch.randn(1, 10, 32, device=device, dtype=torch.float64 if dtype != torch.float64 else torch.float32))
+    cfg = copy.deepcopy(hf.experts.config)
+    cfg.hidden_act = "gelu"
+    with pytest.raises(ValueError, match="hidden_act must be 'silu'"):
+        fusedmoe.Qwen3MoeFusedGroupedGEMMBlock(cfg, hf.gate.weight, hf.experts.gate_up_proj, hf.experts.down_proj)
+    cfg.hidden_act = "silu"
+    cfg.moe_intermediate_size = 17
+    with pytest.raises(ValueError, match=r"gate_up_proj expected shape \(4, 34, 32\)"):
+        fusedmoe.Qwen3MoeFusedGroupedGEMMBlock(cfg, hf.gate.weight, hf.experts.gate_up_proj, hf.experts.down_proj)
+    with pytest.raises(ValueError, match="not implemented by the CUDA backend"):
+        fusedmoe.KernelConfigForward(BLOCK_SIZE_M=64)
+    with pytest.raises(TypeError, match="kernel_config_fwd must be a KernelConfigForward"):
+        fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(hf, kernel_config_fwd=fusedmoe.KernelConfigBackward_dX())
+    with pytest.raises(TypeError, match="expected a Qwen3-MoE sparse block"):
+        fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(nn.Linear(3, 3))
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="expected to be on"):
+            blk(torch.randn(1, 4, 32, dtype=dtype))  # CPU input, CUDA weights
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    dtype = dtype_for(device)
+    hf = hf_block(32, 16, 6, 2, True, dtype, device)
+    eager = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf))
+    compiled_mod = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf))
+    compiled = torch.compile(compiled_mod, fullgraph=True)
+    x = torch.randn(2, 6, 32, device=device, dtype=dtype)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, la = eager(xa)
+    b, lb = compiled(xb)
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(lb, la)
+    (a.float().square().sum() + la.float().sum()).backward()
+    (b.float().square().sum() + lb.float().sum()).backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
+    torch.testing.assert_close(compiled_mod.gate_up_proj.grad, eager.gate_up_proj.grad)
+    torch.testing.assert_close(compiled_mod.gate.grad, eager.gate.grad)
