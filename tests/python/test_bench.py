@@ -1,0 +1,25 @@
+"""The benchmark command's quick mode: a table, valid JSON with the expected keys, and a PNG."""
+import json
+import subprocess
+import sys
+
+
+def test_bench_quick_mode_writes_table_json_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "fusedmoe.bench", "--quick", "--device", "cpu", "--modes", "fwd",
+                           "fwdbwd", "--tokens", "8", "32", "--impls", "fusedmoe", "torch_grouped_mm", "hf",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[fwd]" in proc.stdout and "[fwdbwd]" in proc.stdout and "fusedmoe" in proc.stdout
+    data = json.loads((out / "bench.json").read_text())
+    for key in ("machine", "shape", "results", "checks", "skipped", "flops_formula", "repeats"):
+        assert key in data
+    assert data["machine"]["torch"] and data["machine"]["fusedmoe"]
+    assert data["checks"]["fusedmoe"]["ok"] and data["checks"]["fusedmoe"]["rel_err"] < 2e-2
+    timed = [r for r in data["results"] if "ms" in r]
+    impls = {r["impl"] for r in timed}
+    assert {"fusedmoe", "torch_grouped_mm", "hf", "dense_equivalent"} <= impls
+    assert len(timed) == 2 * 2 * 4
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in timed)
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
