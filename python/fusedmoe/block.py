@@ -90,6 +90,9 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"fusedmoe: hidden_states must be [B, S, {self.hidden_size}], got "
                              f"{tuple(hidden_states.shape)}")
+        if hidden_states.device != self.gate.device:
+            raise ValueError(f"fusedmoe: hidden_states are on {hidden_states.device}, the block's parameters on "
+                             f"{self.gate.device}; move one of them")
         if hidden_states.dtype != self.gate.dtype:
             raise ValueError(f"fusedmoe: hidden_states dtype {hidden_states.dtype} does not match the block's "
                              f"parameters ({self.gate.dtype}); cast one of them")

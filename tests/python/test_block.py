@@ -178,8 +178,12 @@ def test_bad_inputs_raise_clear_errors(device):
     with pytest.raises(TypeError, match="expected a Qwen3-MoE sparse block"):
         fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(nn.Linear(3, 3))
     if device.type == "cuda":
-        with pytest.raises(ValueError, match="expected to be on"):
+        with pytest.raises(ValueError, match="hidden_states are on cpu"):
             blk(torch.randn(1, 4, 32, dtype=dtype))  # CPU input, CUDA weights
+        # The same mismatch one level down, caught by the C++ contract.
+        x = torch.randn(4, 32, dtype=dtype)
+        with pytest.raises(ValueError, match="'gate' expected to be on cpu"):
+            fusedmoe.route(x, hf.gate.weight, 2, True)
 
 
 def test_torch_compile_fullgraph_matches_eager(device):
