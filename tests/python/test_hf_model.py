@@ -24,11 +24,15 @@ def tiny_model(device, dtype):
 
 
 def train_step(model, ids):
+    """One SGD step; returns the loss and the gradients it applied."""
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
+    grads = {n: p.grad.detach().double().clone() for n, p in model.named_parameters() if p.grad is not None}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt.step()
-    return loss.detach()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()), "the step changed nothing"
+    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("how", ["experts_implementation", "patch_model"])
@@ -49,10 +53,17 @@ def test_tiny_causal_lm_matches_default(device, how):
         got = ours(input_ids=ids).logits
     tol = tol_for(dtype)
     assert rel_err(got, ref) < tol
-    loss_ref = train_step(base, ids)
-    loss_got = train_step(ours, ids)
+    loss_ref, grads_ref = train_step(base, ids)
+    loss_got, grads_got = train_step(ours, ids)
     assert rel_err(loss_got, loss_ref) < tol
-    p_ref, p_got = dict(base.named_parameters()), dict(ours.named_parameters())
-    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
-                 "model.layers.0.mlp.gate.weight", "model.embed_tokens.weight"):
-        assert rel_err(p_got[name], p_ref[name]) < tol * 0.1 + 1e-6, name
+    # One SGD step moves each weight by −lr·grad: the gradients must agree (in bf16 a single step of
+    # these weights is at the rounding step of the weights themselves, so the stepped weights can't tell).
+    names = ["model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
+             "model.layers.0.mlp.gate.weight"]
+    if dtype == torch.float32:
+        # In bf16, layer 1's routing already differs on near-ties (its input carries layer 0's bf16 rounding),
+        # so its sparse expert gradients are only comparable in float32.
+        names += ["model.layers.1.mlp.experts.down_proj", "model.embed_tokens.weight"]
+    for name in names:
+        assert grads_ref[name].norm() > 0, name
+        assert rel_err(grads_got[name], grads_ref[name]) < (tol if dtype == torch.float32 else 5e-2), name
