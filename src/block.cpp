@@ -159,35 +159,10 @@ size_t moe_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const 
 
 namespace {
 
-void check_weights(const char* op, const MoeConfig& c, const MoeWeights& w, const Device& dev, bool with_gate) {
-  const DTypeMask dt = mask(c.dtype);
-  const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
-  if (with_gate) check_tensor(op, "gate", w.gate, {E, H}, dt, &dev);
-  check_tensor(op, "gate_up_proj", w.gate_up_proj, {E, 2 * I, H}, dt, &dev);
-  check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
-}
-
-// Checks x and returns T.
-int64_t check_tokens(const char* op, const MoeConfig& c, const Tensor& x) {
-  check_config(c);
-  check_tensor(op, "x", x, {kAny, c.hidden_size}, mask(c.dtype));
-  const int64_t T = x.shape[0];
-  if (T * c.top_k >= (int64_t{1} << 31)) fail(op, "argument 'x': T*top_k must be < 2^31");
-  return T;
-}
-
 void check_routing(const char* op, const MoeConfig& c, int64_t T, const Tensor& weights, const Tensor& ids,
                    const Device& dev) {
   check_tensor(op, "topk_weights", weights, {T, c.top_k}, kFloat, &dev);
   check_tensor(op, "topk_ids", ids, {T, c.top_k}, kInt32, &dev);
-}
-
-void check_expert_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
-  const int64_t M = T * c.top_k;
-  check_tensor(op, "saved.gather_indices", s.gather_indices, {M}, kInt32, &dev);
-  check_tensor(op, "saved.m_sizes", s.m_sizes, {c.num_experts}, kInt32, &dev);
-  check_tensor(op, "saved.expert_offsets", s.expert_offsets, {c.num_experts + 1}, kInt32, &dev);
-  check_tensor(op, "saved.gate_up_out", s.gate_up_out, {M, 2 * c.intermediate_size}, mask(c.dtype), &dev);
 }
 
 // The experts' forward, arguments checked.
@@ -278,9 +253,15 @@ void moe_experts_backward(const MoeConfig& cfg, const Tensor& d_out, const Tenso
 
 void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, const Tensor& out,
                  const Tensor& logits, const MoeSaved& saved, Workspace ws, Stream s) {
-  const int64_t T = check_block_forward(cfg, x, w, out, logits, saved);
-  check_workspace("moe_forward", ws, moe_forward_workspace_bytes(cfg, T));
+  const char* op = "moe_forward";
+  const int64_t T = check_tokens(op, cfg, x);
   const Device dev = x.device;
+  const DTypeMask dt = mask(cfg.dtype);
+  check_weights(op, cfg, w, dev, true);
+  check_tensor(op, "out", out, {T, cfg.hidden_size}, dt, &dev);
+  check_tensor(op, "router_logits", logits, {T, cfg.num_experts}, dt, &dev);
+  check_saved(op, cfg, T, saved, dev);
+  check_workspace(op, ws, moe_forward_workspace_bytes(cfg, T));
   FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, s);
   FUSEDMOE_DISPATCH(dev, route_topk, logits, cfg.top_k, cfg.norm_topk_prob, saved.topk_weights, saved.topk_ids, s);
   experts_forward(cfg, T, x, saved.topk_weights, saved.topk_ids, w, out, saved, ws, s);

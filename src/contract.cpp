@@ -181,34 +181,34 @@ void check_config(const MoeConfig& c) {
   if (!is_floating(c.dtype)) fail(op, std::string("dtype must be a floating type, got ") + dtype_name(c.dtype));
 }
 
-void check_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
+int64_t check_tokens(const char* op, const MoeConfig& c, const Tensor& x) {
+  check_config(c);
+  check_tensor(op, "x", x, {kAny, c.hidden_size}, mask(c.dtype));
+  const int64_t T = x.shape[0];
+  if (T * c.top_k >= (int64_t{1} << 31)) fail(op, "argument 'x': T*top_k must be < 2^31");
+  return T;
+}
+
+void check_weights(const char* op, const MoeConfig& c, const MoeWeights& w, const Device& dev, bool with_gate) {
   const DTypeMask dt = mask(c.dtype);
+  const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
+  if (with_gate) check_tensor(op, "gate", w.gate, {E, H}, dt, &dev);
+  check_tensor(op, "gate_up_proj", w.gate_up_proj, {E, 2 * I, H}, dt, &dev);
+  check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
+}
+
+void check_expert_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
   const int64_t M = T * c.top_k;
-  check_tensor(op, "saved.topk_weights", s.topk_weights, {T, c.top_k}, dt, &dev);
-  check_tensor(op, "saved.topk_ids", s.topk_ids, {T, c.top_k}, kInt32, &dev);
   check_tensor(op, "saved.gather_indices", s.gather_indices, {M}, kInt32, &dev);
   check_tensor(op, "saved.m_sizes", s.m_sizes, {c.num_experts}, kInt32, &dev);
   check_tensor(op, "saved.expert_offsets", s.expert_offsets, {c.num_experts + 1}, kInt32, &dev);
-  check_tensor(op, "saved.gate_up_out", s.gate_up_out, {M, 2 * c.intermediate_size}, dt, &dev);
+  check_tensor(op, "saved.gate_up_out", s.gate_up_out, {M, 2 * c.intermediate_size}, mask(c.dtype), &dev);
 }
 
-int64_t check_block_forward(const MoeConfig& c, const Tensor& x, const MoeWeights& w, const Tensor& out,
-                            const Tensor& logits, const MoeSaved& saved) {
-  const char* op = "moe_forward";
-  check_config(c);
-  const DTypeMask dt = mask(c.dtype);
-  const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
-  check_tensor(op, "x", x, {kAny, H}, dt);
-  const Device& dev = x.device;
-  const int64_t T = x.shape[0];
-  if (T * c.top_k >= (int64_t{1} << 31)) fail(op, "argument 'x': T*top_k must be < 2^31");
-  check_tensor(op, "gate", w.gate, {E, H}, dt, &dev);
-  check_tensor(op, "gate_up_proj", w.gate_up_proj, {E, 2 * I, H}, dt, &dev);
-  check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
-  check_tensor(op, "out", out, {T, H}, dt, &dev);
-  check_tensor(op, "router_logits", logits, {T, E}, dt, &dev);
-  check_saved(op, c, T, saved, dev);
-  return T;
+void check_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
+  check_tensor(op, "saved.topk_weights", s.topk_weights, {T, c.top_k}, mask(c.dtype), &dev);
+  check_tensor(op, "saved.topk_ids", s.topk_ids, {T, c.top_k}, kInt32, &dev);
+  check_expert_saved(op, c, T, s, dev);
 }
 
 void check_workspace(const char* op, const Workspace& ws, size_t needed) {

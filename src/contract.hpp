@@ -47,10 +47,12 @@ RouteDims check_topk_combine(const char* op, const Tensor& Y2, const Tensor& wei
 void check_routing_values(const char* op, const Tensor& offsets, const Tensor* gather, int64_t M);
 
 void check_config(const MoeConfig& cfg);
-// Checks x, weights and outputs of the block; returns T.
-int64_t check_block_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, const Tensor& out,
-                            const Tensor& logits, const MoeSaved& saved);
+// The block's arguments: the config and x (returns T), the weights (the router's too when with_gate),
+// the saved state (all of it, or the experts' part alone).
+int64_t check_tokens(const char* op, const MoeConfig& cfg, const Tensor& x);
+void check_weights(const char* op, const MoeConfig& cfg, const MoeWeights& w, const Device& dev, bool with_gate);
 void check_saved(const char* op, const MoeConfig& cfg, int64_t T, const MoeSaved& saved, const Device& dev);
+void check_expert_saved(const char* op, const MoeConfig& cfg, int64_t T, const MoeSaved& saved, const Device& dev);
 void check_workspace(const char* op, const Workspace& ws, size_t needed);
 
 }  // namespace fusedmoe::detail

@@ -163,7 +163,7 @@ def make_weights(shape: Shape, device, dtype, skew: float, gen):
     direction /= direction.norm()
     if skew > 0:  # a few hot experts: their router rows lean towards a direction every token shares
         hot = max(1, E // 16)
-        gate[:hot] += skew * 0.02 * math.sqrt(H) * direction / math.sqrt(H) * 8
+        gate[:hot] += 0.16 * skew * direction
     w1 = torch.randn(E, 2 * I, H, generator=gen, device=device, dtype=torch.float32) * H ** -0.5
     w2 = torch.randn(E, H, I, generator=gen, device=device, dtype=torch.float32) * I ** -0.5
     return (gate.to(dtype), w1.to(dtype), w2.to(dtype)), direction

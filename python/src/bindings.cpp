@@ -94,9 +94,10 @@ DType parse_dtype(const std::string& s) {
   throw Error("dtype must be one of bfloat16, float16, float32, float64; got '" + s + "'");
 }
 
-Tensor placeholder() {  // a defined view with no memory: marks a wanted output in workspace queries
+// A defined view with no memory marks a wanted output in workspace queries; undefined marks one not wanted.
+Tensor wanted(bool on) {
   Tensor t;
-  t.ndim = 1;
+  if (on) t.ndim = 1;
   return t;
 }
 
@@ -198,21 +199,11 @@ NB_MODULE(_C, m) {
   m.def("moe_saved_bytes", &moe_saved_bytes);
   m.def("moe_forward_workspace_bytes", &moe_forward_workspace_bytes);
   m.def("moe_backward_workspace_bytes", [](const MoeConfig& c, int64_t T, bool dx, bool dgate, bool dw1, bool dw2) {
-    MoeGrads g;
-    if (dx) g.dx = placeholder();
-    if (dgate) g.d_gate = placeholder();
-    if (dw1) g.d_gate_up_proj = placeholder();
-    if (dw2) g.d_down_proj = placeholder();
-    return moe_backward_workspace_bytes(c, T, g);
+    return moe_backward_workspace_bytes(c, T, MoeGrads{wanted(dx), wanted(dgate), wanted(dw1), wanted(dw2)});
   });
   m.def("moe_experts_backward_workspace_bytes", [](const MoeConfig& c, int64_t T, bool dx, bool dtw, bool dw1,
                                                    bool dw2) {
-    MoeExpertGrads g;
-    if (dx) g.dx = placeholder();
-    if (dtw) g.d_topk_weights = placeholder();
-    if (dw1) g.d_gate_up_proj = placeholder();
-    if (dw2) g.d_down_proj = placeholder();
-    return moe_experts_backward_workspace_bytes(c, T, g);
+    return moe_experts_backward_workspace_bytes(c, T, MoeExpertGrads{wanted(dx), wanted(dtw), wanted(dw1), wanted(dw2)});
   });
   m.def("moe_forward", [](const MoeConfig& c, const Array& x, const Array& gate, const Array& w1, const Array& w2,
                           const Array& out, const Array& logits, const Array& tw, const Array& ids,
