@@ -40,6 +40,16 @@ if [ "${GPU_CHECK_QUICK:-0}" != 1 ]; then
   note "compute-sanitizer racecheck" "$( [ $? -eq 0 ] && echo clean || echo 'ERRORS (racecheck.log)' ): $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$OUT/racecheck.log" | tail -1)"
 fi
 
+# Per-kernel times of one forward+backward at Qwen3-30B-A3B, T=16384 (ncu, clocks left alone).
+if [ "${GPU_CHECK_PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
+  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    ./build/gpu/moe_example --tokens "${PROFILE_TOKENS:-16384}" --repeats 1 >"$OUT/ncu_raw.txt" 2>&1
+  grep -E "^  [a-zA-Z_]|gpu__time_duration" "$OUT/ncu_raw.txt" | sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g' |
+    sed -E 's/^ +(void )?//' | paste - - | awk '{printf "%-110.110s %s %s (x%s)\n", $0, $(NF-1), $(NF-2), ""}' \
+    >"$OUT/ncu.txt"
+  note "ncu per-kernel (ncu.txt)" "$(wc -l <"$OUT/ncu.txt") kernels"
+fi
+
 # Python package and its GPU tests, when the package exists.
 if [ -f pyproject.toml ]; then
   if $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/pip.log" 2>&1; then

@@ -80,18 +80,23 @@ struct DeviceRouting {
   int num_experts;
   int top_k;
   int64_t M;
+  int64_t rows_per_group;  // without offsets: group e covers rows [e·rows_per_group, (e+1)·rows_per_group) ∩ [0, M)
 
   __device__ __forceinline__ int64_t offset(int e) const {
-    const int64_t o = offsets ? offsets[e] : (e == 0 ? 0 : M);
+    const int64_t o = offsets ? offsets[e] : e * rows_per_group;
     return o < 0 ? 0 : (o > M ? M : o);
   }
   __device__ __forceinline__ int64_t slot(int64_t i) const {
     const int64_t s = gather[i];
     return s < 0 ? 0 : (s >= M ? M - 1 : s);
   }
+  // Slots are int32 values, so 32-bit division (a 64-bit one is a long software sequence).
+  __device__ __forceinline__ int64_t token_of(int64_t slot) const {
+    return static_cast<uint32_t>(slot) / static_cast<uint32_t>(top_k);
+  }
   __device__ __forceinline__ int64_t row(RowMap map, int64_t i) const {
     switch (map) {
-      case RowMap::token: return slot(i) / top_k;
+      case RowMap::token: return token_of(slot(i));
       case RowMap::slot: return slot(i);
       default: return i;
     }
@@ -100,7 +105,8 @@ struct DeviceRouting {
 
 inline DeviceRouting device_routing(const Routing& r) {
   return {r.expert_offsets.defined() ? r.expert_offsets.ptr<const int32_t>() : nullptr,
-          r.gather_indices.defined() ? r.gather_indices.ptr<const int32_t>() : nullptr, r.num_experts, r.top_k, r.M};
+          r.gather_indices.defined() ? r.gather_indices.ptr<const int32_t>() : nullptr, r.num_experts, r.top_k, r.M,
+          r.M};
 }
 
 }  // namespace fusedmoe::detail::cuda

@@ -1,5 +1,6 @@
 // Elementwise kernels: SiLU·mul forward/backward, the routed backward pass that yields dw, dY1 and w·A
 // in one read of Y1, and the top-k combine forward/backward. Reductions use fixed-order trees.
+#include <algorithm>
 #include <cstdint>
 
 #include "../activation.hpp"
@@ -11,26 +12,30 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Row kernels: one block per row, threads striding over the columns (no per-element index division).
 template <class S, class O>
-__global__ void silu_mul_kernel(const S* Y1, O* A, int64_t M, int64_t I) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= M * I) return;
-  const int64_t m = idx / I, c = idx % I;
-  const float g = to_f32(Y1[m * 2 * I + c]), u = to_f32(Y1[m * 2 * I + I + c]);
-  A[idx] = from_f32<O>(act::silu(g) * u);
+__global__ void silu_mul_kernel(const S* Y1, O* A, int64_t I) {
+  const int64_t m = blockIdx.x;
+  const S* y = Y1 + m * 2 * I;
+  for (int64_t c = threadIdx.x; c < I; c += blockDim.x)
+    A[m * I + c] = from_f32<O>(act::silu(to_f32(y[c])) * to_f32(y[I + c]));
 }
 
 template <class D, class S, class O>
-__global__ void silu_mul_backward_kernel(const D* dA, const S* Y1, O* dY1, int64_t M, int64_t I) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= M * I) return;
-  const int64_t m = idx / I, c = idx % I;
-  const float g = to_f32(Y1[m * 2 * I + c]), u = to_f32(Y1[m * 2 * I + I + c]);
-  float dg, du;
-  act::silu_mul_grad(g, u, to_f32(dA[idx]), dg, du);
-  dY1[m * 2 * I + c] = from_f32<O>(dg);
-  dY1[m * 2 * I + I + c] = from_f32<O>(du);
+__global__ void silu_mul_backward_kernel(const D* dA, const S* Y1, O* dY1, int64_t I) {
+  const int64_t m = blockIdx.x;
+  const S* y = Y1 + m * 2 * I;
+  O* dy = dY1 + m * 2 * I;
+  for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
+    float dg, du;
+    act::silu_mul_grad(to_f32(y[c]), to_f32(y[I + c]), to_f32(dA[m * I + c]), dg, du);
+    dy[c] = from_f32<O>(dg);
+    dy[I + c] = from_f32<O>(du);
+  }
 }
+
+// Threads for a row kernel over `cols` columns: enough warps to cover a row once, at most kThreads.
+unsigned row_threads(int64_t cols) { return static_cast<unsigned>(std::min<int64_t>(kThreads, (cols + 31) / 32 * 32)); }
 
 // Sum over the block in a fixed tree (deterministic).
 __device__ float block_sum(float v) {
@@ -75,14 +80,15 @@ __global__ void routed_silu_backward_kernel(const DeviceRouting rt, const R* dA_
   }
 }
 
+// One block per token: out[t] = Σ_j w[t, j] · Y2[t·k + j], j ascending.
 template <class Y, class W, class O>
-__global__ void topk_combine_kernel(const Y* Y2, const W* weights, O* out, int64_t T, int k, int64_t H) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= T * H) return;
-  const int64_t t = idx / H, h = idx % H;
-  float s = 0.f;
-  for (int j = 0; j < k; ++j) s += to_f32(weights[t * k + j]) * to_f32(Y2[(t * k + j) * H + h]);
-  out[idx] = from_f32<O>(s);
+__global__ void topk_combine_kernel(const Y* Y2, const W* weights, O* out, int k, int64_t H) {
+  const int64_t t = blockIdx.x;
+  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
+    float s = 0.f;
+    for (int j = 0; j < k; ++j) s += to_f32(weights[t * k + j]) * to_f32(Y2[(t * k + j) * H + h]);
+    out[t * H + h] = from_f32<O>(s);
+  }
 }
 
 template <class G, class W, class O>
@@ -116,8 +122,8 @@ void silu_mul(const Tensor& Y1, const Tensor& A, Stream s) {
     visit_float(A.dtype, [&](auto o_tag) {
       using S = decltype(s_tag);
       using O = decltype(o_tag);
-      silu_mul_kernel<S, O><<<blocks_for(M * I, kThreads), kThreads, 0, stream_of(s)>>>(Y1.ptr<const S>(),
-                                                                                          A.ptr<O>(), M, I);
+      silu_mul_kernel<S, O><<<static_cast<unsigned>(M), row_threads(I), 0, stream_of(s)>>>(Y1.ptr<const S>(),
+                                                                                             A.ptr<O>(), I);
       check_launch("silu_mul_kernel");
     });
   });
@@ -132,8 +138,8 @@ void silu_mul_backward(const Tensor& dA, const Tensor& Y1, const Tensor& dY1, St
         using D = decltype(d_tag);
         using S = decltype(s_tag);
         using O = decltype(o_tag);
-        silu_mul_backward_kernel<D, S, O><<<blocks_for(M * I, kThreads), kThreads, 0, stream_of(s)>>>(
-            dA.ptr<const D>(), Y1.ptr<const S>(), dY1.ptr<O>(), M, I);
+        silu_mul_backward_kernel<D, S, O><<<static_cast<unsigned>(M), row_threads(I), 0, stream_of(s)>>>(
+            dA.ptr<const D>(), Y1.ptr<const S>(), dY1.ptr<O>(), I);
         check_launch("silu_mul_backward_kernel");
       });
     });
@@ -174,8 +180,8 @@ void topk_combine(const Tensor& Y2, const Tensor& weights, const Tensor& out, St
         using Y = decltype(y_tag);
         using W = decltype(w_tag);
         using O = decltype(o_tag);
-        topk_combine_kernel<Y, W, O><<<blocks_for(T * H, kThreads), kThreads, 0, stream_of(s)>>>(
-            Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), T, k, H);
+        topk_combine_kernel<Y, W, O><<<static_cast<unsigned>(T), row_threads(H), 0, stream_of(s)>>>(
+            Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), k, H);
         check_launch("topk_combine_kernel");
       });
     });

@@ -8,7 +8,7 @@
 // element is written by exactly one thread after a fixed-order reduction.
 #include <cstdint>
 
-#include "common.cuh"
+#include "gemm_problem.cuh"
 
 namespace fusedmoe::detail::cuda {
 
@@ -19,16 +19,6 @@ constexpr int kPad = 8;  // 16 bytes of padding per shared-memory row: ldmatrix 
 
 enum class Mode { grouped_m, varlen_k };
 
-template <class T, class OutT>
-struct Problem {
-  const T* A; int64_t lda; RowMap a_map;  // K-major A: row m; otherwise row k (reduction index)
-  const T* B; int64_t ldb; int64_t b_group_stride; RowMap b_map;
-  OutT* C; int64_t ldc; int64_t c_group_stride; RowMap c_map;
-  const T* row_scale;  // grouped_m only: output row i scaled by row_scale[slot(i)]
-  bool accumulate;     // C += result
-  DeviceRouting routing;
-  int64_t M, N, K;     // grouped_m: N, K fixed, M per group; varlen_k: M, N fixed, K per group
-};
 
 template <bool KMajor, int Rows>
 struct TileShape {
@@ -302,6 +292,8 @@ void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, cudaStre
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
     configured = true;
   }
+  constexpr GemmKind kind = kMode == Mode::varlen_k ? GemmKind::tn : (BK_ ? GemmKind::nt : GemmKind::nn);
+  if (launch_sm90(p, kind, groups, M_total, stream)) return;  // the Hopper kernels, where eligible
   dim3 grid;
   if constexpr (kMode == Mode::grouped_m) {
     // Upper bound on the m-tiles of all groups: each group adds at most one partial tile.
@@ -332,15 +324,16 @@ void with_types(const char* op, const Tensor& in, const Tensor& out, Fn&& fn) {
   if (in.dtype == DType::bf16) with_out(__nv_bfloat16{}); else with_out(__half{});
 }
 
-// dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending: the deterministic sum of a token's k slots.
+// dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending: the deterministic sum of a token's k slots. One block
+// per token.
 template <class OutT>
-__global__ void sum_slots_kernel(const float* slots, OutT* out, int64_t T, int64_t K, int top_k, bool accumulate) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= T * K) return;
-  const int64_t t = idx / K, c = idx % K;
-  float s = accumulate ? to_f32(out[idx]) : 0.f;
-  for (int j = 0; j < top_k; ++j) s += slots[(t * top_k + j) * K + c];
-  out[idx] = from_f32<OutT>(s);
+__global__ void sum_slots_kernel(const float* slots, OutT* out, int64_t K, int top_k, bool accumulate) {
+  const int64_t t = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
+    float s = accumulate ? to_f32(out[t * K + c]) : 0.f;
+    for (int j = 0; j < top_k; ++j) s += slots[(t * top_k + j) * K + c];
+    out[t * K + c] = from_f32<OutT>(s);
+  }
 }
 
 }  // namespace
@@ -373,8 +366,8 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
                           slots.as<float>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
       launch<T, float, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
       if (r.T * K > 0) {
-        sum_slots_kernel<O><<<blocks_for(r.T * K, 256), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), r.T, K,
-                                                                          r.top_k, g.accumulate);
+        sum_slots_kernel<O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), K,
+                                                                            r.top_k, g.accumulate);
         check_launch("sum_slots_kernel");
       }
     } else {
@@ -385,18 +378,57 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
   });
 }
 
+int device_sm_count() {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return sms;
+}
+
+// out[i] = Σ_s partial[s][i], s ascending (deterministic).
+template <class OutT>
+__global__ void sum_partials_kernel(const float* partial, OutT* out, int64_t n, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float acc = 0.f;
+  for (int s = 0; s < splits; ++s) acc += partial[s * n + i];
+  out[i] = from_f32<OutT>(acc);
+}
+
 void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
   const int64_t N = g.dW.shape[1], K = g.dW.shape[2];
   if (g.X.dtype != g.dY.dtype)
     throw Error(std::string("grouped_gemm_dW: on CUDA 'X' and 'dY' must share a dtype, got ") + g.X.describe() +
                 " and " + g.dY.describe());
+  const cudaStream_t stream = stream_of(s);
+  // A single long reduction (the router's dgate: one group over all tokens) has too few output tiles to
+  // fill the GPU: split its rows into fixed chunks, reduce each into a float32 partial, then add the
+  // partials in chunk order.
+  int splits = 1;
+  if (!r.expert_offsets.defined() && r.num_experts == 1) {
+    const int64_t tiles = ((N + 127) / 128) * ((K + 127) / 128);
+    const int64_t want = (2 * device_sm_count() + tiles - 1) / tiles;
+    splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, r.M / 512)));
+  }
+  Scratch partial(splits > 1 ? static_cast<size_t>(splits) * N * K * sizeof(float) : 0, stream);
   with_types("grouped_gemm_dW", g.X, g.dW, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
     // C[n, k] = Σ_i dY[i, n] · X[i, k]: A stored [i][n], B stored [i][k], both gathered by routed row.
-    Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
-                    g.dW.ptr<O>(), K, N * K, RowMap::identity, nullptr, false, device_routing(r), N, K, 0};
-    launch<T, O, false, false, Mode::varlen_k>(p, r.num_experts, r.M, stream_of(s));
+    if (splits == 1) {
+      Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
+                      g.dW.ptr<O>(), K, N * K, RowMap::identity, nullptr, false, device_routing(r), N, K, 0};
+      launch<T, O, false, false, Mode::varlen_k>(p, r.num_experts, r.M, stream);
+      return;
+    }
+    DeviceRouting chunks = device_routing(r);
+    chunks.num_experts = splits;
+    chunks.rows_per_group = ((r.M + splits - 1) / splits + 63) / 64 * 64;
+    Problem<T, float> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
+                        partial.as<float>(), K, N * K, RowMap::identity, nullptr, false, chunks, N, K, 0};
+    launch<T, float, false, false, Mode::varlen_k>(p, splits, r.M, stream);
+    sum_partials_kernel<O><<<blocks_for(N * K, 256), 256, 0, stream>>>(partial.as<float>(), g.dW.ptr<O>(), N * K, splits);
+    check_launch("sum_partials_kernel");
   });
 }
 

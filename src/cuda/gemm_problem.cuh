@@ -1,0 +1,29 @@
+// The grouped-GEMM problem description shared by the GEMM kernels (gemm.cu: mma.sync, any sm_80+ shape;
+// gemm_sm90.cu: wgmma, the Hopper fast path).
+#pragma once
+
+#include "common.cuh"
+
+namespace fusedmoe::detail::cuda {
+
+// nt: C[i] = A[i]·B[e]ᵀ (forward; B stored [N,K]); nn: C[i] = A[i]·B[e] (dX; B stored [K_red,N]);
+// tn: C[e] = Σ_{i∈e} A[i]ᵀ·B[i] (dW; a variable-length reduction over each group's routed rows).
+enum class GemmKind { nt, nn, tn };
+
+template <class T, class OutT>
+struct Problem {
+  const T* A; int64_t lda; RowMap a_map;  // nt/nn: row m (K-major); tn: row = reduction index
+  const T* B; int64_t ldb; int64_t b_group_stride; RowMap b_map;
+  OutT* C; int64_t ldc; int64_t c_group_stride; RowMap c_map;
+  const T* row_scale;  // nt/nn only: output row i scaled by row_scale[slot(i)]
+  bool accumulate;     // C += result
+  DeviceRouting routing;
+  int64_t M, N, K;     // nt/nn: N, K fixed, M per group; tn: M, N fixed, K per group
+};
+
+// The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not
+// eligible (not sm_90, unaligned rows or sizes, too many groups); the caller then uses the portable kernel.
+template <class T, class OutT>
+bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, cudaStream_t stream);
+
+}  // namespace fusedmoe::detail::cuda

@@ -1,0 +1,467 @@
+// Hopper grouped GEMM: wgmma from 128-byte-swizzled shared memory, a warp-specialised mbarrier pipeline and
+// a persistent tile loop. Serves the three products of the block (GemmKind nt / nn / tn) with the routing
+// row maps applied in the loads (token gather) and the stores (slot scatter).
+//
+// CTA = 3 warpgroups. Warpgroup 0 is the producer: its 128 threads copy 16-byte chunks with cp.async
+// (zero-filled past the edges) straight into the swizzled layout wgmma reads, so gathered rows cost the
+// same as contiguous ones. Warpgroups 1 and 2 are consumers: each owns 64 rows of the 128 × BN output
+// tile, issues m64nBNk16 wgmmas over the stage and writes its accumulators out in the epilogue while
+// the producer already fills the stages of the CTA's next tile.
+//
+// Shared-memory operand layout: "panels" of R rows × 64 elements (128 bytes per row); 16-byte chunk c of
+// row r lives at r·128 + ((c ^ (r mod 8)) · 16), the 128-byte swizzle of TMA and wgmma. A K-major operand
+// (nt/nn's A, nt's B) is one panel whose rows are output rows; an MN-major operand (nn's B, both tn
+// operands) is 64 reduction rows × (width/64) panels.
+//
+// Deterministic: each output element is reduced by one thread in a fixed order, no atomics.
+#include <cstdlib>
+#include <string>
+
+#include "gemm_problem.cuh"
+#include "wgmma.cuh"
+
+namespace fusedmoe::detail::cuda {
+namespace sm90 {
+namespace {
+
+constexpr int kBM = 128;      // output rows per tile: two consumer warpgroups × 64
+constexpr int kBK = 64;       // reduction depth per stage: one 128-byte row of 16-bit elements
+constexpr int kThreads = 384;
+constexpr int kPanelBytes = 64 * 128;  // an MN-major panel: 64 reduction rows × 128 bytes
+constexpr int kMaxGroups = 4096;       // the m-tile prefix of the groups lives in shared memory
+
+template <int BN>
+struct Config {
+  static constexpr int kStages = BN == 256 ? 4 : 6;
+  static constexpr int kABytes = kBM * kBK * 2;
+  static constexpr int kBBytes = BN * kBK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr size_t smem_bytes(int groups) {
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + (groups + 1) * 4;
+  }
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// 16 bytes global -> shared; zero-filled (nothing read) when !valid.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+// cp.async writes through the generic proxy, wgmma reads through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous wgmma boundary.
+template <int R>
+__device__ __forceinline__ void pin_registers(float (&acc)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle. K-major: rows of 128 bytes, 8-row groups every
+// `sbo` bytes (lbo unused). MN-major: 64-element blocks along M/N every `lbo` bytes, 8-deep groups along
+// K every `sbo` bytes.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ uint32_t swizzled(uint32_t panel, int row, int chunk) {
+  return panel + row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
+// Producer thread `tid` copies, for a K-major tile, column chunk tid % 8 of rows tid/8 + 16·i, and for an
+// MN-major tile, column chunks tid % 16 (+16, +32, … across the width) of rows tid/16 + 8·i.
+constexpr int kMnRowsPerThread = 8;
+
+// K-major operand tile: R rows × 64 reduction columns from k0; row i of this thread starts at
+// base + row_off[i] (row_off < 0: past the edge, zero-filled).
+template <int R, class T>
+__device__ __forceinline__ void load_k_major(uint32_t dst, int tid, const T* base, const int64_t (&row_off)[R / 16],
+                                             int64_t k0, int64_t K) {
+  const int c = tid % 8;
+  const bool col_ok = k0 + c * 8 < K;
+#pragma unroll
+  for (int i = 0; i < R / 16; ++i) {
+    const bool ok = col_ok && row_off[i] >= 0;
+    cp_async_16(swizzled(dst, tid / 8 + 16 * i, c), ok ? base + row_off[i] + k0 + c * 8 : base, ok);
+  }
+}
+
+// MN-major operand tile: 64 reduction rows × Width columns from col0 (Width/64 panels); row i of this
+// thread starts at base + row_off[i] (< 0: past the edge).
+template <int Width, class T>
+__device__ __forceinline__ void load_mn_major(uint32_t dst, int tid, const T* base,
+                                              const int64_t (&row_off)[kMnRowsPerThread], int64_t col0, int64_t cols) {
+#pragma unroll
+  for (int j = 0; j < Width / 128; ++j) {
+    const int cc = tid % 16 + 16 * j;  // chunk within the row: panel cc / 8, chunk cc % 8
+    const uint32_t panel = dst + (cc / 8) * kPanelBytes;
+    const bool col_ok = col0 + cc * 8 < cols;
+#pragma unroll
+    for (int i = 0; i < kMnRowsPerThread; ++i) {
+      const bool ok = col_ok && row_off[i] >= 0;
+      cp_async_16(swizzled(panel, tid / 16 + 8 * i, cc % 8), ok ? base + row_off[i] + col0 + cc * 8 : base, ok);
+    }
+  }
+}
+
+template <class OutT>
+__device__ __forceinline__ void store_pair(OutT* dst, float a, float b, bool accumulate) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    if (accumulate) {
+      const float2 old = *reinterpret_cast<const float2*>(dst);
+      a += old.x, b += old.y;
+    }
+    *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+  } else {
+    if (accumulate) a += to_f32(dst[0]), b += to_f32(dst[1]);
+    OutT pair[2] = {from_f32<OutT>(a), from_f32<OutT>(b)};
+    *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(pair);
+  }
+}
+
+// One output tile of the persistent loop.
+struct Tile {
+  int group;
+  int64_t m0, n0;     // origin in the output (nt/nn: m0 counts rows within the group)
+  int64_t row_begin;  // the group's first routed row
+  int64_t rows;       // the group's routed rows (nt/nn: output rows; tn: reduction length)
+  int64_t k_tiles;
+};
+
+template <GemmKind kKind, int BN, class T, class OutT>
+__device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix, int64_t t) {
+  const DeviceRouting& rt = p.routing;
+  const int64_t n_tiles = (p.N + BN - 1) / BN;
+  Tile tile;
+  int64_t m_tile;
+  if constexpr (kKind == GemmKind::tn) {
+    const int64_t per_group = ((p.M + kBM - 1) / kBM) * n_tiles;
+    tile.group = static_cast<int>(t / per_group);
+    m_tile = (t % per_group) / n_tiles;
+  } else {
+    // Group of global m-tile mt: the last g with prefix[g] <= mt (empty groups have no m-tiles).
+    const int64_t mt = t / n_tiles;
+    int lo = 0, hi = rt.num_experts;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (s_prefix[mid] <= mt) lo = mid; else hi = mid;
+    }
+    tile.group = lo;
+    m_tile = mt - s_prefix[lo];
+  }
+  tile.m0 = m_tile * kBM;
+  tile.n0 = (t % n_tiles) * BN;
+  tile.row_begin = rt.offset(tile.group);
+  tile.rows = rt.offset(tile.group + 1) - tile.row_begin;
+  const int64_t depth = kKind == GemmKind::tn ? tile.rows : p.K;
+  tile.k_tiles = depth > 0 ? (depth + kBK - 1) / kBK : 0;
+  return tile;
+}
+
+template <class T, class OutT, int BN, GemmKind kKind>
+__global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles) {
+  using Cfg = Config<BN>;
+  constexpr int S = Cfg::kStages;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  const uint32_t stages = smem_u32(smem);
+  const uint32_t full_bar = stages + S * Cfg::kStageBytes;  // S barriers: stage filled (128 producer arrivals)
+  const uint32_t empty_bar = full_bar + S * 8;              // S barriers: stage consumed (8 consumer warps)
+  int32_t* s_prefix = reinterpret_cast<int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
+  const DeviceRouting& rt = p.routing;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full_bar + 8 * s, 128);
+      mbar_init(empty_bar + 8 * s, 8);
+    }
+  }
+  if constexpr (kKind != GemmKind::tn) {
+    // m-tile prefix over the groups (one warp scan), and from it the number of tiles.
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      int running = 0;
+      for (int e0 = 0; e0 < rt.num_experts; e0 += 32) {
+        const int e = e0 + lane;
+        int tiles = 0;
+        if (e < rt.num_experts) tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
+        int incl = tiles;
+#pragma unroll
+        for (int d = 1; d < 32; d <<= 1) {
+          const int v = __shfl_up_sync(0xffffffffu, incl, d);
+          if (lane >= d) incl += v;
+        }
+        if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
+        running += __shfl_sync(0xffffffffu, incl, 31);
+      }
+      if (lane == 0) s_prefix[0] = 0;
+    }
+  }
+  __syncthreads();
+  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * ((p.N + BN - 1) / BN);
+
+  const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
+  if (warpgroup == 0) {
+    // ---- producer ----
+    // Each thread's copies signal the stage's full barrier when they land (noinc: the 128 arrivals are the
+    // barrier's count), so the producer never waits on its own copies and runs up to S stages ahead.
+    int stage = 0;
+    uint32_t phase = 0;
+    auto next_stage = [&](const auto& issue) {
+      mbar_wait(empty_bar + 8 * stage, phase ^ 1);
+      const uint32_t a_dst = stages + stage * Cfg::kStageBytes;
+      issue(a_dst, a_dst + Cfg::kABytes);
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_bar + 8 * stage) : "memory");
+      if (++stage == S) stage = 0, phase ^= 1;
+    };
+    for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+      const Tile tile = decode_tile<kKind, BN>(p, s_prefix, t);
+      if constexpr (kKind != GemmKind::tn) {
+        // A's rows are the tile's routed rows for every k-step: look them up once.
+        int64_t a_off[kBM / 16];
+#pragma unroll
+        for (int i = 0; i < kBM / 16; ++i) {
+          const int64_t m = tile.m0 + tid / 8 + 16 * i;
+          a_off[i] = m < tile.rows ? rt.row(p.a_map, tile.row_begin + m) * p.lda : -1;
+        }
+        const T* B_group = p.B + tile.group * p.b_group_stride;
+        for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
+          const int64_t k0 = kt * kBK;
+          next_stage([&](uint32_t a_dst, uint32_t b_dst) {
+            load_k_major<kBM>(a_dst, tid, p.A, a_off, k0, p.K);
+            if constexpr (kKind == GemmKind::nt) {
+              int64_t b_off[BN / 16];
+#pragma unroll
+              for (int i = 0; i < BN / 16; ++i) {
+                const int64_t n = tile.n0 + tid / 8 + 16 * i;
+                b_off[i] = n < p.N ? n * p.ldb : -1;
+              }
+              load_k_major<BN>(b_dst, tid, B_group, b_off, k0, p.K);
+            } else {
+              int64_t b_off[kMnRowsPerThread];
+#pragma unroll
+              for (int i = 0; i < kMnRowsPerThread; ++i) {
+                const int64_t k = k0 + tid / 16 + 8 * i;
+                b_off[i] = k < p.K ? k * p.ldb : -1;
+              }
+              load_mn_major<BN>(b_dst, tid, B_group, b_off, tile.n0, p.N);
+            }
+          });
+        }
+      } else {
+        // Both operands' rows are the group's routed rows k0 + r: their gather entries are fetched one
+        // stage ahead so the lookup latency hides behind the previous stage's copies.
+        const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
+        auto fetch = [&](int64_t k0, int64_t (&slots)[kMnRowsPerThread]) {
+#pragma unroll
+          for (int i = 0; i < kMnRowsPerThread; ++i) {
+            const int64_t k = k0 + tid / 16 + 8 * i;
+            slots[i] = k >= tile.rows ? -1 : needs_gather ? rt.slot(tile.row_begin + k) : 0;
+          }
+        };
+        int64_t slots[kMnRowsPerThread];
+        fetch(0, slots);
+        for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
+          const int64_t k0 = kt * kBK;
+          int64_t next[kMnRowsPerThread];
+          if (kt + 1 < tile.k_tiles) fetch(k0 + kBK, next);
+          auto offsets = [&](RowMap map, int64_t ld, int64_t (&off)[kMnRowsPerThread]) {
+#pragma unroll
+            for (int i = 0; i < kMnRowsPerThread; ++i) {
+              const int64_t row = map == RowMap::identity ? tile.row_begin + k0 + tid / 16 + 8 * i
+                                  : map == RowMap::token  ? rt.token_of(slots[i])
+                                                          : slots[i];
+              off[i] = slots[i] < 0 ? -1 : row * ld;
+            }
+          };
+          next_stage([&](uint32_t a_dst, uint32_t b_dst) {
+            int64_t off[kMnRowsPerThread];
+            offsets(p.a_map, p.lda, off);
+            load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
+            offsets(p.b_map, p.ldb, off);
+            load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
+          });
+#pragma unroll
+          for (int i = 0; i < kMnRowsPerThread; ++i) slots[i] = next[i];
+        }
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
+  const int warp = tid / 32, lane = tid % 32;
+  constexpr int kTransA = kKind == GemmKind::tn ? 1 : 0;
+  constexpr int kTransB = kKind == GemmKind::nt ? 0 : 1;
+  auto release = [&](int s) {
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty_bar + 8 * s);
+  };
+  float acc[BN / 2];
+  int stage = 0, prev_stage = 0;
+  uint32_t phase = 0;
+  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+    const Tile tile = decode_tile<kKind, BN>(p, s_prefix, t);
+    for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
+      mbar_wait(full_bar + 8 * stage, phase);
+      fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
+      const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
+      wgmma_fence();
+#pragma unroll
+      for (int k16 = 0; k16 < kBK / 16; ++k16) {
+        // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
+        const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                    : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
+        const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
+        Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db, (kt > 0 || k16 > 0) ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
+      if (kt > 0) release(prev_stage);
+      prev_stage = stage;
+      if (++stage == S) stage = 0, phase ^= 1;
+    }
+    wgmma_wait<0>();
+    pin_registers(acc);
+    if (tile.k_tiles > 0) {
+      release(prev_stage);
+    } else {
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;  // empty reduction (a group without rows)
+    }
+
+    // Epilogue: thread holds rows warp·16 + lane/4 (+8) and column pairs j·8 + (lane%4)·2 of its 64 × BN.
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+      OutT* crow;
+      float scale = 1.f;
+      if constexpr (kKind == GemmKind::tn) {
+        if (m >= p.M) continue;
+        crow = p.C + tile.group * p.c_group_stride + m * p.ldc;
+      } else {
+        if (m >= tile.rows) continue;
+        const int64_t i = tile.row_begin + m;
+        crow = p.C + rt.row(p.c_map, i) * p.ldc;
+        if (p.row_scale) scale = to_f32(p.row_scale[rt.slot(i)]);
+      }
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int64_t n = tile.n0 + j * 8 + (lane % 4) * 2;
+        if (n < p.N) store_pair(crow + n, acc[j * 4 + h * 2] * scale, acc[j * 4 + h * 2 + 1] * scale, p.accumulate);
+      }
+    }
+  }
+}
+
+int sm90_sm_count() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  static int cached[64] = {};  // per device: 0 unknown, -1 not sm_90, else the SM count
+  if (device < 0 || device >= 64) return -1;
+  if (cached[device] == 0) {
+    int major = 0, minor = 0, sms = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    cached[device] = (major == 9 && minor == 0) ? sms : -1;
+  }
+  return cached[device];
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+template <class T, class OutT, int BN, GemmKind kKind>
+void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
+  using Cfg = Config<BN>;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind>;
+  static bool configured = false;  // per instantiation (all devices are sm_90 here)
+  if (!configured) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    static_cast<int>(Cfg::smem_bytes(kMaxGroups))),
+               "cudaFuncSetAttribute (sm90 gemm)");
+    configured = true;
+  }
+  const int64_t n_tiles = (p.N + BN - 1) / BN;
+  int64_t tiles;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile)
+  if constexpr (kKind == GemmKind::tn)
+    tiles = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
+  else
+    tiles = ((M_total + kBM - 1) / kBM + std::min<int64_t>(groups, M_total)) * n_tiles;
+  if (tiles == 0) return;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
+  kernel<<<grid, kThreads, Cfg::smem_bytes(static_cast<int>(groups)), stream>>>(p, tiles);
+  check_launch("gemm_sm90_kernel");
+}
+
+}  // namespace
+}  // namespace sm90
+
+template <class T, class OutT>
+bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, cudaStream_t stream) {
+  using namespace sm90;
+  static const bool disabled = std::getenv("FUSEDMOE_PORTABLE_GEMM") != nullptr;
+  if (disabled || groups > kMaxGroups) return false;
+  const int sms = sm90_sm_count();
+  if (sms <= 0) return false;
+  // 16-byte chunks everywhere: rows, sizes and bases aligned (the zero-fill works at chunk granularity).
+  const int64_t chunk_dims[] = {p.lda, p.ldb, p.ldc, p.N, kind == GemmKind::tn ? p.M : p.K,
+                                kind == GemmKind::tn ? 0 : p.b_group_stride, kind == GemmKind::tn ? p.c_group_stride : 0};
+  for (int64_t d : chunk_dims)
+    if (d % 8 != 0) return false;
+  if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
+  // 128 × 256 tiles only on request for now (FUSEDMOE_SM90_BN=256): at 168 registers a thread their
+  // epilogue spills accumulators (NOTES.md).
+  static const bool wide_allowed = [] {
+    const char* v = std::getenv("FUSEDMOE_SM90_BN");
+    return v != nullptr && std::string(v) == "256";
+  }();
+  const bool wide = wide_allowed && p.N >= 256;
+  switch (kind) {
+    case GemmKind::nt:
+      wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
+           : launch<T, OutT, 128, GemmKind::nt>(p, groups, M_total, sms, stream);
+      break;
+    case GemmKind::nn:
+      wide ? launch<T, OutT, 256, GemmKind::nn>(p, groups, M_total, sms, stream)
+           : launch<T, OutT, 128, GemmKind::nn>(p, groups, M_total, sms, stream);
+      break;
+    case GemmKind::tn:
+      wide ? launch<T, OutT, 256, GemmKind::tn>(p, groups, M_total, sms, stream)
+           : launch<T, OutT, 128, GemmKind::tn>(p, groups, M_total, sms, stream);
+      break;
+  }
+  return true;
+}
+
+template bool launch_sm90(const Problem<__nv_bfloat16, __nv_bfloat16>&, GemmKind, int64_t, int64_t, cudaStream_t);
+template bool launch_sm90(const Problem<__nv_bfloat16, float>&, GemmKind, int64_t, int64_t, cudaStream_t);
+template bool launch_sm90(const Problem<__half, __half>&, GemmKind, int64_t, int64_t, cudaStream_t);
+template bool launch_sm90(const Problem<__half, float>&, GemmKind, int64_t, int64_t, cudaStream_t);
+
+}  // namespace fusedmoe::detail::cuda
