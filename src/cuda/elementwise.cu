@@ -12,83 +12,146 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Row kernels: one block per row, threads striding over the columns (no per-element index division).
-template <class S, class O>
-__global__ void silu_mul_kernel(const S* Y1, O* A, int64_t I) {
-  const int64_t m = blockIdx.x;
-  const S* y = Y1 + m * 2 * I;
-  for (int64_t c = threadIdx.x; c < I; c += blockDim.x)
-    A[m * I + c] = from_f32<O>(act::silu(to_f32(y[c])) * to_f32(y[I + c]));
+// Row kernels: one warp per row, each lane moving V consecutive columns per step (V = 8: 16-byte loads and
+// stores of 16-bit data, which a memory-bound pass needs to keep enough bytes in flight; V = 1 where rows
+// or pointers are not aligned for that). Per-row sums are fixed-order warp trees (deterministic).
+constexpr int kRowsPerBlock = kThreads / 32;
+
+template <int V, class T>
+struct Lanes {
+  float v[V];
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (V == 8 && sizeof(T) == 2) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = to_f32(e[i]);
+    } else if constexpr (V == 8 && sizeof(T) == 4) {
+      const float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
+      v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = to_f32(p[i]);
+    }
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (V == 8 && sizeof(T) == 2) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] = from_f32<T>(v[i]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) p[i] = from_f32<T>(v[i]);
+    }
+  }
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
+  return v;
 }
 
-template <class D, class S, class O>
-__global__ void silu_mul_backward_kernel(const D* dA, const S* Y1, O* dY1, int64_t I) {
-  const int64_t m = blockIdx.x;
+template <int V, class S, class O>
+__global__ void silu_mul_kernel(const S* Y1, O* A, int64_t M, int64_t I) {
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (m >= M) return;
   const S* y = Y1 + m * 2 * I;
-  O* dy = dY1 + m * 2 * I;
-  for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
-    float dg, du;
-    act::silu_mul_grad(to_f32(y[c]), to_f32(y[I + c]), to_f32(dA[m * I + c]), dg, du);
-    dy[c] = from_f32<O>(dg);
-    dy[I + c] = from_f32<O>(du);
+  for (int64_t c = (threadIdx.x % 32) * V; c < I; c += 32 * V) {
+    Lanes<V, S> g, u;
+    g.load(y + c), u.load(y + I + c);
+    Lanes<V, O> a;
+#pragma unroll
+    for (int i = 0; i < V; ++i) a.v[i] = act::silu(g.v[i]) * u.v[i];
+    a.store(A + m * I + c);
   }
 }
 
-// Threads for a row kernel over `cols` columns: enough warps to cover a row once, at most kThreads.
-unsigned row_threads(int64_t cols) { return static_cast<unsigned>(std::min<int64_t>(kThreads, (cols + 31) / 32 * 32)); }
-
-// Sum over the block in a fixed tree (deterministic).
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
+template <int V, class D, class S, class O>
+__global__ void silu_mul_backward_kernel(const D* dA, const S* Y1, O* dY1, int64_t M, int64_t I) {
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (m >= M) return;
+  for (int64_t c = (threadIdx.x % 32) * V; c < I; c += 32 * V) {
+    Lanes<V, S> g, u;
+    Lanes<V, D> d;
+    g.load(Y1 + m * 2 * I + c), u.load(Y1 + m * 2 * I + I + c), d.load(dA + m * I + c);
+    Lanes<V, O> dg, du;
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) v += __shfl_xor_sync(0xffffffffu, v, d);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-  __syncthreads();
-  return total;
+    for (int i = 0; i < V; ++i) act::silu_mul_grad(g.v[i], u.v[i], d.v[i], dg.v[i], du.v[i]);
+    dg.store(dY1 + m * 2 * I + c), du.store(dY1 + m * 2 * I + I + c);
+  }
 }
 
-// One block per routed row.
-template <class S, class W, class R, class DW>
+// One warp per routed row m (expert order), w = the slot's routing weight, a = silu(g)·u as forward stored it:
+//   scaled_act = w·a;  d_weights[slot] = Σ_c dA_raw·a;  dY1 = dsilu_mul(w·dA_raw).
+template <int V, class S, class W, class R, class DW>
 __global__ void routed_silu_backward_kernel(const DeviceRouting rt, const R* dA_raw, const S* Y1, const W* weights,
                                             S* dY1, S* scaled_act, DW* d_weights, int64_t I) {
-  const int64_t m = blockIdx.x;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (m >= rt.M) return;
   const int64_t slot = rt.slot(m);
   const float w = to_f32(weights[slot]);
   float dw = 0.f;
-  for (int64_t c = threadIdx.x; c < I; c += blockDim.x) {
-    const float g = to_f32(Y1[m * 2 * I + c]), u = to_f32(Y1[m * 2 * I + I + c]);
-    const float a = to_f32(from_f32<S>(act::silu(g) * u));  // A as forward stored it
-    if (scaled_act) scaled_act[m * I + c] = from_f32<S>(w * a);
+  for (int64_t c = (threadIdx.x % 32) * V; c < I; c += 32 * V) {
+    Lanes<V, S> g, u, a;
+    g.load(Y1 + m * 2 * I + c), u.load(Y1 + m * 2 * I + I + c);
+#pragma unroll
+    for (int i = 0; i < V; ++i) a.v[i] = to_f32(from_f32<S>(act::silu(g.v[i]) * u.v[i]));
+    if (scaled_act) {
+      Lanes<V, S> wa;
+#pragma unroll
+      for (int i = 0; i < V; ++i) wa.v[i] = w * a.v[i];
+      wa.store(scaled_act + m * I + c);
+    }
     if (dA_raw) {
-      const float raw = to_f32(dA_raw[m * I + c]);
-      dw += raw * a;
-      if (dY1) {
-        float dg, du;
-        act::silu_mul_grad(g, u, w * raw, dg, du);
-        dY1[m * 2 * I + c] = from_f32<S>(dg);
-        dY1[m * 2 * I + I + c] = from_f32<S>(du);
+      Lanes<V, R> raw;
+      raw.load(dA_raw + m * I + c);
+      Lanes<V, S> dg, du;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        dw += raw.v[i] * a.v[i];
+        act::silu_mul_grad(g.v[i], u.v[i], w * raw.v[i], dg.v[i], du.v[i]);
       }
+      if (dY1) dg.store(dY1 + m * 2 * I + c), du.store(dY1 + m * 2 * I + I + c);
     }
   }
   if (dA_raw && d_weights) {
-    dw = block_sum(dw);
-    if (threadIdx.x == 0) d_weights[slot] = from_f32<DW>(dw);
+    dw = warp_sum(dw);
+    if (threadIdx.x % 32 == 0) d_weights[slot] = from_f32<DW>(dw);
   }
 }
 
-// One block per token: out[t] = Σ_j w[t, j] · Y2[t·k + j], j ascending.
-template <class Y, class W, class O>
-__global__ void topk_combine_kernel(const Y* Y2, const W* weights, O* out, int k, int64_t H) {
-  const int64_t t = blockIdx.x;
-  for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
-    float s = 0.f;
-    for (int j = 0; j < k; ++j) s += to_f32(weights[t * k + j]) * to_f32(Y2[(t * k + j) * H + h]);
-    out[t * H + h] = from_f32<O>(s);
+// One warp per token: out[t] = Σ_j w[t, j] · Y2[t·k + j], j ascending.
+template <int V, class Y, class W, class O>
+__global__ void topk_combine_kernel(const Y* Y2, const W* weights, O* out, int64_t T, int k, int64_t H) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (t >= T) return;
+  for (int64_t h = (threadIdx.x % 32) * V; h < H; h += 32 * V) {
+    Lanes<V, O> s;
+#pragma unroll
+    for (int i = 0; i < V; ++i) s.v[i] = 0.f;
+    for (int j = 0; j < k; ++j) {
+      const float w = to_f32(weights[t * k + j]);
+      Lanes<V, Y> y;
+      y.load(Y2 + (t * k + j) * H + h);
+#pragma unroll
+      for (int i = 0; i < V; ++i) s.v[i] += w * y.v[i];
+    }
+    s.store(out + t * H + h);
   }
+}
+
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock); }
+
+// Calls fn(std::integral_constant<int, 8>) when every row start of every pointer is 16-byte aligned for
+// 8-wide access (cols % 8 == 0, bases aligned), else fn(std::integral_constant<int, 1>).
+template <class Fn>
+void with_width(int64_t cols, std::initializer_list<const void*> ptrs, Fn&& fn) {
+  bool wide = cols % 8 == 0;
+  for (const void* p : ptrs) wide = wide && (reinterpret_cast<uintptr_t>(p) % 16 == 0);
+  if (wide) fn(std::integral_constant<int, 8>{}); else fn(std::integral_constant<int, 1>{});
 }
 
 template <class G, class W, class O>
@@ -97,6 +160,19 @@ __global__ void topk_combine_grad_y_kernel(const G* dOut, const W* weights, O* d
   if (idx >= T * k * H) return;
   const int64_t f = idx / H, h = idx % H;
   dY2[idx] = from_f32<O>(to_f32(weights[f]) * to_f32(dOut[(f / k) * H + h]));
+}
+
+// Sum over the block in a fixed tree (deterministic).
+__device__ float block_sum(float v) {
+  __shared__ float warp_sums[kThreads / 32];
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  __syncthreads();
+  return total;
 }
 
 template <class G, class Y, class O>
@@ -122,8 +198,9 @@ void silu_mul(const Tensor& Y1, const Tensor& A, Stream s) {
     visit_float(A.dtype, [&](auto o_tag) {
       using S = decltype(s_tag);
       using O = decltype(o_tag);
-      silu_mul_kernel<S, O><<<static_cast<unsigned>(M), row_threads(I), 0, stream_of(s)>>>(Y1.ptr<const S>(),
-                                                                                             A.ptr<O>(), I);
+      with_width(I, {Y1.data, A.data}, [&](auto v) {
+        silu_mul_kernel<v(), S, O><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(Y1.ptr<const S>(), A.ptr<O>(), M, I);
+      });
       check_launch("silu_mul_kernel");
     });
   });
@@ -138,8 +215,10 @@ void silu_mul_backward(const Tensor& dA, const Tensor& Y1, const Tensor& dY1, St
         using D = decltype(d_tag);
         using S = decltype(s_tag);
         using O = decltype(o_tag);
-        silu_mul_backward_kernel<D, S, O><<<static_cast<unsigned>(M), row_threads(I), 0, stream_of(s)>>>(
-            dA.ptr<const D>(), Y1.ptr<const S>(), dY1.ptr<O>(), I);
+        with_width(I, {dA.data, Y1.data, dY1.data}, [&](auto v) {
+          silu_mul_backward_kernel<v(), D, S, O><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
+              dA.ptr<const D>(), Y1.ptr<const S>(), dY1.ptr<O>(), M, I);
+        });
         check_launch("silu_mul_backward_kernel");
       });
     });
@@ -160,9 +239,11 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
           using W = decltype(w_tag);
           using R = decltype(r_tag);
           using DW = decltype(dw_tag);
-          routed_silu_backward_kernel<S, W, R, DW><<<static_cast<unsigned>(M), kThreads, 0, stream_of(s)>>>(
-              device_routing(r), cptr<R>(dA_raw), Y1.ptr<const S>(), weights.ptr<const W>(), mptr<S>(dY1),
-              mptr<S>(scaled_act), mptr<DW>(d_weights), I);
+          with_width(I, {dA_raw.data, Y1.data, dY1.data, scaled_act.data}, [&](auto v) {
+            routed_silu_backward_kernel<v(), S, W, R, DW><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
+                device_routing(r), cptr<R>(dA_raw), Y1.ptr<const S>(), weights.ptr<const W>(), mptr<S>(dY1),
+                mptr<S>(scaled_act), mptr<DW>(d_weights), I);
+          });
           check_launch("routed_silu_backward_kernel");
         });
       });
@@ -180,8 +261,10 @@ void topk_combine(const Tensor& Y2, const Tensor& weights, const Tensor& out, St
         using Y = decltype(y_tag);
         using W = decltype(w_tag);
         using O = decltype(o_tag);
-        topk_combine_kernel<Y, W, O><<<static_cast<unsigned>(T), row_threads(H), 0, stream_of(s)>>>(
-            Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), k, H);
+        with_width(H, {Y2.data, out.data}, [&](auto v) {
+          topk_combine_kernel<v(), Y, W, O><<<row_blocks(T), kThreads, 0, stream_of(s)>>>(
+              Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), T, k, H);
+        });
         check_launch("topk_combine_kernel");
       });
     });

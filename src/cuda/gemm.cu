@@ -325,14 +325,25 @@ void with_types(const char* op, const Tensor& in, const Tensor& out, Fn&& fn) {
 }
 
 // dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending: the deterministic sum of a token's k slots. One block
-// per token.
-template <class OutT>
+// per token; V columns per thread per step (4: float4 loads where K % 4 == 0).
+template <int V, class OutT>
 __global__ void sum_slots_kernel(const float* slots, OutT* out, int64_t K, int top_k, bool accumulate) {
   const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < K; c += blockDim.x) {
-    float s = accumulate ? to_f32(out[t * K + c]) : 0.f;
-    for (int j = 0; j < top_k; ++j) s += slots[(t * top_k + j) * K + c];
-    out[t * K + c] = from_f32<OutT>(s);
+  for (int64_t c = threadIdx.x * V; c < K; c += blockDim.x * V) {
+    float s[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) s[i] = accumulate ? to_f32(out[t * K + c + i]) : 0.f;
+    for (int j = 0; j < top_k; ++j) {
+      const float* src = slots + (t * top_k + j) * K + c;
+      if constexpr (V == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(src);
+        s[0] += v.x, s[1] += v.y, s[2] += v.z, s[3] += v.w;
+      } else {
+        s[0] += src[0];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[t * K + c + i] = from_f32<OutT>(s[i]);
   }
 }
 
@@ -366,8 +377,12 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
                           slots.as<float>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
       launch<T, float, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
       if (r.T * K > 0) {
-        sum_slots_kernel<O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), K,
-                                                                            r.top_k, g.accumulate);
+        if (K % 4 == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
+          sum_slots_kernel<4, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), K,
+                                                                                 r.top_k, g.accumulate);
+        else
+          sum_slots_kernel<1, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), K,
+                                                                                 r.top_k, g.accumulate);
         check_launch("sum_slots_kernel");
       }
     } else {

@@ -29,6 +29,10 @@ constexpr int kBK = 64;       // reduction depth per stage: one 128-byte row of 
 constexpr int kThreads = 384;
 constexpr int kPanelBytes = 64 * 128;  // an MN-major panel: 64 reduction rows × 128 bytes
 constexpr int kMaxGroups = 4096;       // the m-tile prefix of the groups lives in shared memory
+// tn: the producer stages the gather entries of the next kChunkStages k-steps' rows in shared memory, a
+// chunk at a time (double-buffered, fetched a chunk ahead), so no k-step waits on a lookup.
+constexpr int kChunkStages = 8;
+constexpr int kSlotChunk = kChunkStages * kBK;
 
 template <int BN>
 struct Config {
@@ -37,7 +41,7 @@ struct Config {
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr size_t smem_bytes(int groups) {
-    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + (groups + 1) * 4;
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 2 * kSlotChunk * 4 + (groups + 1) * 4;
   }
 };
 
@@ -191,7 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   const uint32_t stages = smem_u32(smem);
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;  // S barriers: stage filled (128 producer arrivals)
   const uint32_t empty_bar = full_bar + S * 8;              // S barriers: stage consumed (8 consumer warps)
-  int32_t* s_prefix = reinterpret_cast<int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
+  int32_t* s_slots = reinterpret_cast<int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);  // [2][kSlotChunk]
+  int32_t* s_prefix = s_slots + 2 * kSlotChunk;
   const DeviceRouting& rt = p.routing;
 
   if (threadIdx.x == 0) {
@@ -231,6 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     // barrier's count), so the producer never waits on its own copies and runs up to S stages ahead.
     int stage = 0;
     uint32_t phase = 0;
+    uint32_t chunk_count = 0;  // tn: slot chunks staged so far
     auto next_stage = [&](const auto& issue) {
       mbar_wait(empty_bar + 8 * stage, phase ^ 1);
       const uint32_t a_dst = stages + stage * Cfg::kStageBytes;
@@ -273,29 +279,38 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
           });
         }
       } else {
-        // Both operands' rows are the group's routed rows k0 + r: their gather entries are fetched one
-        // stage ahead so the lookup latency hides behind the previous stage's copies.
+        // Both operands' rows are the group's routed rows k0 + r, through the gather entries staged in s_slots.
         const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
-        auto fetch = [&](int64_t k0, int64_t (&slots)[kMnRowsPerThread]) {
+        int32_t ahead[kSlotChunk / 128];  // this thread's share of the next chunk, in flight
+        auto prefetch = [&](int64_t first) {
 #pragma unroll
-          for (int i = 0; i < kMnRowsPerThread; ++i) {
-            const int64_t k = k0 + tid / 16 + 8 * i;
-            slots[i] = k >= tile.rows ? -1 : needs_gather ? rt.slot(tile.row_begin + k) : 0;
+          for (int q = 0; q < kSlotChunk / 128; ++q) {
+            const int64_t k = first + tid + 128 * q;
+            ahead[q] = k >= tile.rows ? -1 : needs_gather ? static_cast<int32_t>(rt.slot(tile.row_begin + k)) : 0;
           }
         };
-        int64_t slots[kMnRowsPerThread];
-        fetch(0, slots);
+        prefetch(0);
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
+          if (kt % kChunkStages == 0) {
+            // Buffers alternate chunk by chunk across tiles: the one written here was last read two chunks
+            // ago, before every producer thread passed the previous chunk's barrier.
+            int32_t* buf = s_slots + (chunk_count++ & 1) * kSlotChunk;
+#pragma unroll
+            for (int q = 0; q < kSlotChunk / 128; ++q) buf[tid + 128 * q] = ahead[q];
+            asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer warpgroup only
+            if (kt + kChunkStages < tile.k_tiles) prefetch((kt + kChunkStages) * kBK);
+          }
           const int64_t k0 = kt * kBK;
-          int64_t next[kMnRowsPerThread];
-          if (kt + 1 < tile.k_tiles) fetch(k0 + kBK, next);
+          const int32_t* slots = s_slots + ((chunk_count - 1) & 1) * kSlotChunk + (kt % kChunkStages) * kBK;
           auto offsets = [&](RowMap map, int64_t ld, int64_t (&off)[kMnRowsPerThread]) {
 #pragma unroll
             for (int i = 0; i < kMnRowsPerThread; ++i) {
-              const int64_t row = map == RowMap::identity ? tile.row_begin + k0 + tid / 16 + 8 * i
-                                  : map == RowMap::token  ? rt.token_of(slots[i])
-                                                          : slots[i];
-              off[i] = slots[i] < 0 ? -1 : row * ld;
+              const int r = tid / 16 + 8 * i;
+              const int32_t slot = slots[r];
+              const int64_t row = map == RowMap::identity ? tile.row_begin + k0 + r
+                                  : map == RowMap::token  ? rt.token_of(slot)
+                                                          : slot;
+              off[i] = slot < 0 ? -1 : row * ld;
             }
           };
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
@@ -305,8 +320,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
             offsets(p.b_map, p.ldb, off);
             load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
           });
-#pragma unroll
-          for (int i = 0; i < kMnRowsPerThread; ++i) slots[i] = next[i];
         }
       }
     }
