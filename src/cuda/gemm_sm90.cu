@@ -41,7 +41,8 @@ struct Config {
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr size_t smem_bytes(int groups) {
-    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 2 * kSlotChunk * 4 + (groups + 1) * 4;
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 2 * kSlotChunk * 4 +
+           2 * (groups + 1) * 4;  // s_prefix and s_offsets
   }
 };
 
@@ -157,7 +158,8 @@ struct Tile {
 };
 
 template <GemmKind kKind, int BN, class T, class OutT>
-__device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix, int64_t t) {
+__device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
+                                            const int32_t* s_offsets, int64_t t) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = (p.N + BN - 1) / BN;
   Tile tile;
@@ -179,12 +181,15 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   }
   tile.m0 = m_tile * kBM;
   tile.n0 = (t % n_tiles) * BN;
-  tile.row_begin = rt.offset(tile.group);
-  tile.rows = rt.offset(tile.group + 1) - tile.row_begin;
+  tile.row_begin = s_offsets[tile.group];
+  tile.rows = s_offsets[tile.group + 1] - tile.row_begin;
   const int64_t depth = kKind == GemmKind::tn ? tile.rows : p.K;
   tile.k_tiles = depth > 0 ? (depth + kBK - 1) / kBK : 0;
   return tile;
 }
+
+template <class T, class OutT>
+__device__ __forceinline__ int rt_groups(const Problem<T, OutT>& p) { return p.routing.num_experts; }
 
 template <class T, class OutT, int BN, GemmKind kKind>
 __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles) {
@@ -196,8 +201,11 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;  // S barriers: stage filled (128 producer arrivals)
   const uint32_t empty_bar = full_bar + S * 8;              // S barriers: stage consumed (8 consumer warps)
   int32_t* s_slots = reinterpret_cast<int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);  // [2][kSlotChunk]
-  int32_t* s_prefix = s_slots + 2 * kSlotChunk;
+  int32_t* s_prefix = s_slots + 2 * kSlotChunk;             // [E+1] m-tiles before group e (nt/nn)
+  int32_t* s_offsets = s_prefix + rt_groups(p) + 1;          // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
+  // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
+  for (int e = threadIdx.x; e <= rt.num_experts; e += blockDim.x) s_offsets[e] = static_cast<int32_t>(rt.offset(e));
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
@@ -244,21 +252,43 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_bar + 8 * stage) : "memory");
       if (++stage == S) stage = 0, phase ^= 1;
     };
-    for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-      const Tile tile = decode_tile<kKind, BN>(p, s_prefix, t);
-      if constexpr (kKind != GemmKind::tn) {
-        // A's rows are the tile's routed rows for every k-step: look them up once.
-        int64_t a_off[kBM / 16];
+    // A tile's routed rows (nt/nn: A's rows; tn: the first chunk of gather entries) are looked up while
+    // the CTA's previous tile is still being copied, so a tile switch waits on no global load.
+    int64_t a_off[kBM / 16];               // nt/nn: element offsets of this thread's A rows
+    int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
+    const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
+    auto lookup_rows = [&](const Tile& tl) {
 #pragma unroll
-        for (int i = 0; i < kBM / 16; ++i) {
-          const int64_t m = tile.m0 + tid / 8 + 16 * i;
-          a_off[i] = m < tile.rows ? rt.row(p.a_map, tile.row_begin + m) * p.lda : -1;
-        }
+      for (int i = 0; i < kBM / 16; ++i) {
+        const int64_t m = tl.m0 + tid / 8 + 16 * i;
+        a_off[i] = m < tl.rows ? rt.row(p.a_map, tl.row_begin + m) * p.lda : -1;
+      }
+    };
+    auto prefetch = [&](const Tile& tl, int64_t first) {
+#pragma unroll
+      for (int q = 0; q < kSlotChunk / 128; ++q) {
+        const int64_t k = first + tid + 128 * q;
+        ahead[q] = k >= tl.rows ? -1 : needs_gather ? static_cast<int32_t>(rt.slot(tl.row_begin + k)) : 0;
+      }
+    };
+    auto first_lookup = [&](int64_t t) {
+      if (t >= total_tiles) return;
+      const Tile tl = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
+      if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
+    };
+    first_lookup(blockIdx.x);
+    for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
+      const Tile tile = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
+      if constexpr (kKind != GemmKind::tn) {
+        int64_t rows_now[kBM / 16];
+#pragma unroll
+        for (int i = 0; i < kBM / 16; ++i) rows_now[i] = a_off[i];
+        first_lookup(t + gridDim.x);  // lands while this tile's stages are copied
         const T* B_group = p.B + tile.group * p.b_group_stride;
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           const int64_t k0 = kt * kBK;
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
-            load_k_major<kBM>(a_dst, tid, p.A, a_off, k0, p.K);
+            load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
             if constexpr (kKind == GemmKind::nt) {
               int64_t b_off[BN / 16];
 #pragma unroll
@@ -280,16 +310,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
         }
       } else {
         // Both operands' rows are the group's routed rows k0 + r, through the gather entries staged in s_slots.
-        const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
-        int32_t ahead[kSlotChunk / 128];  // this thread's share of the next chunk, in flight
-        auto prefetch = [&](int64_t first) {
-#pragma unroll
-          for (int q = 0; q < kSlotChunk / 128; ++q) {
-            const int64_t k = first + tid + 128 * q;
-            ahead[q] = k >= tile.rows ? -1 : needs_gather ? static_cast<int32_t>(rt.slot(tile.row_begin + k)) : 0;
-          }
-        };
-        prefetch(0);
+        if (tile.k_tiles == 0) first_lookup(t + gridDim.x);  // nothing to stage: move on to the next tile's rows
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           if (kt % kChunkStages == 0) {
             // Buffers alternate chunk by chunk across tiles: the one written here was last read two chunks
@@ -298,7 +319,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
 #pragma unroll
             for (int q = 0; q < kSlotChunk / 128; ++q) buf[tid + 128 * q] = ahead[q];
             asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer warpgroup only
-            if (kt + kChunkStages < tile.k_tiles) prefetch((kt + kChunkStages) * kBK);
+            if (kt + kChunkStages < tile.k_tiles) prefetch(tile, (kt + kChunkStages) * kBK);
+            else first_lookup(t + gridDim.x);
           }
           const int64_t k0 = kt * kBK;
           const int32_t* slots = s_slots + ((chunk_count - 1) & 1) * kSlotChunk + (kt % kChunkStages) * kBK;
@@ -339,7 +361,21 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   int stage = 0, prev_stage = 0;
   uint32_t phase = 0;
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-    const Tile tile = decode_tile<kKind, BN>(p, s_prefix, t);
+    const Tile tile = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
+    // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
+    int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
+    float row_scale[2] = {1.f, 1.f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+      if constexpr (kKind == GemmKind::tn) {
+        if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
+      } else if (m < tile.rows) {
+        const int64_t i = tile.row_begin + m;
+        out_off[h] = rt.row(p.c_map, i) * p.ldc;
+        if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
+      }
+    }
     for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
       mbar_wait(full_bar + 8 * stage, phase);
       fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
@@ -371,18 +407,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     // Epilogue: thread holds rows warp·16 + lane/4 (+8) and column pairs j·8 + (lane%4)·2 of its 64 × BN.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
-      OutT* crow;
-      float scale = 1.f;
-      if constexpr (kKind == GemmKind::tn) {
-        if (m >= p.M) continue;
-        crow = p.C + tile.group * p.c_group_stride + m * p.ldc;
-      } else {
-        if (m >= tile.rows) continue;
-        const int64_t i = tile.row_begin + m;
-        crow = p.C + rt.row(p.c_map, i) * p.ldc;
-        if (p.row_scale) scale = to_f32(p.row_scale[rt.slot(i)]);
-      }
+      if (out_off[h] < 0) continue;
+      OutT* crow = p.C + out_off[h];
+      const float scale = row_scale[h];
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         const int64_t n = tile.n0 + j * 8 + (lane % 4) * 2;
