@@ -28,7 +28,7 @@ constexpr int kBM = 128;      // output rows per tile: two consumer warpgroups Ã
 constexpr int kBK = 64;       // reduction depth per stage: one 128-byte row of 16-bit elements
 constexpr int kThreads = 384;
 constexpr int kPanelBytes = 64 * 128;  // an MN-major panel: 64 reduction rows Ã— 128 bytes
-constexpr int kMaxGroups = 4096;       // the m-tile prefix of the groups lives in shared memory
+constexpr int kMaxGroups = 1024;       // per-group tables (m-tile prefix, offsets) live in shared memory
 // tn: the producer stages the gather entries of the next kChunkStages k-steps' rows in shared memory, a
 // chunk at a time (double-buffered, fetched a chunk ahead), so no k-step waits on a lookup.
 constexpr int kChunkStages = 8;
@@ -45,6 +45,10 @@ struct Config {
            2 * (groups + 1) * 4;  // s_prefix and s_offsets
   }
 };
+
+constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
+static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem,
+              "the pipeline stages and group tables must fit in shared memory");
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
