@@ -29,8 +29,9 @@ constexpr int kBK = 64;       // reduction depth per stage: one 128-byte row of 
 constexpr int kThreads = 384;
 constexpr int kPanelBytes = 64 * 128;  // an MN-major panel: 64 reduction rows × 128 bytes
 constexpr int kMaxGroups = 1024;       // per-group tables (m-tile prefix, offsets) live in shared memory
-// tn: the producer stages the gather entries of the next kChunkStages k-steps' rows in shared memory, a
-// chunk at a time (double-buffered, fetched a chunk ahead), so no k-step waits on a lookup.
+// tn: the producer stages the row offsets of the next kChunkStages k-steps in shared memory, a chunk at a
+// time (double-buffered; the gather entries are fetched a chunk ahead), so a k-step neither waits on a
+// lookup nor recomputes row addresses.
 constexpr int kChunkStages = 8;
 constexpr int kSlotChunk = kChunkStages * kBK;
 
@@ -41,8 +42,8 @@ struct Config {
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr size_t smem_bytes(int groups) {
-    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 2 * kSlotChunk * 4 +
-           2 * (groups + 1) * 4;  // s_prefix and s_offsets
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 4 * kSlotChunk * 8 +
+           2 * (groups + 1) * 4;  // s_row_off, s_prefix and s_offsets
   }
 };
 
@@ -200,12 +201,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  // Aligned by offsetting the shared array itself (not via an integer round trip), so the compiler still
+  // knows every pointer below is shared memory and emits shared loads rather than generic ones.
+  uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t stages = smem_u32(smem);
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;  // S barriers: stage filled (128 producer arrivals)
   const uint32_t empty_bar = full_bar + S * 8;              // S barriers: stage consumed (8 consumer warps)
-  int32_t* s_slots = reinterpret_cast<int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);  // [2][kSlotChunk]
-  int32_t* s_prefix = s_slots + 2 * kSlotChunk;             // [E+1] m-tiles before group e (nt/nn)
+  // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
+  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
+  int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
   int32_t* s_offsets = s_prefix + rt_groups(p) + 1;          // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
   // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
@@ -313,37 +317,35 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
           });
         }
       } else {
-        // Both operands' rows are the group's routed rows k0 + r, through the gather entries staged in s_slots.
+        // Both operands' rows are the group's routed rows k0 + r, through the row offsets staged in s_row_off.
         if (tile.k_tiles == 0) first_lookup(t + gridDim.x);  // nothing to stage: move on to the next tile's rows
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           if (kt % kChunkStages == 0) {
             // Buffers alternate chunk by chunk across tiles: the one written here was last read two chunks
             // ago, before every producer thread passed the previous chunk's barrier.
-            int32_t* buf = s_slots + (chunk_count++ & 1) * kSlotChunk;
+            int64_t* buf = s_row_off + (chunk_count++ & 1) * 2 * kSlotChunk;
 #pragma unroll
-            for (int q = 0; q < kSlotChunk / 128; ++q) buf[tid + 128 * q] = ahead[q];
+            for (int q = 0; q < kSlotChunk / 128; ++q) {
+              const int32_t slot = ahead[q];
+              const int64_t i = tile.row_begin + kt * kBK + tid + 128 * q;  // the routed row
+              auto row = [&](RowMap map) { return map == RowMap::identity ? i : map == RowMap::token ? rt.token_of(slot) : slot; };
+              buf[tid + 128 * q] = slot < 0 ? -1 : row(p.a_map) * p.lda;
+              buf[kSlotChunk + tid + 128 * q] = slot < 0 ? -1 : row(p.b_map) * p.ldb;
+            }
             asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer warpgroup only
             if (kt + kChunkStages < tile.k_tiles) prefetch(tile, (kt + kChunkStages) * kBK);
             else first_lookup(t + gridDim.x);
           }
-          const int64_t k0 = kt * kBK;
-          const int32_t* slots = s_slots + ((chunk_count - 1) & 1) * kSlotChunk + (kt % kChunkStages) * kBK;
-          auto offsets = [&](RowMap map, int64_t ld, int64_t (&off)[kMnRowsPerThread]) {
+          const int64_t* staged = s_row_off + ((chunk_count - 1) & 1) * 2 * kSlotChunk + (kt % kChunkStages) * kBK;
+          auto offsets = [&](int operand, int64_t (&off)[kMnRowsPerThread]) {
 #pragma unroll
-            for (int i = 0; i < kMnRowsPerThread; ++i) {
-              const int r = tid / 16 + 8 * i;
-              const int32_t slot = slots[r];
-              const int64_t row = map == RowMap::identity ? tile.row_begin + k0 + r
-                                  : map == RowMap::token  ? rt.token_of(slot)
-                                                          : slot;
-              off[i] = slot < 0 ? -1 : row * ld;
-            }
+            for (int i = 0; i < kMnRowsPerThread; ++i) off[i] = staged[operand * kSlotChunk + tid / 16 + 8 * i];
           };
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             int64_t off[kMnRowsPerThread];
-            offsets(p.a_map, p.lda, off);
+            offsets(0, off);
             load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
-            offsets(p.b_map, p.ldb, off);
+            offsets(1, off);
             load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
           });
         }
