@@ -48,6 +48,10 @@ def test_tiny_causal_lm_matches_default(device, how):
         assert all(type(l.mlp).__name__ == "FusedSparseMoeBlock" for l in ours.model.layers)
         assert set(dict(ours.named_parameters())) == set(dict(base.named_parameters()))
     ids = torch.randint(0, 128, (2, 12), device=device)
+    # float64 copy on the CPU (exact from the 16-bit weights): the arbiter of the 16-bit gradients below.
+    exact = copy.deepcopy(base).to(device="cpu", dtype=torch.float64) if dtype != torch.float32 else None
+    if exact is not None:
+        exact.set_experts_implementation("eager")
     with torch.no_grad():
         ref = base(input_ids=ids).logits
         got = ours(input_ids=ids).logits
@@ -64,6 +68,16 @@ def test_tiny_causal_lm_matches_default(device, how):
         # In bf16, layer 1's routing already differs on near-ties (its input carries layer 0's bf16 rounding),
         # so its sparse expert gradients are only comparable in float32.
         names += ["model.layers.1.mlp.experts.down_proj", "model.embed_tokens.weight"]
+    if exact is not None:
+        _, grads_exact = train_step(exact, ids.cpu())
     for name in names:
         assert grads_ref[name].norm() > 0, name
-        assert rel_err(grads_got[name], grads_ref[name]) < (tol if dtype == torch.float32 else 5e-2), name
+        if exact is None:
+            assert rel_err(grads_got[name], grads_ref[name]) < tol, name
+        else:
+            # Two 16-bit implementations differ by both their roundings; judge ours against float64, no worse
+            # than the default implementation (with a margin) or within 5e-2 outright.
+            err_ours = rel_err(grads_got[name].cpu(), grads_exact[name])
+            err_default = rel_err(grads_ref[name].cpu(), grads_exact[name])
+            assert err_ours < max(1.5 * err_default, 5e-2), f"{name}: {err_ours:.3g} vs default {err_default:.3g}"
+
