@@ -382,6 +382,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
         if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
       }
     }
+    // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
+    // previous epilogue to this point, which keeps the tile switch from spilling them.
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
     for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
       mbar_wait(full_bar + 8 * stage, phase);
       fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
@@ -393,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
         const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
                                     : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
         const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
-        Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db, (kt > 0 || k16 > 0) ? 1 : 0);
+        Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
       }
       wgmma_commit();
       wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
@@ -403,12 +407,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     }
     wgmma_wait<0>();
     pin_registers(acc);
-    if (tile.k_tiles > 0) {
-      release(prev_stage);
-    } else {
-#pragma unroll
-      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;  // empty reduction (a group without rows)
-    }
+    if (tile.k_tiles > 0) release(prev_stage);  // (no k-steps: an empty reduction, the zeros stand)
 
     // Epilogue: thread holds rows warp·16 + lane/4 (+8) and column pairs j·8 + (lane%4)·2 of its 64 × BN.
 #pragma unroll
@@ -481,13 +480,13 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   for (int64_t d : chunk_dims)
     if (d % 8 != 0) return false;
   if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
-  // 128 × 256 tiles only on request for now (FUSEDMOE_SM90_BN=256): at 168 registers a thread their
-  // epilogue spills accumulators (NOTES.md).
-  static const bool wide_allowed = [] {
+  // 128 × 256 tiles where the output is at least that wide (fewer operand bytes per FLOP); FUSEDMOE_SM90_BN=128
+  // forces 128 × 128 everywhere.
+  static const bool narrow_only = [] {
     const char* v = std::getenv("FUSEDMOE_SM90_BN");
-    return v != nullptr && std::string(v) == "256";
+    return v != nullptr && std::string(v) == "128";
   }();
-  const bool wide = wide_allowed && p.N >= 256;
+  const bool wide = !narrow_only && p.N >= 256;
   switch (kind) {
     case GemmKind::nt:
       wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
