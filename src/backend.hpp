@@ -23,7 +23,9 @@ struct Routing {
 };
 
 // Y[y_map(i)] = s(i) · X[x_map(i)] · W[e(i)]ᵀ,  W [E,N,K];  s(i) = slot_scale[gather[i]] when defined.
-struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; };
+// With act defined ([M, N/2], y_map identity, no slot_scale): also act = silu(Y[:, :N/2]) · Y[:, N/2:] from
+// the Y values as stored (GEMM1 with SiLU·mul fused where the backend can).
+struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; Tensor act = {}; };
 // dX[dx_map(i)] (=, or += with accumulate) dY[dy_map(i)] · W[e(i)]; dx_map = token sums a token's k slots
 // in slot order (deterministic).
 struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; };

@@ -175,9 +175,10 @@ void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Ten
   const Routing r = routing_of(cfg, T, saved);
   FUSEDMOE_DISPATCH(dev, sort_by_expert, topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
                     saved.expert_offsets, s);
-  // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order).
-  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}}, s);
-  FUSEDMOE_DISPATCH(dev, silu_mul, saved.gate_up_out, tmp.act, s);
+  // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order), and
+  // A = silu(gate)·up of Y1 (fused into the GEMM's epilogue where the backend can).
+  FUSEDMOE_DISPATCH(dev, gemm_nt, r,
+                    GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}, tmp.act}, s);
   // GEMM2 with the scatter to slot order fused into its stores.
   FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}}, s);
   FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, topk_weights, out, s);

@@ -65,6 +65,7 @@ void gemm_nt(const Routing& r, const GemmNT& g, Stream) {
     jobs.push_back(j);
   }
   run_matmuls(jobs, any_f64({&g.X, &g.W, &g.Y}));
+  if (g.act.defined()) silu_mul(g.Y, g.act, {});
 }
 
 void gemm_nn(const Routing& r, const GemmNN& g, Stream) {

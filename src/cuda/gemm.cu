@@ -324,22 +324,26 @@ void with_types(const char* op, const Tensor& in, const Tensor& out, Fn&& fn) {
   if (in.dtype == DType::bf16) with_out(__nv_bfloat16{}); else with_out(__half{});
 }
 
-// dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending: the deterministic sum of a token's k slots. One block
-// per token; V columns per thread per step (4: float4 loads where K % 4 == 0).
-template <int V, class OutT>
-__global__ void sum_slots_kernel(const float* slots, OutT* out, int64_t K, int top_k, bool accumulate) {
+// dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending, in float32: the deterministic sum of a token's k slots
+// (each slot already rounded to dX's type). One block per token; 16 bytes of a row per thread and step
+// where the row length allows (V = 16 / sizeof(S)), else one element.
+template <int V, class S, class OutT>
+__global__ void sum_slots_kernel(const S* slots, OutT* out, int64_t K, int top_k, bool accumulate) {
   const int64_t t = blockIdx.x;
   for (int64_t c = threadIdx.x * V; c < K; c += blockDim.x * V) {
     float s[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) s[i] = accumulate ? to_f32(out[t * K + c + i]) : 0.f;
     for (int j = 0; j < top_k; ++j) {
-      const float* src = slots + (t * top_k + j) * K + c;
-      if constexpr (V == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(src);
-        s[0] += v.x, s[1] += v.y, s[2] += v.z, s[3] += v.w;
+      const S* src = slots + (t * top_k + j) * K + c;
+      if constexpr (V * sizeof(S) == 16) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(src);
+        const S* v = reinterpret_cast<const S*>(&raw);
+#pragma unroll
+        for (int i = 0; i < V; ++i) s[i] += to_f32(v[i]);
       } else {
-        s[0] += src[0];
+#pragma unroll
+        for (int i = 0; i < V; ++i) s[i] += to_f32(src[i]);
       }
     }
 #pragma unroll
@@ -360,7 +364,16 @@ void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
     Problem<T, O> p{g.X.ptr<const T>(), K, g.x_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                     g.Y.ptr<O>(), N, 0, g.y_map,
                     g.slot_scale.defined() ? g.slot_scale.ptr<const T>() : nullptr, false, device_routing(r), 0, N, K};
+    if (g.act.defined()) {
+      if (g.act.dtype != g.Y.dtype)
+        throw Error("grouped_gemm: the fused activation output must have Y's dtype, got " + g.act.describe());
+      Problem<T, O> gated = p;
+      gated.act = g.act.ptr<O>();
+      gated.ld_act = N / 2;
+      if (launch_sm90(gated, GemmKind::nt, r.num_experts, r.M, stream_of(s))) return;
+    }
     launch<T, O, true, true, Mode::grouped_m>(p, r.num_experts, r.M, stream_of(s));
+    if (g.act.defined()) silu_mul(g.Y, g.act, s);  // not fused on this path
   });
 }
 
@@ -368,21 +381,23 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
   const int64_t N = g.W.shape[1], K = g.W.shape[2];  // reduction over N, output columns K
   const cudaStream_t stream = stream_of(s);
   const bool sum_slots = g.dx_map == RowMap::token;
-  Scratch slots(sum_slots ? static_cast<size_t>(r.M * K) * sizeof(float) : 0, stream);
+  // A token's k slot products land in scratch rows of dX's type, then add up in a fixed order.
+  Scratch slots(sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0, stream);
   with_types("grouped_gemm_dX", g.dY, g.dX, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
     if (sum_slots) {
-      Problem<T, float> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
-                          slots.as<float>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
-      launch<T, float, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
+      Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
+                      slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
+      launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
       if (r.T * K > 0) {
-        if (K % 4 == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
-          sum_slots_kernel<4, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), K,
-                                                                                 r.top_k, g.accumulate);
+        constexpr int kVec = 16 / sizeof(O);
+        if (K % kVec == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
+          sum_slots_kernel<kVec, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
+              slots.as<O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         else
-          sum_slots_kernel<1, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(slots.as<float>(), g.dX.ptr<O>(), K,
-                                                                                 r.top_k, g.accumulate);
+          sum_slots_kernel<1, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
+              slots.as<O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         check_launch("sum_slots_kernel");
       }
     } else {

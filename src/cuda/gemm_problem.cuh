@@ -19,6 +19,10 @@ struct Problem {
   bool accumulate;     // C += result
   DeviceRouting routing;
   int64_t M, N, K;     // nt/nn: N, K fixed, M per group; tn: M, N fixed, K per group
+  // nt, sm90 only (gated): C = [gate | up] (N = 2·I) and act[row] = silu(gate)·up of the stored C values.
+  // A tile then covers act columns n0 … n0+BN/2 and the matching gate and up columns of C.
+  OutT* act = nullptr;
+  int64_t ld_act = 0;
 };
 
 // The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../activation.hpp"
 #include "gemm_problem.cuh"
 #include "wgmma.cuh"
 
@@ -153,6 +154,16 @@ __device__ __forceinline__ void store_pair(OutT* dst, float a, float b, bool acc
   }
 }
 
+// Output columns a tile covers, and the column tiles. Gated (GEMM1 with SiLU·mul): BN/2 act columns, whose
+// gate and up columns of C sit side by side in the tile.
+template <int BN, class T, class OutT>
+__host__ __device__ __forceinline__ int64_t tile_width(const Problem<T, OutT>& p) { return p.act ? BN / 2 : BN; }
+template <int BN, class T, class OutT>
+__host__ __device__ __forceinline__ int64_t column_tiles(const Problem<T, OutT>& p) {
+  const int64_t cols = p.act ? p.N / 2 : p.N;
+  return (cols + tile_width<BN>(p) - 1) / tile_width<BN>(p);
+}
+
 // One output tile of the persistent loop.
 struct Tile {
   int group;
@@ -166,7 +177,7 @@ template <GemmKind kKind, int BN, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t) {
   const DeviceRouting& rt = p.routing;
-  const int64_t n_tiles = (p.N + BN - 1) / BN;
+  const int64_t n_tiles = column_tiles<BN>(p);
   Tile tile;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
@@ -185,7 +196,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     m_tile = mt - s_prefix[lo];
   }
   tile.m0 = m_tile * kBM;
-  tile.n0 = (t % n_tiles) * BN;
+  tile.n0 = (t % n_tiles) * tile_width<BN>(p);
   tile.row_begin = s_offsets[tile.group];
   tile.rows = s_offsets[tile.group + 1] - tile.row_begin;
   const int64_t depth = kKind == GemmKind::tn ? tile.rows : p.K;
@@ -243,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     }
   }
   __syncthreads();
-  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * ((p.N + BN - 1) / BN);
+  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN>(p);
 
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   if (warpgroup == 0) {
@@ -301,8 +312,14 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
               int64_t b_off[BN / 16];
 #pragma unroll
               for (int i = 0; i < BN / 16; ++i) {
-                const int64_t n = tile.n0 + tid / 8 + 16 * i;
-                b_off[i] = n < p.N ? n * p.ldb : -1;
+                const int r = tid / 8 + 16 * i;
+                if (p.act) {  // gated: rows [0, BN/2) gate rows n0…, rows [BN/2, BN) the matching up rows
+                  const int64_t col = tile.n0 + r % (BN / 2);
+                  b_off[i] = col < p.N / 2 ? (col + (r < BN / 2 ? 0 : p.N / 2)) * p.ldb : -1;
+                } else {
+                  const int64_t n = tile.n0 + r;
+                  b_off[i] = n < p.N ? n * p.ldb : -1;
+                }
               }
               load_k_major<BN>(b_dst, tid, B_group, b_off, k0, p.K);
             } else {
@@ -370,6 +387,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     const Tile tile = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
     // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
     int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
+    int64_t act_off[2] = {0, 0};    // gated: and in act
     float row_scale[2] = {1.f, 1.f};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -379,6 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
       } else if (m < tile.rows) {
         const int64_t i = tile.row_begin + m;
         out_off[h] = rt.row(p.c_map, i) * p.ldc;
+        act_off[h] = i * p.ld_act;
         if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
       }
     }
@@ -414,6 +433,25 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     for (int h = 0; h < 2; ++h) {
       if (out_off[h] < 0) continue;
       OutT* crow = p.C + out_off[h];
+      if constexpr (kKind == GemmKind::nt) {
+        if (p.act) {  // gate (acc columns < BN/2) and up (the rest) of act columns n0 + …; act from their stored values
+          const int64_t I = p.N / 2;
+          OutT* arow = p.act + act_off[h];
+#pragma unroll
+          for (int j = 0; j < BN / 16; ++j) {
+            const int64_t col = tile.n0 + j * 8 + (lane % 4) * 2;
+            if (col >= I) continue;
+            const float* g = &acc[j * 4 + h * 2];
+            const float* u = &acc[(j + BN / 16) * 4 + h * 2];
+            store_pair(crow + col, g[0], g[1], false);
+            store_pair(crow + I + col, u[0], u[1], false);
+            const float g0 = to_f32(from_f32<OutT>(g[0])), g1 = to_f32(from_f32<OutT>(g[1]));
+            const float u0 = to_f32(from_f32<OutT>(u[0])), u1 = to_f32(from_f32<OutT>(u[1]));
+            store_pair(arow + col, act::silu(g0) * u0, act::silu(g1) * u1, false);
+          }
+          continue;
+        }
+      }
       const float scale = row_scale[h];
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
@@ -452,7 +490,7 @@ void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
                "cudaFuncSetAttribute (sm90 gemm)");
     configured = true;
   }
-  const int64_t n_tiles = (p.N + BN - 1) / BN;
+  const int64_t n_tiles = column_tiles<BN>(p);
   int64_t tiles;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile)
   if constexpr (kKind == GemmKind::tn)
     tiles = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
@@ -480,6 +518,10 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   for (int64_t d : chunk_dims)
     if (d % 8 != 0) return false;
   if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
+  if (p.act != nullptr &&  // gated: y rows in expert order, act rows 16-byte aligned, halves of whole chunks
+      (kind != GemmKind::nt || p.c_map != RowMap::identity || p.row_scale != nullptr || p.N % 16 != 0 ||
+       p.ld_act % 8 != 0 || !aligned16(p.act)))
+    return false;
   // 128 × 256 tiles where the output is at least that wide (fewer operand bytes per FLOP); FUSEDMOE_SM90_BN=128
   // forces 128 × 128 everywhere.
   static const bool narrow_only = [] {
