@@ -156,12 +156,12 @@ __device__ __forceinline__ void store_pair(OutT* dst, float a, float b, bool acc
 
 // Output columns a tile covers, and the column tiles. Gated (GEMM1 with SiLU·mul): BN/2 act columns, whose
 // gate and up columns of C sit side by side in the tile.
-template <int BN, class T, class OutT>
-__host__ __device__ __forceinline__ int64_t tile_width(const Problem<T, OutT>& p) { return p.act ? BN / 2 : BN; }
-template <int BN, class T, class OutT>
+template <int BN, bool kGated>
+constexpr int64_t tile_width() { return kGated ? BN / 2 : BN; }
+template <int BN, bool kGated, class T, class OutT>
 __host__ __device__ __forceinline__ int64_t column_tiles(const Problem<T, OutT>& p) {
-  const int64_t cols = p.act ? p.N / 2 : p.N;
-  return (cols + tile_width<BN>(p) - 1) / tile_width<BN>(p);
+  const int64_t cols = kGated ? p.N / 2 : p.N;
+  return (cols + tile_width<BN, kGated>() - 1) / tile_width<BN, kGated>();
 }
 
 // One output tile of the persistent loop.
@@ -173,11 +173,11 @@ struct Tile {
   int64_t k_tiles;
 };
 
-template <GemmKind kKind, int BN, class T, class OutT>
+template <GemmKind kKind, int BN, bool kGated, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t) {
   const DeviceRouting& rt = p.routing;
-  const int64_t n_tiles = column_tiles<BN>(p);
+  const int64_t n_tiles = column_tiles<BN, kGated>(p);
   Tile tile;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
@@ -196,7 +196,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     m_tile = mt - s_prefix[lo];
   }
   tile.m0 = m_tile * kBM;
-  tile.n0 = (t % n_tiles) * tile_width<BN>(p);
+  tile.n0 = (t % n_tiles) * tile_width<BN, kGated>();
   tile.row_begin = s_offsets[tile.group];
   tile.rows = s_offsets[tile.group + 1] - tile.row_begin;
   const int64_t depth = kKind == GemmKind::tn ? tile.rows : p.K;
@@ -207,7 +207,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
 template <class T, class OutT>
 __device__ __forceinline__ int rt_groups(const Problem<T, OutT>& p) { return p.routing.num_experts; }
 
-template <class T, class OutT, int BN, GemmKind kKind>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated>
 __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     }
   }
   __syncthreads();
-  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN>(p);
+  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
 
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   if (warpgroup == 0) {
@@ -292,12 +292,12 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
+      const Tile tl = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(blockIdx.x);
     for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-      const Tile tile = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
+      const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t);
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
@@ -313,7 +313,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
 #pragma unroll
               for (int i = 0; i < BN / 16; ++i) {
                 const int r = tid / 8 + 16 * i;
-                if (p.act) {  // gated: rows [0, BN/2) gate rows n0…, rows [BN/2, BN) the matching up rows
+                if constexpr (kGated) {  // gated: rows [0, BN/2) gate rows n0…, rows [BN/2, BN) the matching up rows
                   const int64_t col = tile.n0 + r % (BN / 2);
                   b_off[i] = col < p.N / 2 ? (col + (r < BN / 2 ? 0 : p.N / 2)) * p.ldb : -1;
                 } else {
@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   int stage = 0, prev_stage = 0;
   uint32_t phase = 0;
   for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-    const Tile tile = decode_tile<kKind, BN>(p, s_prefix, s_offsets, t);
+    const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t);
     // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
     int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
     int64_t act_off[2] = {0, 0};    // gated: and in act
@@ -397,7 +397,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
       } else if (m < tile.rows) {
         const int64_t i = tile.row_begin + m;
         out_off[h] = rt.row(p.c_map, i) * p.ldc;
-        act_off[h] = i * p.ld_act;
+        if constexpr (kGated) act_off[h] = i * p.ld_act;
         if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
       }
     }
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
       if (out_off[h] < 0) continue;
       OutT* crow = p.C + out_off[h];
       if constexpr (kKind == GemmKind::nt) {
-        if (p.act) {  // gate (acc columns < BN/2) and up (the rest) of act columns n0 + …; act from their stored values
+        if constexpr (kGated) {  // gate (acc columns < BN/2) and up (the rest) of act columns n0 + …; act from their stored values
           const int64_t I = p.N / 2;
           OutT* arow = p.act + act_off[h];
 #pragma unroll
@@ -479,10 +479,10 @@ int sm90_sm_count() {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
-template <class T, class OutT, int BN, GemmKind kKind>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated = false>
 void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
   using Cfg = Config<BN>;
-  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind>;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated>;
   static bool configured = false;  // per instantiation (all devices are sm_90 here)
   if (!configured) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -490,7 +490,7 @@ void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
                "cudaFuncSetAttribute (sm90 gemm)");
     configured = true;
   }
-  const int64_t n_tiles = column_tiles<BN>(p);
+  const int64_t n_tiles = column_tiles<BN, kGated>(p);
   int64_t tiles;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile)
   if constexpr (kKind == GemmKind::tn)
     tiles = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
@@ -518,6 +518,12 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   for (int64_t d : chunk_dims)
     if (d % 8 != 0) return false;
   if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
+  // SiLU·mul in GEMM1's epilogue; FUSEDMOE_FUSED_SILU=0 runs it as a separate pass instead.
+  static const bool fuse_silu = [] {
+    const char* v = std::getenv("FUSEDMOE_FUSED_SILU");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  if (p.act != nullptr && !fuse_silu) return false;
   if (p.act != nullptr &&  // gated: y rows in expert order, act rows 16-byte aligned, halves of whole chunks
       (kind != GemmKind::nt || p.c_map != RowMap::identity || p.row_scale != nullptr || p.N % 16 != 0 ||
        p.ld_act % 8 != 0 || !aligned16(p.act)))
@@ -531,8 +537,12 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   const bool wide = !narrow_only && p.N >= 256;
   switch (kind) {
     case GemmKind::nt:
-      wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
-           : launch<T, OutT, 128, GemmKind::nt>(p, groups, M_total, sms, stream);
+      if (p.act != nullptr)
+        wide ? launch<T, OutT, 256, GemmKind::nt, true>(p, groups, M_total, sms, stream)
+             : launch<T, OutT, 128, GemmKind::nt, true>(p, groups, M_total, sms, stream);
+      else
+        wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
+             : launch<T, OutT, 128, GemmKind::nt>(p, groups, M_total, sms, stream);
       break;
     case GemmKind::nn:
       wide ? launch<T, OutT, 256, GemmKind::nn>(p, groups, M_total, sms, stream)
