@@ -204,9 +204,6 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   return tile;
 }
 
-template <class T, class OutT>
-__device__ __forceinline__ int rt_groups(const Problem<T, OutT>& p) { return p.routing.num_experts; }
-
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated>
 __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles) {
   using Cfg = Config<BN>;
@@ -221,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
-  int32_t* s_offsets = s_prefix + rt_groups(p) + 1;          // [E+1] the groups' first routed rows
+  int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
   // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
   for (int e = threadIdx.x; e <= rt.num_experts; e += blockDim.x) s_offsets[e] = static_cast<int32_t>(rt.offset(e));
