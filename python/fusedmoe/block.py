@@ -39,8 +39,8 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
     slot order into the second GEMM's stores (both on: the whole block runs as one fused op; otherwise
     the unfused steps run with explicit permutes). dX_only: expert weights get no gradient (no dW work
     or memory). dW_only: the input gets no gradient. Parameters with requires_grad=False also cost no
-    gradient work. The kernel configs name GEMM tiles (see fusedmoe.kernel_config); the CUDA backend
-    implements one tile shape so far, so autotune=True currently has a single candidate and runs no search.
+    gradient work. The kernel configs name GEMM tiles (see fusedmoe.kernel_config); the CUDA backend picks
+    its tiles by a shipped heuristic, so autotune=True currently runs no search.
     """
 
     def __init__(self, config, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, permute_x: bool = True,

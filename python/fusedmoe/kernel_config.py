@@ -1,9 +1,11 @@
 """Kernel configurations: the tile shapes a backend's grouped GEMMs run with.
 
-The CUDA backend's tensor-core GEMMs currently implement one tile shape for all three products
-(forward, dX, dW): 128×128 output tiles, a 32-deep reduction step, a 4-stage cp.async pipeline and
-8 warps. A config object names a tile shape explicitly; asking for one the backend does not implement
-raises a ValueError that lists the shapes it does. `None` means "the shipped heuristic".
+What the CUDA backend runs today is chosen by its shipped heuristic, per product: on sm_90 the wgmma
+kernels with 128×256×64 tiles (4 stages) where the output is at least 256 wide, else 128×128×64
+(6 stages), both with one producer and two consumer warpgroups; elsewhere (or with unaligned shapes) the
+portable mma.sync kernel with 128×128×32 tiles, 4 stages and 8 warps. A config object is validated
+against the portable kernel's shape below and recorded on the module, but does not yet select a kernel
+(`FUSEDMOE_SM90_BN=128` in the environment forces 128-wide wgmma tiles); `None` means "the heuristic".
 """
 from __future__ import annotations
 
