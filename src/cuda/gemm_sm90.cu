@@ -13,6 +13,9 @@
 // (nt/nn's A, nt's B) is one panel whose rows are output rows; an MN-major operand (nn's B, both tn
 // operands) is 64 reduction rows × (width/64) panels.
 //
+// BN = 256 where the output is at least that wide, else 128. GEMM1 may run "gated": a tile's B rows are
+// BN/2 gate rows and the matching BN/2 up rows, so the epilogue also writes SiLU(gate)·up.
+//
 // Deterministic: each output element is reduced by one thread in a fixed order, no atomics.
 #include <cstdlib>
 #include <string>
