@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "../backend.hpp"
@@ -22,6 +23,36 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
 inline cudaStream_t stream_of(Stream s) { return static_cast<cudaStream_t>(s.handle); }
 
 inline unsigned blocks_for(int64_t n, int per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
+// The current device's SM count and whether it is sm_90 (the wgmma kernels' target), queried once per device.
+struct DeviceInfo {
+  int sms = 0;
+  bool sm90 = false;
+};
+inline DeviceInfo current_device_info() {
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  auto query = [&] {
+    int major = 0, minor = 0;
+    DeviceInfo info;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    info.sm90 = major == 9 && minor == 0;
+    return info;
+  };
+  constexpr int kCached = 64;
+  static DeviceInfo cached[kCached];
+  if (device < 0 || device >= kCached) return query();
+  if (cached[device].sms == 0) cached[device] = query();
+  return cached[device];
+}
+
+// True when environment variable `name` is set to `value` (the backend's debugging and tuning switches).
+inline bool env_equals(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::string(v) == value;
+}
 
 // The CUDA backend computes its matrix products on tensor cores in 16-bit floats.
 inline void require_tensor_core_dtype(const char* op, const char* name, const Tensor& t) {
@@ -70,6 +101,15 @@ void visit_float(DType dt, Fn&& fn) {
     case DType::f16: fn(__half{}); return;
     default: throw Error(std::string("internal: expected a floating dtype, got ") + dtype_name(dt));
   }
+}
+
+// Calls fn(T1{}, T2{}, …) with the CUDA storage types of several floating dtypes, in order (one
+// instantiation per combination, as nested visit_float calls would make).
+template <class Fn>
+void visit_floats(Fn&& fn) { fn(); }
+template <class Fn, class... Rest>
+void visit_floats(Fn&& fn, DType first, Rest... rest) {
+  visit_float(first, [&](auto tag) { visit_floats([&](auto... tags) { fn(tag, tags...); }, rest...); });
 }
 
 // Device view of the routing metadata. Values coming from device memory are clamped before use, so

@@ -194,35 +194,29 @@ DType dtype_or(const Tensor& t, DType fallback) { return t.defined() ? t.dtype :
 void silu_mul(const Tensor& Y1, const Tensor& A, Stream s) {
   const int64_t M = Y1.shape[0], I = A.shape[1];
   if (M * I == 0) return;
-  visit_float(Y1.dtype, [&](auto s_tag) {
-    visit_float(A.dtype, [&](auto o_tag) {
-      using S = decltype(s_tag);
-      using O = decltype(o_tag);
-      with_width(I, {Y1.data, A.data}, [&](auto v) {
-        silu_mul_kernel<v(), S, O><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(Y1.ptr<const S>(), A.ptr<O>(), M, I);
-      });
-      check_launch("silu_mul_kernel");
+  visit_floats([&](auto s_tag, auto o_tag) {
+    using S = decltype(s_tag);
+    using O = decltype(o_tag);
+    with_width(I, {Y1.data, A.data}, [&](auto v) {
+      silu_mul_kernel<v(), S, O><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(Y1.ptr<const S>(), A.ptr<O>(), M, I);
     });
-  });
+    check_launch("silu_mul_kernel");
+  }, Y1.dtype, A.dtype);
 }
 
 void silu_mul_backward(const Tensor& dA, const Tensor& Y1, const Tensor& dY1, Stream s) {
   const int64_t M = Y1.shape[0], I = dA.shape[1];
   if (M * I == 0) return;
-  visit_float(dA.dtype, [&](auto d_tag) {
-    visit_float(Y1.dtype, [&](auto s_tag) {
-      visit_float(dY1.dtype, [&](auto o_tag) {
-        using D = decltype(d_tag);
-        using S = decltype(s_tag);
-        using O = decltype(o_tag);
-        with_width(I, {dA.data, Y1.data, dY1.data}, [&](auto v) {
-          silu_mul_backward_kernel<v(), D, S, O><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
-              dA.ptr<const D>(), Y1.ptr<const S>(), dY1.ptr<O>(), M, I);
-        });
-        check_launch("silu_mul_backward_kernel");
-      });
+  visit_floats([&](auto d_tag, auto s_tag, auto o_tag) {
+    using D = decltype(d_tag);
+    using S = decltype(s_tag);
+    using O = decltype(o_tag);
+    with_width(I, {dA.data, Y1.data, dY1.data}, [&](auto v) {
+      silu_mul_backward_kernel<v(), D, S, O><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
+          dA.ptr<const D>(), Y1.ptr<const S>(), dY1.ptr<O>(), M, I);
     });
-  });
+    check_launch("silu_mul_backward_kernel");
+  }, dA.dtype, Y1.dtype, dY1.dtype);
 }
 
 void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& Y1, const Tensor& weights,
@@ -231,44 +225,34 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
   if (M == 0) return;
   for (const Tensor* t : {&dY1, &scaled_act})
     if (t->defined() && t->dtype != Y1.dtype) throw Error("routed_silu_backward: outputs must have Y1's dtype");
-  visit_float(Y1.dtype, [&](auto s_tag) {
-    visit_float(weights.dtype, [&](auto w_tag) {
-      visit_float(dtype_or(dA_raw, DType::f32), [&](auto r_tag) {
-        visit_float(dtype_or(d_weights, DType::f32), [&](auto dw_tag) {
-          using S = decltype(s_tag);
-          using W = decltype(w_tag);
-          using R = decltype(r_tag);
-          using DW = decltype(dw_tag);
-          with_width(I, {dA_raw.data, Y1.data, dY1.data, scaled_act.data}, [&](auto v) {
-            routed_silu_backward_kernel<v(), S, W, R, DW><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
-                device_routing(r), cptr<R>(dA_raw), Y1.ptr<const S>(), weights.ptr<const W>(), mptr<S>(dY1),
-                mptr<S>(scaled_act), mptr<DW>(d_weights), I);
-          });
-          check_launch("routed_silu_backward_kernel");
-        });
-      });
+  visit_floats([&](auto s_tag, auto w_tag, auto r_tag, auto dw_tag) {
+    using S = decltype(s_tag);
+    using W = decltype(w_tag);
+    using R = decltype(r_tag);
+    using DW = decltype(dw_tag);
+    with_width(I, {dA_raw.data, Y1.data, dY1.data, scaled_act.data}, [&](auto v) {
+      routed_silu_backward_kernel<v(), S, W, R, DW><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
+          device_routing(r), cptr<R>(dA_raw), Y1.ptr<const S>(), weights.ptr<const W>(), mptr<S>(dY1),
+          mptr<S>(scaled_act), mptr<DW>(d_weights), I);
     });
-  });
+    check_launch("routed_silu_backward_kernel");
+  }, Y1.dtype, weights.dtype, dtype_or(dA_raw, DType::f32), dtype_or(d_weights, DType::f32));
 }
 
 void topk_combine(const Tensor& Y2, const Tensor& weights, const Tensor& out, Stream s) {
   const int64_t T = weights.shape[0], H = Y2.shape[1];
   const int k = static_cast<int>(weights.shape[1]);
   if (T * H == 0) return;
-  visit_float(Y2.dtype, [&](auto y_tag) {
-    visit_float(weights.dtype, [&](auto w_tag) {
-      visit_float(out.dtype, [&](auto o_tag) {
-        using Y = decltype(y_tag);
-        using W = decltype(w_tag);
-        using O = decltype(o_tag);
-        with_width(H, {Y2.data, out.data}, [&](auto v) {
-          topk_combine_kernel<v(), Y, W, O><<<row_blocks(T), kThreads, 0, stream_of(s)>>>(
-              Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), T, k, H);
-        });
-        check_launch("topk_combine_kernel");
-      });
+  visit_floats([&](auto y_tag, auto w_tag, auto o_tag) {
+    using Y = decltype(y_tag);
+    using W = decltype(w_tag);
+    using O = decltype(o_tag);
+    with_width(H, {Y2.data, out.data}, [&](auto v) {
+      topk_combine_kernel<v(), Y, W, O><<<row_blocks(T), kThreads, 0, stream_of(s)>>>(
+          Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), T, k, H);
     });
-  });
+    check_launch("topk_combine_kernel");
+  }, Y2.dtype, weights.dtype, out.dtype);
 }
 
 void topk_combine_backward(const Tensor& dOut, const Tensor& Y2, const Tensor& weights, const Tensor& dY2,
@@ -276,29 +260,24 @@ void topk_combine_backward(const Tensor& dOut, const Tensor& Y2, const Tensor& w
   const int64_t T = weights.shape[0], H = Y2.shape[1];
   const int k = static_cast<int>(weights.shape[1]);
   if (T == 0) return;
-  visit_float(dOut.dtype, [&](auto g_tag) {
-    using G = decltype(g_tag);
-    if (dY2.defined() && H > 0)
-      visit_float(weights.dtype, [&](auto w_tag) {
-        visit_float(dY2.dtype, [&](auto o_tag) {
-          using W = decltype(w_tag);
-          using O = decltype(o_tag);
-          topk_combine_grad_y_kernel<G, W, O><<<blocks_for(T * k * H, kThreads), kThreads, 0, stream_of(s)>>>(
-              dOut.ptr<const G>(), weights.ptr<const W>(), dY2.ptr<O>(), T, k, H);
-          check_launch("topk_combine_grad_y_kernel");
-        });
-      });
-    if (d_weights.defined())
-      visit_float(Y2.dtype, [&](auto y_tag) {
-        visit_float(d_weights.dtype, [&](auto o_tag) {
-          using Y = decltype(y_tag);
-          using O = decltype(o_tag);
-          topk_combine_grad_w_kernel<G, Y, O><<<static_cast<unsigned>(T * k), kThreads, 0, stream_of(s)>>>(
-              dOut.ptr<const G>(), Y2.ptr<const Y>(), d_weights.ptr<O>(), k, H);
-          check_launch("topk_combine_grad_w_kernel");
-        });
-      });
-  });
+  if (dY2.defined() && H > 0)
+    visit_floats([&](auto g_tag, auto w_tag, auto o_tag) {
+      using G = decltype(g_tag);
+      using W = decltype(w_tag);
+      using O = decltype(o_tag);
+      topk_combine_grad_y_kernel<G, W, O><<<blocks_for(T * k * H, kThreads), kThreads, 0, stream_of(s)>>>(
+          dOut.ptr<const G>(), weights.ptr<const W>(), dY2.ptr<O>(), T, k, H);
+      check_launch("topk_combine_grad_y_kernel");
+    }, dOut.dtype, weights.dtype, dY2.dtype);
+  if (d_weights.defined())
+    visit_floats([&](auto g_tag, auto y_tag, auto o_tag) {
+      using G = decltype(g_tag);
+      using Y = decltype(y_tag);
+      using O = decltype(o_tag);
+      topk_combine_grad_w_kernel<G, Y, O><<<static_cast<unsigned>(T * k), kThreads, 0, stream_of(s)>>>(
+          dOut.ptr<const G>(), Y2.ptr<const Y>(), d_weights.ptr<O>(), k, H);
+      check_launch("topk_combine_grad_w_kernel");
+    }, dOut.dtype, Y2.dtype, d_weights.dtype);
 }
 
 }  // namespace fusedmoe::detail::cuda

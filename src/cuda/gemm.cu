@@ -286,14 +286,14 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const Problem<T,
 template <class T, class OutT, bool AK, bool BK_, Mode kMode>
 void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, cudaStream_t stream) {
   constexpr int smem = kStages * (TileShape<AK, kBM>::kElems + TileShape<BK_, kBN>::kElems) * sizeof(T);
+  constexpr GemmKind kind = kMode == Mode::varlen_k ? GemmKind::tn : (BK_ ? GemmKind::nt : GemmKind::nn);
+  if (launch_sm90(p, kind, groups, M_total, stream)) return;  // the Hopper kernels, where eligible
   auto kernel = grouped_gemm_kernel<T, OutT, AK, BK_, kMode>;
   static bool configured = false;  // per instantiation (and per process; all devices are sm_90)
   if (!configured) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
     configured = true;
   }
-  constexpr GemmKind kind = kMode == Mode::varlen_k ? GemmKind::tn : (BK_ ? GemmKind::nt : GemmKind::nn);
-  if (launch_sm90(p, kind, groups, M_total, stream)) return;  // the Hopper kernels, where eligible
   dim3 grid;
   if constexpr (kMode == Mode::grouped_m) {
     // Upper bound on the m-tiles of all groups: each group adds at most one partial tile.
@@ -408,13 +408,6 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
   });
 }
 
-int device_sm_count() {
-  int device = 0, sms = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return sms;
-}
-
 // out[i] = Σ_s partial[s][i], s ascending (deterministic).
 template <class OutT>
 __global__ void sum_partials_kernel(const float* partial, OutT* out, int64_t n, int splits) {
@@ -437,7 +430,7 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
   int splits = 1;
   if (!r.expert_offsets.defined() && r.num_experts == 1) {
     const int64_t tiles = ((N + 127) / 128) * ((K + 127) / 128);
-    const int64_t want = (2 * device_sm_count() + tiles - 1) / tiles;
+    const int64_t want = (2 * current_device_info().sms + tiles - 1) / tiles;
     splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, r.M / 512)));
   }
   Scratch partial(splits > 1 ? static_cast<size_t>(splits) * N * K * sizeof(float) : 0, stream);
@@ -498,14 +491,12 @@ void router_logits_backward(const Tensor& d_logits, const Tensor& x, const Tenso
     dl = Tensor::contiguous(converted.as<void>(), x.dtype, {d_logits.shape[0], d_logits.shape[1]}, x.device);
     const int64_t n = d_logits.numel();
     if (n > 0)
-      visit_float(d_logits.dtype, [&](auto in_tag) {
-        visit_float(x.dtype, [&](auto out_tag) {
-          using In = decltype(in_tag);
-          using Out = decltype(out_tag);
-          convert_kernel<In, Out><<<blocks_for(n, 256), 256, 0, stream>>>(d_logits.ptr<const In>(), dl.ptr<Out>(), n);
-          check_launch("convert_kernel");
-        });
-      });
+      visit_floats([&](auto in_tag, auto out_tag) {
+        using In = decltype(in_tag);
+        using Out = decltype(out_tag);
+        convert_kernel<In, Out><<<blocks_for(n, 256), 256, 0, stream>>>(d_logits.ptr<const In>(), dl.ptr<Out>(), n);
+        check_launch("convert_kernel");
+      }, d_logits.dtype, x.dtype);
   }
   const Routing one = single_group(x.shape[0]);
   if (dgate.defined())  // dgate[e, h] = Σ_t dl[t, e] · x[t, h]

@@ -17,9 +17,6 @@
 // BN/2 gate rows and the matching BN/2 up rows, so the epilogue also writes SiLU(gate)·up.
 //
 // Deterministic: each output element is reduced by one thread in a fixed order, no atomics.
-#include <cstdlib>
-#include <string>
-
 #include "../activation.hpp"
 #include "gemm_problem.cuh"
 #include "wgmma.cuh"
@@ -462,21 +459,6 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
   }
 }
 
-int sm90_sm_count() {
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  static int cached[64] = {};  // per device: 0 unknown, -1 not sm_90, else the SM count
-  if (device < 0 || device >= 64) return -1;
-  if (cached[device] == 0) {
-    int major = 0, minor = 0, sms = 0;
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    cached[device] = (major == 9 && minor == 0) ? sms : -1;
-  }
-  return cached[device];
-}
-
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated = false>
@@ -510,8 +492,9 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   using namespace sm90;
   static const bool disabled = std::getenv("FUSEDMOE_PORTABLE_GEMM") != nullptr;
   if (disabled || groups > kMaxGroups) return false;
-  const int sms = sm90_sm_count();
-  if (sms <= 0) return false;
+  const DeviceInfo device = current_device_info();
+  if (!device.sm90) return false;
+  const int sms = device.sms;
   // 16-byte chunks everywhere: rows, sizes and bases aligned (the zero-fill works at chunk granularity).
   const int64_t chunk_dims[] = {p.lda, p.ldb, p.ldc, p.N, kind == GemmKind::tn ? p.M : p.K,
                                 kind == GemmKind::tn ? 0 : p.b_group_stride, kind == GemmKind::tn ? p.c_group_stride : 0};
@@ -519,10 +502,7 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
     if (d % 8 != 0) return false;
   if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
   // SiLU·mul in GEMM1's epilogue; FUSEDMOE_FUSED_SILU=0 runs it as a separate pass instead.
-  static const bool fuse_silu = [] {
-    const char* v = std::getenv("FUSEDMOE_FUSED_SILU");
-    return v == nullptr || std::string(v) != "0";
-  }();
+  static const bool fuse_silu = !env_equals("FUSEDMOE_FUSED_SILU", "0");
   if (p.act != nullptr && !fuse_silu) return false;
   if (p.act != nullptr &&  // gated: y rows in expert order, act rows 16-byte aligned, halves of whole chunks
       (kind != GemmKind::nt || p.c_map != RowMap::identity || p.row_scale != nullptr || p.N % 16 != 0 ||
@@ -530,10 +510,7 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
     return false;
   // 128 × 256 tiles where the output is at least that wide (fewer operand bytes per FLOP); FUSEDMOE_SM90_BN=128
   // forces 128 × 128 everywhere.
-  static const bool narrow_only = [] {
-    const char* v = std::getenv("FUSEDMOE_SM90_BN");
-    return v != nullptr && std::string(v) == "128";
-  }();
+  static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
   const bool wide = !narrow_only && p.N >= 256;
   switch (kind) {
     case GemmKind::nt:

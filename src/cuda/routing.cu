@@ -203,18 +203,16 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
   check_experts("route_topk", E);
   if (T == 0) return;
   const size_t smem = kRouteWarps * E * (sizeof(float) + 1);
-  visit_float(logits.dtype, [&](auto l_tag) {
-    visit_float(weights.dtype, [&](auto w_tag) {
-      using L = decltype(l_tag);
-      using W = decltype(w_tag);
-      auto kernel = route_topk_kernel<L, W>;
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                 "cudaFuncSetAttribute");
-      kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
-          logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E, top_k, norm);
-      check_launch("route_topk_kernel");
-    });
-  });
+  visit_floats([&](auto l_tag, auto w_tag) {
+    using L = decltype(l_tag);
+    using W = decltype(w_tag);
+    auto kernel = route_topk_kernel<L, W>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "cudaFuncSetAttribute");
+    kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
+        logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E, top_k, norm);
+    check_launch("route_topk_kernel");
+  }, logits.dtype, weights.dtype);
 }
 
 void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor& m_sizes, const Tensor& offsets,
@@ -250,22 +248,17 @@ void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& 
   check_experts("route_topk_backward", E);
   if (T == 0) return;
   const size_t smem = kRouteWarps * E * sizeof(float);
-  visit_float(logits.dtype, [&](auto l_tag) {
-    visit_float(d_weights.dtype, [&](auto w_tag) {
-      visit_float(d_logits.dtype, [&](auto o_tag) {
-        using L = decltype(l_tag);
-        using DW = decltype(w_tag);
-        using DL = decltype(o_tag);
-        auto kernel = route_topk_backward_kernel<L, DW, DL>;
-        check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-                   "cudaFuncSetAttribute");
-        kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
-            logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k,
-            norm);
-        check_launch("route_topk_backward_kernel");
-      });
-    });
-  });
+  visit_floats([&](auto l_tag, auto w_tag, auto o_tag) {
+    using L = decltype(l_tag);
+    using DW = decltype(w_tag);
+    using DL = decltype(o_tag);
+    auto kernel = route_topk_backward_kernel<L, DW, DL>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+               "cudaFuncSetAttribute");
+    kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
+        logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k, norm);
+    check_launch("route_topk_backward_kernel");
+  }, logits.dtype, d_weights.dtype, d_logits.dtype);
 }
 
 }  // namespace fusedmoe::detail::cuda
