@@ -2,11 +2,18 @@
 // a persistent tile loop. Serves the three products of the block (GemmKind nt / nn / tn) with the routing
 // row maps applied in the loads (token gather) and the stores (slot scatter).
 //
-// CTA = 3 warpgroups. Warpgroup 0 is the producer: its 128 threads copy 16-byte chunks with cp.async
-// (zero-filled past the edges) straight into the swizzled layout wgmma reads, so gathered rows cost the
-// same as contiguous ones. Warpgroups 1 and 2 are consumers: each owns 64 rows of the 128 × BN output
-// tile, issues m64nBNk16 wgmmas over the stage and writes its accumulators out in the epilogue while
-// the producer already fills the stages of the CTA's next tile.
+// CTA = 3 warpgroups. Warpgroup 0 is the producer: its 128 threads copy the routed (gathered) rows in
+// 16-byte chunks with cp.async (zero-filled past the edges) straight into the swizzled layout wgmma
+// reads, so gathered rows cost the same as contiguous ones. Warpgroups 1 and 2 are consumers: each owns
+// 64 rows of the 128 × BN output tile, issues m64nBNk16 wgmmas over the stage and writes its accumulators
+// out in the epilogue while the producer already fills the stages of the CTA's next tile.
+//
+// nt / nn (the weight is B, shared by every m-tile of an expert): CTAs run in clusters of two that take
+// neighbouring m-tiles of the same (expert, n-tile), and the weight tile arrives by TMA multicast, each
+// CTA loading half of it into both CTAs' shared memory. That halves the weight traffic out of L2, which
+// is what bounded the mainloop when every operand byte went through per-thread cp.async. A stage is then
+// full after the producer's 128 cp.async arrivals plus the TMA bytes of both halves, and free only when
+// the consumers of both CTAs have released it (the peer's TMA writes into it).
 //
 // Shared-memory operand layout: "panels" of R rows × 64 elements (128 bytes per row); 16-byte chunk c of
 // row r lives at r·128 + ((c ^ (r mod 8)) · 16), the 128-byte swizzle of TMA and wgmma. A K-major operand
@@ -17,6 +24,9 @@
 // BN/2 gate rows and the matching BN/2 up rows, so the epilogue also writes SiLU(gate)·up.
 //
 // Deterministic: each output element is reduced by one thread in a fixed order, no atomics.
+#include <cuda.h>          // CUtensorMap
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
 #include "../activation.hpp"
 #include "gemm_problem.cuh"
 #include "wgmma.cuh"
@@ -35,6 +45,10 @@ constexpr int kMaxGroups = 1024;       // per-group tables (m-tile prefix, offse
 // lookup nor recomputes row addresses.
 constexpr int kChunkStages = 8;
 constexpr int kSlotChunk = kChunkStages * kBK;
+
+// CTAs per cluster: two for the weight-multicast kinds (nt, nn); tn's operands are both gathered rows.
+template <GemmKind kKind>
+constexpr int cluster_size() { return kKind == GemmKind::tn ? 1 : 2; }
 
 template <int BN>
 struct Config {
@@ -69,6 +83,34 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra WAIT;\n}\n" ::"r"(bar),
       "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Arrival on the barrier at the same shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ void mbar_arrive_in_cta(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// TMA: box (c0, c1, c2) of a 3-D tensor map into shared memory at `dst` in every CTA of `cta_mask`, each
+// destination's barrier at offset `bar` receiving the bytes.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                                   int c2, uint16_t cta_mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask)
       : "memory");
 }
 
@@ -173,9 +215,12 @@ struct Tile {
   int64_t k_tiles;
 };
 
+// Work unit t of the persistent loop -> this CTA's tile. nt/nn: a unit is a pair of neighbouring m-tiles of
+// one group (CTA `rank` of the cluster takes m-tile 2·pair + rank; past the group's rows it computes an
+// empty tile, so both CTAs step through the same k-tiles) × an n-tile; s_prefix counts units per group.
 template <GemmKind kKind, int BN, bool kGated, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
-                                            const int32_t* s_offsets, int64_t t) {
+                                            const int32_t* s_offsets, int64_t t, uint32_t rank) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   Tile tile;
@@ -193,7 +238,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
       if (s_prefix[mid] <= mt) lo = mid; else hi = mid;
     }
     tile.group = lo;
-    m_tile = mt - s_prefix[lo];
+    m_tile = (mt - s_prefix[lo]) * cluster_size<kKind>() + rank;
   }
   tile.m0 = m_tile * kBM;
   tile.n0 = (t % n_tiles) * tile_width<BN, kGated>();
@@ -205,16 +250,23 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
 }
 
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated>
-__global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles) {
+__global__ void __launch_bounds__(kThreads, 1)
+    gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
+  constexpr int kCluster = cluster_size<kKind>();
+  constexpr bool kTmaB = kKind != GemmKind::tn;  // the weight tile by TMA multicast
+  const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
+  // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
+  const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
   extern __shared__ uint8_t smem_raw[];
   // Aligned by offsetting the shared array itself (not via an integer round trip), so the compiler still
   // knows every pointer below is shared memory and emits shared loads rather than generic ones.
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t stages = smem_u32(smem);
-  const uint32_t full_bar = stages + S * Cfg::kStageBytes;  // S barriers: stage filled (128 producer arrivals)
-  const uint32_t empty_bar = full_bar + S * 8;              // S barriers: stage consumed (8 consumer warps)
+  // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
+  const uint32_t full_bar = stages + S * Cfg::kStageBytes;
+  const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
@@ -225,9 +277,10 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(full_bar + 8 * s, 128);
-      mbar_init(empty_bar + 8 * s, 8);
+      mbar_init(full_bar + 8 * s, 128 + (kTmaB ? 1 : 0));
+      mbar_init(empty_bar + 8 * s, 8 * kCluster);
     }
+    if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if constexpr (kKind != GemmKind::tn) {
     // m-tile prefix over the groups (one warp scan), and from it the number of tiles.
@@ -236,8 +289,9 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
       int running = 0;
       for (int e0 = 0; e0 < rt.num_experts; e0 += 32) {
         const int e = e0 + lane;
-        int tiles = 0;
-        if (e < rt.num_experts) tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
+        int tiles = 0;  // work units: m-tiles, taken kCluster at a time
+        if (e < rt.num_experts)
+          tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM * kCluster - 1) / (kBM * kCluster));
         int incl = tiles;
 #pragma unroll
         for (int d = 1; d < 32; d <<= 1) {
@@ -250,7 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
       if (lane == 0) s_prefix[0] = 0;
     }
   }
-  __syncthreads();
+  // The peer CTA arrives on this CTA's barriers and multicasts into its shared memory: both must be set up.
+  if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
   if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
 
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
@@ -289,50 +344,47 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t);
+      const Tile tl = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
-    first_lookup(blockIdx.x);
-    for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-      const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t);
+    first_lookup(first_unit);
+    for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
+      const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
         for (int i = 0; i < kBM / 16; ++i) rows_now[i] = a_off[i];
-        first_lookup(t + gridDim.x);  // lands while this tile's stages are copied
-        const T* B_group = p.B + tile.group * p.b_group_stride;
+        first_lookup(t + unit_stride);  // lands while this tile's stages are copied
+        const int group = tile.group, n0 = static_cast<int>(tile.n0);
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
-          const int64_t k0 = kt * kBK;
+          const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
-            load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
-            if constexpr (kKind == GemmKind::nt) {
-              int64_t b_off[BN / 16];
+            if (tid == 0) {
+              // This CTA's half of the weight tile, into both CTAs; the full stage is BN rows of both halves.
+              // (Rows or columns past the group's weight read as zeros or as other rows of the weight:
+              // they only reach output columns the epilogue does not store.)
+              mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes);
+              constexpr uint16_t kAll = (1u << kCluster) - 1;
+              if constexpr (kKind == GemmKind::nt) {
+                // K-major: BN/2 rows per CTA. Gated: CTA 0 brings the gate rows n0…, CTA 1 the up rows I + n0….
+                const int row0 = kGated ? (rank == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + static_cast<int>(rank) * (BN / 2);
+                tma_load_multicast(b_dst + rank * (BN / 2) * 128, &b_map, full_bar + 8 * stage, k0, row0, group, kAll);
+              } else {
+                // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per CTA.
 #pragma unroll
-              for (int i = 0; i < BN / 16; ++i) {
-                const int r = tid / 8 + 16 * i;
-                if constexpr (kGated) {  // gated: rows [0, BN/2) gate rows n0…, rows [BN/2, BN) the matching up rows
-                  const int64_t col = tile.n0 + r % (BN / 2);
-                  b_off[i] = col < p.N / 2 ? (col + (r < BN / 2 ? 0 : p.N / 2)) * p.ldb : -1;
-                } else {
-                  const int64_t n = tile.n0 + r;
-                  b_off[i] = n < p.N ? n * p.ldb : -1;
+                for (int q = 0; q < BN / 128; ++q) {
+                  const int panel = static_cast<int>(rank) * (BN / 128) + q;
+                  tma_load_multicast(b_dst + panel * kPanelBytes, &b_map, full_bar + 8 * stage, n0 + 64 * panel, k0,
+                                     group, kAll);
                 }
               }
-              load_k_major<BN>(b_dst, tid, B_group, b_off, k0, p.K);
-            } else {
-              int64_t b_off[kMnRowsPerThread];
-#pragma unroll
-              for (int i = 0; i < kMnRowsPerThread; ++i) {
-                const int64_t k = k0 + tid / 16 + 8 * i;
-                b_off[i] = k < p.K ? k * p.ldb : -1;
-              }
-              load_mn_major<BN>(b_dst, tid, B_group, b_off, tile.n0, p.N);
             }
+            load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
           });
         }
       } else {
         // Both operands' rows are the group's routed rows k0 + r, through the row offsets staged in s_row_off.
-        if (tile.k_tiles == 0) first_lookup(t + gridDim.x);  // nothing to stage: move on to the next tile's rows
+        if (tile.k_tiles == 0) first_lookup(t + unit_stride);  // nothing to stage: move on to the next tile's rows
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           if (kt % kChunkStages == 0) {
             // Buffers alternate chunk by chunk across tiles: the one written here was last read two chunks
@@ -348,7 +400,7 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
             }
             asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer warpgroup only
             if (kt + kChunkStages < tile.k_tiles) prefetch(tile, (kt + kChunkStages) * kBK);
-            else first_lookup(t + gridDim.x);
+            else first_lookup(t + unit_stride);
           }
           const int64_t* staged = s_row_off + ((chunk_count - 1) & 1) * 2 * kSlotChunk + (kt % kChunkStages) * kBK;
           auto offsets = [&](int operand, int64_t (&off)[kMnRowsPerThread]) {
@@ -365,123 +417,191 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_sm90_kernel(const Problem<T,
         }
       }
     }
-    return;
-  }
-
-  // ---- consumers ----
-  const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
-  const int warp = tid / 32, lane = tid % 32;
-  constexpr int kTransA = kKind == GemmKind::tn ? 1 : 0;
-  constexpr int kTransB = kKind == GemmKind::nt ? 0 : 1;
-  auto release = [&](int s) {
-    __syncwarp();
-    if (lane == 0) mbar_arrive(empty_bar + 8 * s);
-  };
-  float acc[BN / 2];
-  int stage = 0, prev_stage = 0;
-  uint32_t phase = 0;
-  for (int64_t t = blockIdx.x; t < total_tiles; t += gridDim.x) {
-    const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t);
-    // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
-    int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
-    int64_t act_off[2] = {0, 0};    // gated: and in act
-    float row_scale[2] = {1.f, 1.f};
+  } else {
+    // ---- consumers ----
+    const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
+    const int warp = tid / 32, lane = tid % 32;
+    constexpr int kTransA = kKind == GemmKind::tn ? 1 : 0;
+    constexpr int kTransB = kKind == GemmKind::nt ? 0 : 1;
+    auto release = [&](int s) {
+      __syncwarp();
+      if (lane == 0) {
+        if constexpr (kCluster == 1) {
+          mbar_arrive(empty_bar + 8 * s);
+        } else {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
-      if constexpr (kKind == GemmKind::tn) {
-        if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
-      } else if (m < tile.rows) {
-        const int64_t i = tile.row_begin + m;
-        out_off[h] = rt.row(p.c_map, i) * p.ldc;
-        if constexpr (kGated) act_off[h] = i * p.ld_act;
-        if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
-      }
-    }
-    // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
-    // previous epilogue to this point, which keeps the tile switch from spilling them.
-#pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-    for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
-      mbar_wait(full_bar + 8 * stage, phase);
-      fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
-      const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
-      wgmma_fence();
-#pragma unroll
-      for (int k16 = 0; k16 < kBK / 16; ++k16) {
-        // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
-        const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                    : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
-        const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
-        Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
-      if (kt > 0) release(prev_stage);
-      prev_stage = stage;
-      if (++stage == S) stage = 0, phase ^= 1;
-    }
-    wgmma_wait<0>();
-    pin_registers(acc);
-    if (tile.k_tiles > 0) release(prev_stage);  // (no k-steps: an empty reduction, the zeros stand)
-
-    // Epilogue: thread holds rows warp·16 + lane/4 (+8) and column pairs j·8 + (lane%4)·2 of its 64 × BN.
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (out_off[h] < 0) continue;
-      OutT* crow = p.C + out_off[h];
-      if constexpr (kKind == GemmKind::nt) {
-        if constexpr (kGated) {  // gate (acc columns < BN/2) and up (the rest) of act columns n0 + …; act from their stored values
-          const int64_t I = p.N / 2;
-          OutT* arow = p.act + act_off[h];
-#pragma unroll
-          for (int j = 0; j < BN / 16; ++j) {
-            const int64_t col = tile.n0 + j * 8 + (lane % 4) * 2;
-            if (col >= I) continue;
-            const float* g = &acc[j * 4 + h * 2];
-            const float* u = &acc[(j + BN / 16) * 4 + h * 2];
-            store_pair(crow + col, g[0], g[1], false);
-            store_pair(crow + I + col, u[0], u[1], false);
-            const float g0 = to_f32(from_f32<OutT>(g[0])), g1 = to_f32(from_f32<OutT>(g[1]));
-            const float u0 = to_f32(from_f32<OutT>(u[0])), u1 = to_f32(from_f32<OutT>(u[1]));
-            store_pair(arow + col, act::silu(g0) * u0, act::silu(g1) * u1, false);
-          }
-          continue;
+          for (uint32_t r = 0; r < kCluster; ++r) mbar_arrive_in_cta(empty_bar + 8 * s, r);  // both CTAs fill it
         }
       }
-      const float scale = row_scale[h];
+    };
+    float acc[BN / 2];
+    int stage = 0, prev_stage = 0;
+    uint32_t phase = 0;
+    for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
+      const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t, rank);
+      // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
+      int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
+      int64_t act_off[2] = {0, 0};    // gated: and in act
+      float row_scale[2] = {1.f, 1.f};
 #pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        const int64_t n = tile.n0 + j * 8 + (lane % 4) * 2;
-        if (n < p.N) store_pair(crow + n, acc[j * 4 + h * 2] * scale, acc[j * 4 + h * 2 + 1] * scale, p.accumulate);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+        if constexpr (kKind == GemmKind::tn) {
+          if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
+        } else if (m < tile.rows) {
+          const int64_t i = tile.row_begin + m;
+          out_off[h] = rt.row(p.c_map, i) * p.ldc;
+          if constexpr (kGated) act_off[h] = i * p.ld_act;
+          if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
+        }
+      }
+      // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
+      // previous epilogue to this point, which keeps the tile switch from spilling them.
+#pragma unroll
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+      for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
+        mbar_wait(full_bar + 8 * stage, phase);
+        fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
+        const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
+        wgmma_fence();
+#pragma unroll
+        for (int k16 = 0; k16 < kBK / 16; ++k16) {
+          // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
+          const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                      : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
+          const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
+          Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
+        if (kt > 0) release(prev_stage);
+        prev_stage = stage;
+        if (++stage == S) stage = 0, phase ^= 1;
+      }
+      wgmma_wait<0>();
+      pin_registers(acc);
+      if (tile.k_tiles > 0) release(prev_stage);  // (no k-steps: an empty reduction, the zeros stand)
+
+      // Epilogue: thread holds rows warp·16 + lane/4 (+8) and column pairs j·8 + (lane%4)·2 of its 64 × BN.
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (out_off[h] < 0) continue;
+        OutT* crow = p.C + out_off[h];
+        if constexpr (kKind == GemmKind::nt) {
+          if constexpr (kGated) {  // gate (acc columns < BN/2) and up (the rest) of act columns n0 + …; act from their stored values
+            const int64_t I = p.N / 2;
+            OutT* arow = p.act + act_off[h];
+#pragma unroll
+            for (int j = 0; j < BN / 16; ++j) {
+              const int64_t col = tile.n0 + j * 8 + (lane % 4) * 2;
+              if (col >= I) continue;
+              const float* g = &acc[j * 4 + h * 2];
+              const float* u = &acc[(j + BN / 16) * 4 + h * 2];
+              store_pair(crow + col, g[0], g[1], false);
+              store_pair(crow + I + col, u[0], u[1], false);
+              const float g0 = to_f32(from_f32<OutT>(g[0])), g1 = to_f32(from_f32<OutT>(g[1]));
+              const float u0 = to_f32(from_f32<OutT>(u[0])), u1 = to_f32(from_f32<OutT>(u[1]));
+              store_pair(arow + col, act::silu(g0) * u0, act::silu(g1) * u1, false);
+            }
+            continue;
+          }
+        }
+        const float scale = row_scale[h];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j) {
+          const int64_t n = tile.n0 + j * 8 + (lane % 4) * 2;
+          if (n < p.N) store_pair(crow + n, acc[j * 4 + h * 2] * scale, acc[j * 4 + h * 2 + 1] * scale, p.accumulate);
+        }
       }
     }
   }
+  // The peer still arrives on this CTA's barriers until its last stage is released: neither CTA may exit first.
+  if constexpr (kCluster > 1) cluster_sync();
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
+// cuTensorMapEncodeTiled from the driver, found through the runtime (no link-time dependency on libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    check_cuda(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found),
+               "cudaGetDriverEntryPointByVersion(cuTensorMapEncodeTiled)");
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr)
+      throw Error("the CUDA driver provides no cuTensorMapEncodeTiled (TMA needs CUDA 12 or newer)");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The weight operand as a 3-D tensor (contiguous dim, rows, groups), boxes of one 128-byte-swizzled panel
+// width: nt reads [N rows × K] K-major boxes of BN/2 rows, nn reads [K rows × N] boxes of 64 × 64.
+// Per-group bounds make rows and columns past a group's weight read as zeros.
+template <class T, class OutT>
+CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int BN) {
+  CUtensorMap map;
+  const bool nt = kind == GemmKind::nt;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(nt ? p.K : p.N), static_cast<cuuint64_t>(nt ? p.N : p.K),
+                              static_cast<cuuint64_t>(groups)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.ldb) * sizeof(T),
+                                 static_cast<cuuint64_t>(p.b_group_stride) * sizeof(T)};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(nt ? BN / 2 : 64), 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
+  const CUresult rc = tensor_map_encoder()(
+      &map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3,
+      const_cast<T*>(p.B), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (rc != CUDA_SUCCESS) throw Error("cuTensorMapEncodeTiled (sm90 gemm weight): error " + std::to_string(rc));
+  return map;
+}
+
+// Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated = false>
-void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
+bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
   using Cfg = Config<BN>;
+  constexpr int kCluster = cluster_size<kKind>();
   auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated>;
-  static bool configured = false;  // per instantiation (all devices are sm_90 here)
-  if (!configured) {
+  const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = kCluster, cluster.val.clusterDim.y = 1, cluster.val.clusterDim.z = 1;
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  // Per instantiation (all devices are sm_90 here): the shared-memory opt-in, and how many clusters fit at
+  // once (some SMs may be left over where a GPC's SM count is odd).
+  static int resident_clusters = -1;
+  if (resident_clusters < 0) {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(Cfg::smem_bytes(kMaxGroups))),
                "cudaFuncSetAttribute (sm90 gemm)");
-    configured = true;
+    if (kCluster > 1) {
+      config.gridDim = dim3(kCluster * sms);
+      config.dynamicSmemBytes = Cfg::smem_bytes(kMaxGroups);
+      int n = 0;
+      check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), "cudaOccupancyMaxActiveClusters (sm90 gemm)");
+      config.dynamicSmemBytes = smem;
+      resident_clusters = n;
+    } else {
+      resident_clusters = sms;
+    }
   }
+  if (resident_clusters == 0) return false;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
-  int64_t tiles;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile)
+  int64_t units;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile and pair)
   if constexpr (kKind == GemmKind::tn)
-    tiles = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
+    units = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
   else
-    tiles = ((M_total + kBM - 1) / kBM + std::min<int64_t>(groups, M_total)) * n_tiles;
-  if (tiles == 0) return;
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles, sms));
-  kernel<<<grid, kThreads, Cfg::smem_bytes(static_cast<int>(groups)), stream>>>(p, tiles);
-  check_launch("gemm_sm90_kernel");
+    units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
+  if (units == 0) return true;
+  config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident_clusters)));
+  const CUtensorMap b_map = kKind == GemmKind::tn ? CUtensorMap{} : weight_tensor_map(p, kKind, groups, BN);
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map), "gemm_sm90_kernel");
+  return true;
 }
 
 }  // namespace
@@ -515,22 +635,18 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   switch (kind) {
     case GemmKind::nt:
       if (p.act != nullptr)
-        wide ? launch<T, OutT, 256, GemmKind::nt, true>(p, groups, M_total, sms, stream)
-             : launch<T, OutT, 128, GemmKind::nt, true>(p, groups, M_total, sms, stream);
-      else
-        wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
-             : launch<T, OutT, 128, GemmKind::nt>(p, groups, M_total, sms, stream);
-      break;
+        return wide ? launch<T, OutT, 256, GemmKind::nt, true>(p, groups, M_total, sms, stream)
+                    : launch<T, OutT, 128, GemmKind::nt, true>(p, groups, M_total, sms, stream);
+      return wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
+                  : launch<T, OutT, 128, GemmKind::nt>(p, groups, M_total, sms, stream);
     case GemmKind::nn:
-      wide ? launch<T, OutT, 256, GemmKind::nn>(p, groups, M_total, sms, stream)
-           : launch<T, OutT, 128, GemmKind::nn>(p, groups, M_total, sms, stream);
-      break;
+      return wide ? launch<T, OutT, 256, GemmKind::nn>(p, groups, M_total, sms, stream)
+                  : launch<T, OutT, 128, GemmKind::nn>(p, groups, M_total, sms, stream);
     case GemmKind::tn:
-      wide ? launch<T, OutT, 256, GemmKind::tn>(p, groups, M_total, sms, stream)
-           : launch<T, OutT, 128, GemmKind::tn>(p, groups, M_total, sms, stream);
-      break;
+      return wide ? launch<T, OutT, 256, GemmKind::tn>(p, groups, M_total, sms, stream)
+                  : launch<T, OutT, 128, GemmKind::tn>(p, groups, M_total, sms, stream);
   }
-  return true;
+  return false;
 }
 
 template bool launch_sm90(const Problem<__nv_bfloat16, __nv_bfloat16>&, GemmKind, int64_t, int64_t, cudaStream_t);
