@@ -46,10 +46,6 @@ constexpr int kMaxGroups = 1024;       // per-group tables (m-tile prefix, offse
 constexpr int kChunkStages = 8;
 constexpr int kSlotChunk = kChunkStages * kBK;
 
-// CTAs per cluster: two for the weight-multicast kinds (nt, nn); tn's operands are both gathered rows.
-template <GemmKind kKind>
-constexpr int cluster_size() { return kKind == GemmKind::tn ? 1 : 2; }
-
 template <int BN>
 struct Config {
   static constexpr int kStages = BN == 256 ? 4 : 6;
@@ -103,15 +99,21 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
-// TMA: box (c0, c1, c2) of a 3-D tensor map into shared memory at `dst` in every CTA of `cta_mask`, each
-// destination's barrier at offset `bar` receiving the bytes.
-__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
-                                                   int c2, uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(cta_mask)
-      : "memory");
+// TMA: box (c0, c1, c2) of a 3-D tensor map into shared memory at `dst`, the barrier at `bar` receiving the
+// bytes; with kCluster > 1 into every CTA of the cluster (same offsets in each).
+template <int kCluster>
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
+  if constexpr (kCluster == 1)
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
+        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
+        : "memory");
+  else
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(static_cast<uint16_t>((1u << kCluster) - 1))
+        : "memory");
 }
 
 // 16 bytes global -> shared; zero-filled (nothing read) when !valid.
@@ -218,7 +220,7 @@ struct Tile {
 // Work unit t of the persistent loop -> this CTA's tile. nt/nn: a unit is a pair of neighbouring m-tiles of
 // one group (CTA `rank` of the cluster takes m-tile 2·pair + rank; past the group's rows it computes an
 // empty tile, so both CTAs step through the same k-tiles) × an n-tile; s_prefix counts units per group.
-template <GemmKind kKind, int BN, bool kGated, class T, class OutT>
+template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t, uint32_t rank) {
   const DeviceRouting& rt = p.routing;
@@ -238,7 +240,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
       if (s_prefix[mid] <= mt) lo = mid; else hi = mid;
     }
     tile.group = lo;
-    m_tile = (mt - s_prefix[lo]) * cluster_size<kKind>() + rank;
+    m_tile = (mt - s_prefix[lo]) * kCluster + rank;
   }
   tile.m0 = m_tile * kBM;
   tile.n0 = (t % n_tiles) * tile_width<BN, kGated>();
@@ -249,12 +251,13 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   return tile;
 }
 
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated>
+// kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
-  constexpr int kCluster = cluster_size<kKind>();
+  static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
   constexpr bool kTmaB = kKind != GemmKind::tn;  // the weight tile by TMA multicast
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
@@ -344,12 +347,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t, rank);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t, rank);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
@@ -360,22 +363,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             if (tid == 0) {
-              // This CTA's half of the weight tile, into both CTAs; the full stage is BN rows of both halves.
-              // (Rows or columns past the group's weight read as zeros or as other rows of the weight:
-              // they only reach output columns the epilogue does not store.)
+              // The weight tile comes in two halves; in a pair each CTA loads one into both CTAs. The stage is
+              // full with all BN rows. (Rows or columns past the group's weight read as zeros or as other rows
+              // of the weight: they only reach output columns the epilogue does not store.)
               mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes);
-              constexpr uint16_t kAll = (1u << kCluster) - 1;
-              if constexpr (kKind == GemmKind::nt) {
-                // K-major: BN/2 rows per CTA. Gated: CTA 0 brings the gate rows n0…, CTA 1 the up rows I + n0….
-                const int row0 = kGated ? (rank == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + static_cast<int>(rank) * (BN / 2);
-                tma_load_multicast(b_dst + rank * (BN / 2) * 128, &b_map, full_bar + 8 * stage, k0, row0, group, kAll);
-              } else {
-                // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per CTA.
+              const uint32_t bar = full_bar + 8 * stage;
 #pragma unroll
-                for (int q = 0; q < BN / 128; ++q) {
-                  const int panel = static_cast<int>(rank) * (BN / 128) + q;
-                  tma_load_multicast(b_dst + panel * kPanelBytes, &b_map, full_bar + 8 * stage, n0 + 64 * panel, k0,
-                                     group, kAll);
+              for (int half = static_cast<int>(rank) * 2 / kCluster; half < (static_cast<int>(rank) + 1) * 2 / kCluster; ++half) {
+                if constexpr (kKind == GemmKind::nt) {
+                  // K-major: BN/2 rows. Gated: the gate rows n0… and the up rows I + n0….
+                  const int row0 = kGated ? (half == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + half * (BN / 2);
+                  tma_load<kCluster>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
+                } else {
+                  // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per half.
+#pragma unroll
+                  for (int q = 0; q < BN / 128; ++q) {
+                    const int panel = half * (BN / 128) + q;
+                    tma_load<kCluster>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
+                  }
                 }
               }
             }
@@ -438,7 +443,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated>(p, s_prefix, s_offsets, t, rank);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
@@ -557,11 +562,10 @@ CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t 
 }
 
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated = false>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
   using Cfg = Config<BN>;
-  constexpr int kCluster = cluster_size<kKind>();
-  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated>;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>;
   const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
   cudaLaunchConfig_t config{};
   cudaLaunchAttribute cluster{};
@@ -604,6 +608,22 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   return true;
 }
 
+// The instantiation for a runtime tile width (128 or 256) and cluster size (1 or 2; tn: 1).
+template <class T, class OutT, GemmKind kKind, bool kGated>
+bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t groups, int64_t M_total, int sms,
+                 cudaStream_t stream) {
+  if constexpr (kKind == GemmKind::tn) {
+    return block_n == 256 ? launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream)
+                          : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+  } else {
+    if (block_n == 256)
+      return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                          : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+    return cluster == 2 ? launch<T, OutT, 128, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                        : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+  }
+}
+
 }  // namespace
 }  // namespace sm90
 
@@ -631,20 +651,16 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   // 128 × 256 tiles where the output is at least that wide (fewer operand bytes per FLOP); FUSEDMOE_SM90_BN=128
   // forces 128 × 128 everywhere.
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
-  const bool wide = !narrow_only && p.N >= 256;
+  const int block_n = !narrow_only && p.N >= 256 ? 256 : 128;
+  // nt/nn: CTA pairs share the weight tile by multicast; FUSEDMOE_SM90_CLUSTER=1 has every CTA load its own.
+  static const bool no_pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "1");
+  const int cluster = no_pairs ? 1 : 2;
   switch (kind) {
     case GemmKind::nt:
-      if (p.act != nullptr)
-        return wide ? launch<T, OutT, 256, GemmKind::nt, true>(p, groups, M_total, sms, stream)
-                    : launch<T, OutT, 128, GemmKind::nt, true>(p, groups, M_total, sms, stream);
-      return wide ? launch<T, OutT, 256, GemmKind::nt>(p, groups, M_total, sms, stream)
-                  : launch<T, OutT, 128, GemmKind::nt>(p, groups, M_total, sms, stream);
-    case GemmKind::nn:
-      return wide ? launch<T, OutT, 256, GemmKind::nn>(p, groups, M_total, sms, stream)
-                  : launch<T, OutT, 128, GemmKind::nn>(p, groups, M_total, sms, stream);
-    case GemmKind::tn:
-      return wide ? launch<T, OutT, 256, GemmKind::tn>(p, groups, M_total, sms, stream)
-                  : launch<T, OutT, 128, GemmKind::tn>(p, groups, M_total, sms, stream);
+      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
+                              : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, groups, M_total, sms, stream);
+    case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, groups, M_total, sms, stream);
+    case GemmKind::tn: return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
   }
   return false;
 }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A/B of the CUDA backend's kernel switches on the GPU machine, in one call: builds the C++ example and
+# tests, checks each variant against the CPU oracle (GPU tests), times the block per variant (moe_example)
+# and profiles its GEMM kernels with ncu (time, L2 and tensor-pipe use). Logs go to $OUT.
+#   AB_VARIANTS="A=ENV=VAL,ENV2=VAL B=..."  (default: the sm90 weight multicast on and off)
+#   AB_TOKENS="2048 16384"   AB_NCU=0 skips the profile.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT"
+export PATH="/usr/local/cuda/bin:$PATH"
+variants=${AB_VARIANTS:-"pairs=FUSEDMOE_SM90_CLUSTER=2 single=FUSEDMOE_SM90_CLUSTER=1"}
+t0=$(date +%s)
+if ! { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON &&
+       cmake --build build/gpu -j "$(nproc)" --target fusedmoe_tests moe_example; } >"$OUT/build.log" 2>&1; then
+  tail -30 "$OUT/build.log"; exit 1
+fi
+echo "build ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+table="$OUT/ab.txt"; : >"$table"
+for v in $variants; do
+  name=${v%%=*}; envs=${v#*=}
+  IFS=',' read -ra kv <<<"$envs"
+  ( export "${kv[@]}"
+    ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter='Cuda*:*/Cuda*' >"$OUT/tests_$name.log" 2>&1
+    echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/tests_$name.log" | tr '\n' ' ')" >>"$table"
+    for T in ${AB_TOKENS:-2048 16384}; do
+      ./build/gpu/moe_example --tokens "$T" --repeats 10 >"$OUT/example_${name}_$T.log" 2>&1
+      echo "$name T=$T $(grep -E '^(forward|backward)' "$OUT/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
+    done
+    if [ "${AB_NCU:-1}" = 1 ]; then
+      ncu --clock-control none -k regex:gemm --metrics \
+gpu__time_duration.sum,launch__grid_size,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
+        ./build/gpu/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 >"$OUT/ncu_$name.txt" 2>&1
+      { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma" "$OUT/ncu_$name.txt" |
+          sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -80; } >>"$OUT/ncu_summary.txt"
+    fi )
+done
+cat "$OUT/ncu_summary.txt" 2>/dev/null | head -150
+echo "================ A/B ================"
+cat "$table"
