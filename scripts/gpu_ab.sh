@@ -3,11 +3,14 @@
 # tests, checks each variant against the CPU oracle (GPU tests), times the block per variant (moe_example)
 # and profiles its GEMM kernels with ncu (time, L2 and tensor-pipe use). Logs go to $OUT.
 #   AB_VARIANTS="A=ENV=VAL,ENV2=VAL B=..."  (default: the sm90 weight multicast on and off)
-#   AB_TOKENS="2048 16384"   AB_NCU=0 skips the profile.
+#   AB_TOKENS="2048 16384"   AB_NCU=0 skips the profile.   AB_TEST_REPEAT=N repeats the GPU tests N times.
+# $OUT gets three files (the GPU machine returns only a few): ab.txt, ncu_summary.txt and the build log;
+# the full logs stay in build/ab.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
+LOGS=build/ab
+mkdir -p "$OUT" "$LOGS"
 export PATH="/usr/local/cuda/bin:$PATH"
 variants=${AB_VARIANTS:-"pairs=FUSEDMOE_SM90_CLUSTER=2 single=FUSEDMOE_SM90_CLUSTER=1"}
 t0=$(date +%s)
@@ -21,17 +24,19 @@ for v in $variants; do
   name=${v%%=*}; envs=${v#*=}
   IFS=',' read -ra kv <<<"$envs"
   ( export "${kv[@]}"
-    ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter='Cuda*:*/Cuda*' >"$OUT/tests_$name.log" 2>&1
-    echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$OUT/tests_$name.log" | tr '\n' ' ')" >>"$table"
+    ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" \
+      --gtest_repeat="${AB_TEST_REPEAT:-1}" >"$LOGS/tests_$name.log" 2>&1
+    echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/tests_$name.log" | sort | uniq -c | tr '\n' ' ')" >>"$table"
+    grep -E -B2 -A12 '^\[  FAILED  \]|Failure' "$LOGS/tests_$name.log" | head -60 >>"$table"
     for T in ${AB_TOKENS:-2048 16384}; do
-      ./build/gpu/moe_example --tokens "$T" --repeats 10 >"$OUT/example_${name}_$T.log" 2>&1
-      echo "$name T=$T $(grep -E '^(forward|backward)' "$OUT/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
+      ./build/gpu/moe_example --tokens "$T" --repeats 10 >"$LOGS/example_${name}_$T.log" 2>&1
+      echo "$name T=$T $(grep -E '^(forward|backward)' "$LOGS/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
     done
     if [ "${AB_NCU:-1}" = 1 ]; then
       ncu --clock-control none -k regex:gemm --metrics \
 gpu__time_duration.sum,launch__grid_size,lts__throughput.avg.pct_of_peak_sustained_elapsed,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_elapsed \
-        ./build/gpu/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 >"$OUT/ncu_$name.txt" 2>&1
-      { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma" "$OUT/ncu_$name.txt" |
+        ./build/gpu/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 >"$LOGS/ncu_$name.txt" 2>&1
+      { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma" "$LOGS/ncu_$name.txt" |
           sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -80; } >>"$OUT/ncu_summary.txt"
     fi )
 done

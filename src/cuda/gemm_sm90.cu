@@ -85,11 +85,14 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-// Arrival on the barrier at the same shared-memory offset in CTA `rank` of the cluster.
+// Arrival on the barrier at the same shared-memory offset in CTA `rank` of the cluster. Default (CTA-scope)
+// release: it only tells the peer's producer that this CTA's wgmmas, already complete, are done reading a
+// stage. A cluster-scope release would compile to a GPU-wide memory barrier (MEMBAR.ALL.GPU) per stage,
+// which waits for the epilogue's outstanding global stores: measured 2.40 vs 1.55 ms for GEMM1.
 __device__ __forceinline__ void mbar_arrive_in_cta(uint32_t bar, uint32_t rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;

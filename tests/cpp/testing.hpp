@@ -399,8 +399,10 @@ inline void expect_block_matches_reference(const BlockTensors& b, const HostTens
   const RefForward f = ref_forward(p, r);
   EXPECT_CLOSE(res.out.values(), f.out, tolerance(c.dtype));
   const RefGrads g = ref_backward(p, r, f, dout.values());
-  // Router gradients pass through the softmax Jacobian with cancellation: a looser bound in 16-bit.
-  const double router_tol = (c.dtype == DType::bf16 || c.dtype == DType::f16) ? 2e-2 : tolerance(c.dtype) * 10;
+  // Router gradients pass through the softmax Jacobian with cancellation: a looser bound in 16-bit. (Both
+  // backends reach 2.2% on some draws of OneExpert, whose positive x and one dominant expert cancel most:
+  // --gtest_repeat=15 showed it on the CPU oracle and on the GPU alike, so the bound is 3%.)
+  const double router_tol = (c.dtype == DType::bf16 || c.dtype == DType::f16) ? 3e-2 : tolerance(c.dtype) * 10;
   EXPECT_CLOSE(res.dx.values(), g.dx, tolerance(c.dtype));
   EXPECT_CLOSE(res.dgate.values(), g.dgate, router_tol);
   EXPECT_CLOSE(res.dw1.values(), g.dw1, tolerance(c.dtype));
