@@ -178,9 +178,11 @@ void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Ten
   // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order), and
   // A = silu(gate)·up of Y1 (fused into the GEMM's epilogue where the backend can).
   FUSEDMOE_DISPATCH(dev, gemm_nt, r,
-                    GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}, tmp.act}, s);
+                    GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}, tmp.act,
+                           cfg.kernels.forward}, s);
   // GEMM2 with the scatter to slot order fused into its stores.
-  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}}, s);
+  FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}, {},
+                                            cfg.kernels.forward}, s);
   FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, topk_weights, out, s);
 }
 
@@ -195,16 +197,20 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
   const Tensor& Y1 = saved.gate_up_out;
   // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
   if (p.d_act_raw)
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity, false,
+                                              cfg.kernels.backward_dx}, s);
   if (p.d_act_raw || p.act)
     FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, topk_weights, tmp.d_gate_up, tmp.act,
                       g.d_topk_weights, s);
   if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i] = Σ dOut[t_i]ᵀ · (w·A[i])
-    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj,
+                                              cfg.kernels.backward_dw}, s);
   if (g.d_gate_up_proj.defined())  // dW1[e] = Σ dY1[i]ᵀ · x[t_i]
-    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{tmp.d_gate_up, RowMap::identity, x, RowMap::token, g.d_gate_up_proj}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{tmp.d_gate_up, RowMap::identity, x, RowMap::token, g.d_gate_up_proj,
+                                              cfg.kernels.backward_dw}, s);
   if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token, false,
+                                              cfg.kernels.backward_dx}, s);
 }
 
 void check_expert_grads(const char* op, const MoeConfig& c, int64_t T, const MoeExpertGrads& g, const Device& dev) {

@@ -179,6 +179,23 @@ void check_config(const MoeConfig& c) {
   if (c.top_k < 1 || c.top_k > c.num_experts)
     fail(op, "top_k must be in [1, num_experts = " + std::to_string(c.num_experts) + "], got " + std::to_string(c.top_k));
   if (!is_floating(c.dtype)) fail(op, std::string("dtype must be a floating type, got ") + dtype_name(c.dtype));
+  check_tiling("MoeConfig.kernels.forward", c.kernels.forward, /*multicast=*/true);
+  check_tiling("MoeConfig.kernels.backward_dx", c.kernels.backward_dx, /*multicast=*/true);
+  check_tiling("MoeConfig.kernels.backward_dw", c.kernels.backward_dw, /*multicast=*/false);
+}
+
+void check_tiling(const char* what, const GemmTiling& t, bool multicast) {
+  const int kernel = static_cast<int>(t.kernel);
+  if (kernel < 0 || kernel > 2) fail(what, "kernel must be automatic, wgmma or portable, got " + std::to_string(kernel));
+  const bool portable = t.kernel == GemmKernel::portable;
+  if (t.block_n != 0 && t.block_n != 128 && !(t.block_n == 256 && !portable))
+    fail(what, std::string("block_n must be 0 (heuristic), 128") + (portable ? "" : " or 256") +
+                   (portable ? " for the portable kernel" : "") + ", got " + std::to_string(t.block_n));
+  const int max_cluster = multicast && !portable ? 2 : 1;
+  if (t.cluster_m < 0 || t.cluster_m > max_cluster)
+    fail(what, "cluster_m must be in [0, " + std::to_string(max_cluster) + "]" +
+                   (max_cluster == 1 ? (portable ? " for the portable kernel" : " (dW has no shared weight tile)") : "") +
+                   ", got " + std::to_string(t.cluster_m));
 }
 
 int64_t check_tokens(const char* op, const MoeConfig& c, const Tensor& x) {

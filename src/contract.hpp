@@ -47,6 +47,8 @@ RouteDims check_topk_combine(const char* op, const Tensor& Y2, const Tensor& wei
 void check_routing_values(const char* op, const Tensor& offsets, const Tensor* gather, int64_t M);
 
 void check_config(const MoeConfig& cfg);
+// A kernel choice; `what` names it in the error. multicast: the family may use cluster_m = 2 (nt / nn).
+void check_tiling(const char* what, const GemmTiling& t, bool multicast);
 // The block's arguments: the config and x (returns T), the weights (the router's too when with_gate),
 // the saved state (all of it, or the experts' part alone).
 int64_t check_tokens(const char* op, const MoeConfig& cfg, const Tensor& x);

@@ -58,8 +58,9 @@ void grouped_gemm(const Tensor& X, const Tensor& W, const GroupedGemmArgs& args,
     fail(op, "argument 'W' expected shape [E, N, " + std::to_string(d.K) + "] (K from X), got " + W.describe());
   check_tensor(op, "Y", Y, {d.M, d.N}, kFloat, &X.device);
   check_slot_weights(op, row_weights, args, d, X.device);
+  check_tiling("grouped_gemm: args.tiling", args.tiling, /*multicast=*/true);
   GemmNT g{X, args.permute_x ? RowMap::token : RowMap::identity, W, Y,
-           args.permute_y ? RowMap::slot : RowMap::identity, row_weights};
+           args.permute_y ? RowMap::slot : RowMap::identity, row_weights, {}, args.tiling};
   FUSEDMOE_DISPATCH(X.device, gemm_nt, routing_of(args, d), g, s);
 }
 
@@ -77,7 +78,8 @@ void grouped_gemm_dX(const Tensor& dY, const Tensor& W, const GroupedGemmArgs& a
   } else {
     check_tensor(op, "dX", dX, {d.M, K}, kFloat, &dY.device);
   }
-  GemmNN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, W, dX, dx_map};
+  check_tiling("grouped_gemm_dX: args.tiling", args.tiling, /*multicast=*/true);
+  GemmNN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, W, dX, dx_map, false, args.tiling};
   FUSEDMOE_DISPATCH(dY.device, gemm_nn, routing_of(args, d), g, s);
 }
 
@@ -88,8 +90,9 @@ void grouped_gemm_dW(const Tensor& X, const Tensor& dY, const GroupedGemmArgs& a
   check_tensor(op, "dY", dY, {d.M, kAny}, kFloat, &X.device);
   check_same_dtype(op, "dY", dY, "X", X);
   check_tensor(op, "dW", dW, {d.E, d.N, d.K}, kFloat, &X.device);
+  check_tiling("grouped_gemm_dW: args.tiling", args.tiling, /*multicast=*/false);
   GemmTN g{dY, args.permute_y ? RowMap::slot : RowMap::identity, X, args.permute_x ? RowMap::token : RowMap::identity,
-           dW};
+           dW, args.tiling};
   FUSEDMOE_DISPATCH(X.device, gemm_tn, routing_of(args, d), g, s);
 }
 

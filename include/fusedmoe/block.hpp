@@ -16,6 +16,10 @@ struct MoeConfig {
   int top_k = 8;                     // k (num_experts_per_tok)
   bool norm_topk_prob = true;
   DType dtype = DType::bf16;         // dtype of activations and weights
+  // Kernel choices of the expert GEMMs (CUDA): forward (GEMM1, GEMM2), dX (dA, dx) and dW (dW1, dW2).
+  struct Tilings {
+    GemmTiling forward, backward_dx, backward_dw;
+  } kernels{};
 
   // Throws fusedmoe::Error naming the field when the config is unusable.
   void validate() const;

@@ -11,6 +11,7 @@
 #pragma once
 
 #include "fusedmoe/tensor.hpp"
+#include "fusedmoe/tiling.hpp"
 
 namespace fusedmoe {
 
@@ -35,6 +36,7 @@ struct GroupedGemmArgs {
   int top_k = 1;
   bool permute_x = false;
   bool permute_y = false;
+  GemmTiling tiling = {};  // the CUDA kernel and tile (cluster_m = 2 only for grouped_gemm and grouped_gemm_dX)
 };
 
 // Y[out_row(i)] = X[in_row(i)] · W[e(i)]ᵀ.  X: [T,K] if permute_x else [M,K]; W: [E,N,K]; Y: [M,N].

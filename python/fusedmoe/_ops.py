@@ -30,11 +30,17 @@ def _scratch(nbytes: int, device: torch.device) -> Tensor:
     return torch.empty(nbytes + 256, dtype=torch.uint8, device=device)
 
 
-def _config(x: Tensor, gate_up_proj: Tensor, top_k: int, norm_topk_prob: bool) -> "_C.Config":
+def _config(x: Tensor, gate_up_proj: Tensor, top_k: int, norm_topk_prob: bool, kernels=()) -> "_C.Config":
+    """kernels: [] (the heuristic) or the 9 ints of kernel_config.kernels_arg (forward, dX, dW choices)."""
     if gate_up_proj.dim() != 3:
         raise ValueError(f"fusedmoe: gate_up_proj must be [E, 2I, H], got shape {tuple(gate_up_proj.shape)}")
     E, two_i, H = gate_up_proj.shape
-    return _C.Config(H, two_i // 2, E, top_k, norm_topk_prob, dtype_name(x.dtype))
+    return _C.Config(H, two_i // 2, E, top_k, norm_topk_prob, dtype_name(x.dtype), list(kernels))
+
+
+def _family(kernels, i: int) -> list:
+    """One family's [kernel, block_n, cluster_m] out of the 9-int kernels argument ([] when none was given)."""
+    return list(kernels[3 * i:3 * i + 3]) if kernels else []
 
 
 # ---------------------------------------------------------------- the whole block
@@ -42,9 +48,10 @@ def _config(x: Tensor, gate_up_proj: Tensor, top_k: int, norm_topk_prob: bool) -
 
 @torch.library.custom_op("fusedmoe::moe_forward", mutates_args=())
 def moe_forward(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k: int,
-                norm_topk_prob: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                norm_topk_prob: bool, kernels: list[int]
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, router_logits, topk_weights, topk_ids, gather_indices, m_sizes, expert_offsets, gate_up_out)."""
-    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob)
+    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob, kernels)
     out, logits, tw, ids, gather, m_sizes, offsets, y1 = _forward_outputs(x, gate, gate_up_proj, top_k)
     ws = _scratch(_C.moe_forward_workspace_bytes(cfg, x.shape[0]), x.device)
     _C.moe_forward(cfg, x, gate, gate_up_proj, down_proj, out, logits, tw, ids, gather, m_sizes, offsets, y1, ws,
@@ -63,7 +70,7 @@ def _forward_outputs(x, gate, gate_up_proj, top_k):
 
 
 @moe_forward.register_fake
-def _(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob):
+def _(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels):
     return _forward_outputs(x, gate, gate_up_proj, top_k)
 
 
@@ -71,9 +78,9 @@ def _(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob):
 def moe_backward(d_out: Tensor, x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, logits: Tensor,
                  topk_weights: Tensor, topk_ids: Tensor, gather: Tensor, m_sizes: Tensor, offsets: Tensor,
                  y1: Tensor, top_k: int, norm_topk_prob: bool, need_dx: bool, need_dgate: bool, need_dw1: bool,
-                 need_dw2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 need_dw2: bool, kernels: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_gate, d_gate_up_proj, d_down_proj); a gradient not needed comes back empty and costs nothing."""
-    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob)
+    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob, kernels)
     dx, dg, dw1, dw2 = _backward_outputs(x, gate, gate_up_proj, down_proj, need_dx, need_dgate, need_dw1, need_dw2)
     ws = _scratch(_C.moe_backward_workspace_bytes(cfg, x.shape[0], need_dx, need_dgate, need_dw1, need_dw2), x.device)
     _C.moe_backward(cfg, d_out, x, gate, gate_up_proj, down_proj, logits, topk_weights, topk_ids, gather, m_sizes,
@@ -90,15 +97,15 @@ def _backward_outputs(x, gate, gate_up_proj, down_proj, need_dx, need_dgate, nee
 
 @moe_backward.register_fake
 def _(d_out, x, gate, gate_up_proj, down_proj, logits, topk_weights, topk_ids, gather, m_sizes, offsets, y1, top_k,
-      norm_topk_prob, need_dx, need_dgate, need_dw1, need_dw2):
+      norm_topk_prob, need_dx, need_dgate, need_dw1, need_dw2, kernels):
     return _backward_outputs(x, gate, gate_up_proj, down_proj, need_dx, need_dgate, need_dw1, need_dw2)
 
 
 def _moe_setup_context(ctx, inputs, output):
-    x, gate, gate_up_proj, down_proj, top_k, norm = inputs
+    x, gate, gate_up_proj, down_proj, top_k, norm, kernels = inputs
     out, logits, tw, ids, gather, m_sizes, offsets, y1 = output
     ctx.save_for_backward(x, gate, gate_up_proj, down_proj, logits, tw, ids, gather, m_sizes, offsets, y1)
-    ctx.top_k, ctx.norm = top_k, norm
+    ctx.top_k, ctx.norm, ctx.kernels = top_k, norm, kernels
     ctx.mark_non_differentiable(tw, ids, gather, m_sizes, offsets, y1)
     ctx.set_materialize_grads(False)
 
@@ -109,14 +116,14 @@ def _moe_backward_rule(ctx, d_out, d_logits, *unused):
     if d_out is None:
         d_out = torch.zeros_like(x)
     dx, dg, dw1, dw2 = moe_backward(d_out.contiguous(), x, gate, w1, w2, logits, tw, ids, gather, m_sizes, offsets,
-                                    y1, ctx.top_k, ctx.norm, need[0], need[1], need[2], need[3])
+                                    y1, ctx.top_k, ctx.norm, need[0], need[1], need[2], need[3], ctx.kernels)
     if d_logits is not None:  # router_logits used directly by the caller (an auxiliary loss, say)
         if need[0]:
             dx = dx + (d_logits @ gate).to(dx.dtype)
         if need[1]:
             dg = dg + (d_logits.transpose(0, 1) @ x).to(dg.dtype)
     return (dx if need[0] else None, dg if need[1] else None, dw1 if need[2] else None, dw2 if need[3] else None,
-            None, None)
+            None, None, None)
 
 
 torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, setup_context=_moe_setup_context)
@@ -127,9 +134,9 @@ torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, set
 
 @torch.library.custom_op("fusedmoe::experts_forward", mutates_args=())
 def experts_forward(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, gate_up_proj: Tensor,
-                    down_proj: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    down_proj: Tensor, kernels: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, gather_indices, m_sizes, expert_offsets, gate_up_out) for int32 topk_ids [T, k]."""
-    cfg = _config(x, gate_up_proj, topk_ids.shape[1], False)
+    cfg = _config(x, gate_up_proj, topk_ids.shape[1], False, kernels)
     out, gather, m_sizes, offsets, y1 = _experts_outputs(x, topk_ids, gate_up_proj)
     ws = _scratch(_C.moe_forward_workspace_bytes(cfg, x.shape[0]), x.device)
     _C.moe_experts_forward(cfg, x, topk_weights, topk_ids, gate_up_proj, down_proj, out, gather, m_sizes, offsets, y1,
@@ -146,16 +153,16 @@ def _experts_outputs(x, topk_ids, gate_up_proj):
 
 
 @experts_forward.register_fake
-def _(x, topk_weights, topk_ids, gate_up_proj, down_proj):
+def _(x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels):
     return _experts_outputs(x, topk_ids, gate_up_proj)
 
 
 @torch.library.custom_op("fusedmoe::experts_backward", mutates_args=())
 def experts_backward(d_out: Tensor, x: Tensor, topk_weights: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
                      gather: Tensor, m_sizes: Tensor, offsets: Tensor, y1: Tensor, need_dx: bool, need_dtw: bool,
-                     need_dw1: bool, need_dw2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     need_dw1: bool, need_dw2: bool, kernels: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_topk_weights (float32), d_gate_up_proj, d_down_proj); unneeded ones come back empty."""
-    cfg = _config(x, gate_up_proj, topk_weights.shape[1], False)
+    cfg = _config(x, gate_up_proj, topk_weights.shape[1], False, kernels)
     dx, dtw, dw1, dw2 = _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx, need_dtw,
                                                   need_dw1, need_dw2)
     ws = _scratch(_C.moe_experts_backward_workspace_bytes(cfg, x.shape[0], need_dx, need_dtw, need_dw1, need_dw2),
@@ -176,27 +183,28 @@ def _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx,
 
 @experts_backward.register_fake
 def _(d_out, x, topk_weights, gate_up_proj, down_proj, gather, m_sizes, offsets, y1, need_dx, need_dtw, need_dw1,
-      need_dw2):
+      need_dw2, kernels):
     return _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx, need_dtw, need_dw1, need_dw2)
 
 
 def _experts_setup_context(ctx, inputs, output):
-    x, tw, ids, w1, w2 = inputs
+    x, tw, ids, w1, w2, kernels = inputs
     out, gather, m_sizes, offsets, y1 = output
     ctx.save_for_backward(x, tw, w1, w2, gather, m_sizes, offsets, y1)
+    ctx.kernels = kernels
     ctx.mark_non_differentiable(gather, m_sizes, offsets, y1)
     ctx.set_materialize_grads(False)
 
 
 def _experts_backward_rule(ctx, d_out, *unused):
     x, tw, w1, w2, gather, m_sizes, offsets, y1 = ctx.saved_tensors
-    nx, ntw, _, nw1, nw2 = ctx.needs_input_grad
+    nx, ntw, _, nw1, nw2 = ctx.needs_input_grad[:5]
     if d_out is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     dx, dtw, dw1, dw2 = experts_backward(d_out.contiguous(), x, tw, w1, w2, gather, m_sizes, offsets, y1, nx, ntw,
-                                         nw1, nw2)
+                                         nw1, nw2, ctx.kernels)
     return (dx if nx else None, dtw.to(tw.dtype) if ntw else None, None, dw1 if nw1 else None,
-            dw2 if nw2 else None)
+            dw2 if nw2 else None, None)
 
 
 torch.library.register_autograd("fusedmoe::experts_forward", _experts_backward_rule,
@@ -290,9 +298,11 @@ def _(topk_ids, num_experts):
 
 @torch.library.custom_op("fusedmoe::grouped_gemm", mutates_args=())
 def grouped_gemm_op(X: Tensor, W: Tensor, expert_offsets: Tensor, gather_indices: Optional[Tensor], top_k: int,
-                    permute_x: bool, permute_y: bool, row_weights: Optional[Tensor]) -> Tensor:
+                    permute_x: bool, permute_y: bool, row_weights: Optional[Tensor], kernels: list[int]) -> Tensor:
+    """kernels: [] or the 9 ints of kernel_config.kernels_arg; the forward uses the first family's choice."""
     Y = _gemm_output(X, W, gather_indices, top_k, permute_x)
-    _C.grouped_gemm(X, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, Y, row_weights, _stream(X))
+    _C.grouped_gemm(X, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, Y, row_weights, _stream(X),
+                    _family(kernels, 0))
     return Y
 
 
@@ -302,40 +312,41 @@ def _gemm_output(X, W, gather, top_k, permute_x):
 
 
 @grouped_gemm_op.register_fake
-def _(X, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, row_weights):
+def _(X, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, row_weights, kernels):
     return _gemm_output(X, W, gather_indices, top_k, permute_x)
 
 
 @torch.library.custom_op("fusedmoe::grouped_gemm_dX", mutates_args=())
 def grouped_gemm_dX_op(dY: Tensor, W: Tensor, expert_offsets: Tensor, gather_indices: Optional[Tensor], top_k: int,
-                       permute_x: bool, permute_y: bool, x_rows: int) -> Tensor:
+                       permute_x: bool, permute_y: bool, x_rows: int, tiling: list[int]) -> Tensor:
     dX = dY.new_empty((x_rows, W.shape[2]))
-    _C.grouped_gemm_dX(dY, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, dX, _stream(dY))
+    _C.grouped_gemm_dX(dY, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, dX, _stream(dY), tiling)
     return dX
 
 
 @grouped_gemm_dX_op.register_fake
-def _(dY, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, x_rows):
+def _(dY, W, expert_offsets, gather_indices, top_k, permute_x, permute_y, x_rows, tiling):
     return dY.new_empty((x_rows, W.shape[2]))
 
 
 @torch.library.custom_op("fusedmoe::grouped_gemm_dW", mutates_args=())
 def grouped_gemm_dW_op(X: Tensor, dY: Tensor, expert_offsets: Tensor, gather_indices: Optional[Tensor], top_k: int,
-                       permute_x: bool, permute_y: bool, num_experts: int) -> Tensor:
+                       permute_x: bool, permute_y: bool, num_experts: int, tiling: list[int]) -> Tensor:
     dW = X.new_empty((num_experts, dY.shape[1], X.shape[1]))
-    _C.grouped_gemm_dW(X, dY, expert_offsets, gather_indices, top_k, permute_x, permute_y, dW, _stream(X))
+    _C.grouped_gemm_dW(X, dY, expert_offsets, gather_indices, top_k, permute_x, permute_y, dW, _stream(X), tiling)
     return dW
 
 
 @grouped_gemm_dW_op.register_fake
-def _(X, dY, expert_offsets, gather_indices, top_k, permute_x, permute_y, num_experts):
+def _(X, dY, expert_offsets, gather_indices, top_k, permute_x, permute_y, num_experts, tiling):
     return X.new_empty((num_experts, dY.shape[1], X.shape[1]))
 
 
 def _gemm_setup_context(ctx, inputs, output):
-    X, W, offsets, gather, top_k, px, py, row_weights = inputs
+    X, W, offsets, gather, top_k, px, py, row_weights, kernels = inputs
     ctx.save_for_backward(X, W, offsets, gather)
     ctx.args = (top_k, px, py)
+    ctx.kernels = kernels
     ctx.has_row_weights = row_weights is not None
 
 
@@ -347,9 +358,9 @@ def _gemm_backward_rule(ctx, dY):
                            "it has no backward")
     nX, nW = ctx.needs_input_grad[:2]
     dY = dY.contiguous()
-    dX = grouped_gemm_dX_op(dY, W, offsets, gather, top_k, px, py, X.shape[0]) if nX else None
-    dW = grouped_gemm_dW_op(X, dY, offsets, gather, top_k, px, py, W.shape[0]) if nW else None
-    return dX, dW, None, None, None, None, None, None
+    dX = grouped_gemm_dX_op(dY, W, offsets, gather, top_k, px, py, X.shape[0], _family(ctx.kernels, 1)) if nX else None
+    dW = grouped_gemm_dW_op(X, dY, offsets, gather, top_k, px, py, W.shape[0], _family(ctx.kernels, 2)) if nW else None
+    return dX, dW, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fusedmoe::grouped_gemm", _gemm_backward_rule, setup_context=_gemm_setup_context)

@@ -94,7 +94,7 @@ class DenseEquivalent(torch.nn.Module):
         return (a @ self.w1)[:, : self.I] @ self.w2, None
 
 
-def build_impls(names, shape: Shape, weights, norm, device, dtype):
+def build_impls(names, shape: Shape, weights, norm, device, dtype, autotune=True):
     gate, w1, w2 = weights
     impls, skipped = {}, {}
     for name in names:
@@ -104,9 +104,10 @@ def build_impls(names, shape: Shape, weights, norm, device, dtype):
                                            hidden_size=shape.H, moe_intermediate_size=shape.I, hidden_act="silu"))
                 blk = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock(cfg, torch.nn.Parameter(gate.clone()),
                                                              torch.nn.Parameter(w1.clone()),
-                                                             torch.nn.Parameter(w2.clone()))
+                                                             torch.nn.Parameter(w2.clone()), autotune=autotune)
                 impls[name] = lambda x, blk=blk: (lambda o: (o[0].view(x.shape), o[1]))(blk(x.unsqueeze(0)))
                 impls[name].params = list(blk.parameters())
+                impls[name].block = blk
             elif name == "torch_grouped_mm":
                 if not hasattr(torch, "_grouped_mm"):
                     raise RuntimeError("torch._grouped_mm is not available in this torch")
@@ -306,6 +307,8 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="a fast smoke run: few tokens and repeats")
     ap.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-autotune", action="store_true", help="fusedmoe with its shipped kernel heuristic instead "
+                    "of the autotuned (disk-cached) kernel choices")
     return ap.parse_args(argv)
 
 
@@ -330,7 +333,7 @@ def main(argv=None):
     names = args.impls or (["fusedmoe", "torch_grouped_mm", "hf"] + transformers_experts_impls())
     gen = torch.Generator(device=device).manual_seed(args.seed)
     weights, direction = make_weights(shape, device, dtype, args.skew, gen)
-    impls, skipped = build_impls(names, shape, weights, norm, device, dtype)
+    impls, skipped = build_impls(names, shape, weights, norm, device, dtype, autotune=not args.no_autotune)
     timer = Timer(device)
 
     # Correctness first, at a small T, against float64 with the same routing decisions.
@@ -370,6 +373,10 @@ def main(argv=None):
                 row.update(run_one(fn, x, mode, timer, args.warmup, repeats, device, shape))
                 row["tflops"] = shape.flops(T, mode) / (row["ms"] * 1e-3) / 1e12
                 row["weight_read_floor_ms"] = floor_ms
+                if hasattr(fn, "block"):  # the kernel choices it ran with (forward, dX, dW; None: heuristic)
+                    blk = fn.block
+                    row["kernels"] = [c.tiling() if c is not None else None
+                                      for c in blk.kernel_configs(x, blk.gate, blk.gate_up_proj, blk.down_proj)]
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
                 torch.cuda.empty_cache()

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _ops, functional
-from .kernel_config import (KernelConfigBackward_dW, KernelConfigBackward_dX, KernelConfigForward, check_config)
+from . import autotune as _autotune
+from .kernel_config import (FAMILIES, KernelConfigBackward_dW, KernelConfigBackward_dX, KernelConfigForward,
+                            check_config, kernels_arg)
 
 
 def _get(config, *names, default=None):
@@ -39,8 +41,12 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
     slot order into the second GEMM's stores (both on: the whole block runs as one fused op; otherwise
     the unfused steps run with explicit permutes). dX_only: expert weights get no gradient (no dW work
     or memory). dW_only: the input gets no gradient. Parameters with requires_grad=False also cost no
-    gradient work. The kernel configs name GEMM tiles (see fusedmoe.kernel_config); the CUDA backend picks
-    its tiles by a shipped heuristic, so autotune=True currently runs no search.
+    gradient work.
+
+    Kernel choices (CUDA; see fusedmoe.kernel_config): a kernel_config_* object selects its family's kernel
+    and tile explicitly. Families left None follow the shipped heuristic, or with autotune=True the fastest
+    choice found for this problem (GPU, shapes, power-of-two token bucket, dtype), searched on the first call
+    and cached on disk for every later process (fusedmoe.autotune).
     """
 
     def __init__(self, config, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, permute_x: bool = True,
@@ -105,10 +111,25 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         if self.dX_only:
             w1, w2 = w1.detach(), w2.detach()
         if self.permute_x and self.permute_y:
-            out, logits = _ops.moe_forward(x, self.gate, w1, w2, self.top_k, self.norm_topk_prob)[:2]
+            kernels = self.kernels_for(x, self.gate, w1, w2)
+            out, logits = _ops.moe_forward(x, self.gate, w1, w2, self.top_k, self.norm_topk_prob, kernels)[:2]
         else:
             out, logits = self._unfused(x, w1, w2)
         return out.view(B, S, H), logits
+
+    def kernel_configs(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> tuple:
+        """(forward, dX, dW) configs for input x: the explicit ones, else the autotuned ones (None: heuristic)."""
+        explicit = (self.kernel_config_fwd, self.kernel_config_bwd_dX, self.kernel_config_bwd_dW)
+        tuned = None
+        if self.autotune and x.device.type == "cuda" and any(c is None for c in explicit):
+            with_dw = w1.requires_grad or w2.requires_grad
+            tuned = _autotune.tuned_choice(x, gate, w1, w2, self.top_k, self.norm_topk_prob, with_dw)
+        return tuple(c if c is not None else (cls.from_tiling(tuned[name]) if tuned and tuned.get(name) else None)
+                     for c, (name, cls) in zip(explicit, FAMILIES))
+
+    def kernels_for(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> list:
+        """The ops' `kernels` argument for input x (see kernel_configs)."""
+        return kernels_arg(*self.kernel_configs(x, gate, w1, w2))
 
     def _unfused(self, x: Tensor, w1: Tensor, w2: Tensor):
         """The same function in separate steps, with explicit permutes where a fusion is switched off."""
@@ -116,8 +137,8 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         gather, m_sizes, _ = functional.sort_by_expert(ids, self.num_experts)
         k = self.top_k
         gather_l = gather.long()
-        kw = dict(kernel_config_fwd=self.kernel_config_fwd, kernel_config_bwd_dX=self.kernel_config_bwd_dX,
-                  kernel_config_bwd_dW=self.kernel_config_bwd_dW)
+        fwd, dx, dw = self.kernel_configs(x, self.gate, w1, w2)
+        kw = dict(kernel_config_fwd=fwd, kernel_config_bwd_dX=dx, kernel_config_bwd_dW=dw)
         if self.permute_x:
             y1 = functional.grouped_gemm(x, w1, m_sizes, k, gather, permute_x=True, **kw)
         else:

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from .kernel_config import (KernelConfigBackward_dW, KernelConfigBackward_dX, KernelConfigForward, check_config)
+from .kernel_config import (KernelConfigBackward_dW, KernelConfigBackward_dX, KernelConfigForward, check_config,
+                            kernels_arg)
 
 
 def route(x: Tensor, gate: Tensor, top_k: int, norm_topk_prob: bool = True):
@@ -41,6 +42,9 @@ def grouped_gemm(X: Tensor, W: Tensor, m_sizes: Tensor, topk: int, gather_indice
     (row gather_indices[i]); otherwise in expert order. fuse_mul_post multiplies each output row by its
     slot's topk_weights (inference only). dX_only / dW_only skip the other gradient entirely.
     permute_x belongs to the first GEMM and permute_y to the second (is_first_gemm says which this is).
+    kernel_config_fwd / _bwd_dX / _bwd_dW select the kernels of this product and its two gradients (None: the
+    heuristic). autotune is accepted for the reference design's signature; the search runs at block level
+    (Qwen3MoeFusedGroupedGEMMBlock, fusedmoe.autotune), so here it changes nothing.
     """
     _check_2d("X", X)
     if W.dim() != 3:
@@ -72,7 +76,8 @@ def grouped_gemm(X: Tensor, W: Tensor, m_sizes: Tensor, topk: int, gather_indice
         W = W.detach()
     if dW_only:
         X = X.detach()
-    return _ops.grouped_gemm_op(X, W, offsets, gather, topk, permute_x, permute_y, row_weights)
+    kernels = kernels_arg(kernel_config_fwd, kernel_config_bwd_dX, kernel_config_bwd_dW)
+    return _ops.grouped_gemm_op(X, W, offsets, gather, topk, permute_x, permute_y, row_weights, kernels)
 
 
 def _check_2d(name: str, t: Tensor):

@@ -6,6 +6,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
 
 #include <optional>
 #include <string>
@@ -118,12 +119,21 @@ NB_MODULE(_C, m) {
   nb::class_<MoeConfig>(m, "Config")
       .def("__init__",
            [](MoeConfig* c, int64_t hidden, int64_t intermediate, int experts, int top_k, bool norm,
-              const std::string& dtype) {
+              const std::string& dtype, const std::vector<int>& kernels) {
              new (c) MoeConfig{hidden, intermediate, experts, top_k, norm, parse_dtype(dtype)};
+             // kernels: empty (the heuristic) or (kernel, block_n, cluster_m) for forward, dX and dW.
+             if (!kernels.empty()) {
+               if (kernels.size() != 9)
+                 throw Error("Config: 'kernels' must hold 9 ints (kernel, block_n, cluster_m for forward, dX, dW), got " +
+                             std::to_string(kernels.size()));
+               GemmTiling* families[] = {&c->kernels.forward, &c->kernels.backward_dx, &c->kernels.backward_dw};
+               for (int f = 0; f < 3; ++f)
+                 *families[f] = GemmTiling{static_cast<GemmKernel>(kernels[3 * f]), kernels[3 * f + 1], kernels[3 * f + 2]};
+             }
              c->validate();
            },
            nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("num_experts"), nb::arg("top_k"),
-           nb::arg("norm_topk_prob"), nb::arg("dtype"))
+           nb::arg("norm_topk_prob"), nb::arg("dtype"), nb::arg("kernels") = std::vector<int>{})
       .def_ro("hidden_size", &MoeConfig::hidden_size)
       .def_ro("intermediate_size", &MoeConfig::intermediate_size)
       .def_ro("num_experts", &MoeConfig::num_experts)
@@ -160,28 +170,41 @@ NB_MODULE(_C, m) {
     sort_by_expert(view(ids, "topk_ids"), E, view(gather, "gather_indices"), view(m_sizes, "m_sizes"),
                    view(offsets, "expert_offsets"), stream_of(s));
   });
-  auto args_of = [](const Array& offsets, const OptArray& gather, int k, bool px, bool py) {
-    return GroupedGemmArgs{view(offsets, "expert_offsets"), view(gather, "gather_indices"), k, px, py};
+  // tiling: empty (the heuristic) or (kernel, block_n, cluster_m).
+  auto args_of = [](const Array& offsets, const OptArray& gather, int k, bool px, bool py,
+                    const std::vector<int>& tiling) {
+    GroupedGemmArgs a{view(offsets, "expert_offsets"), view(gather, "gather_indices"), k, px, py};
+    if (!tiling.empty()) {
+      if (tiling.size() != 3)
+        throw Error("argument 'tiling' must be empty or (kernel, block_n, cluster_m), got " +
+                    std::to_string(tiling.size()) + " ints");
+      a.tiling = GemmTiling{static_cast<GemmKernel>(tiling[0]), tiling[1], tiling[2]};
+    }
+    return a;
   };
   m.def("grouped_gemm", [args_of](const Array& X, const Array& W, const Array& offsets, const OptArray& gather, int k,
-                                  bool px, bool py, const Array& Y, const OptArray& row_weights, uintptr_t s) {
+                                  bool px, bool py, const Array& Y, const OptArray& row_weights, uintptr_t s,
+                                  const std::vector<int>& tiling) {
     nb::gil_scoped_release g;
-    grouped_gemm(view(X, "X"), view(W, "W"), args_of(offsets, gather, k, px, py), view(Y, "Y"),
+    grouped_gemm(view(X, "X"), view(W, "W"), args_of(offsets, gather, k, px, py, tiling), view(Y, "Y"),
                  view(row_weights, "row_weights"), stream_of(s));
   }, nb::arg("X"), nb::arg("W"), nb::arg("expert_offsets"), nb::arg("gather_indices").none(), nb::arg("top_k"),
-     nb::arg("permute_x"), nb::arg("permute_y"), nb::arg("Y"), nb::arg("row_weights").none(), nb::arg("stream"));
+     nb::arg("permute_x"), nb::arg("permute_y"), nb::arg("Y"), nb::arg("row_weights").none(), nb::arg("stream"),
+     nb::arg("tiling") = std::vector<int>{});
   m.def("grouped_gemm_dX", [args_of](const Array& dY, const Array& W, const Array& offsets, const OptArray& gather,
-                                     int k, bool px, bool py, const Array& dX, uintptr_t s) {
+                                     int k, bool px, bool py, const Array& dX, uintptr_t s,
+                                     const std::vector<int>& tiling) {
     nb::gil_scoped_release g;
-    grouped_gemm_dX(view(dY, "dY"), view(W, "W"), args_of(offsets, gather, k, px, py), view(dX, "dX"), stream_of(s));
+    grouped_gemm_dX(view(dY, "dY"), view(W, "W"), args_of(offsets, gather, k, px, py, tiling), view(dX, "dX"), stream_of(s));
   }, nb::arg("dY"), nb::arg("W"), nb::arg("expert_offsets"), nb::arg("gather_indices").none(), nb::arg("top_k"),
-     nb::arg("permute_x"), nb::arg("permute_y"), nb::arg("dX"), nb::arg("stream"));
+     nb::arg("permute_x"), nb::arg("permute_y"), nb::arg("dX"), nb::arg("stream"), nb::arg("tiling") = std::vector<int>{});
   m.def("grouped_gemm_dW", [args_of](const Array& X, const Array& dY, const Array& offsets, const OptArray& gather,
-                                     int k, bool px, bool py, const Array& dW, uintptr_t s) {
+                                     int k, bool px, bool py, const Array& dW, uintptr_t s,
+                                     const std::vector<int>& tiling) {
     nb::gil_scoped_release g;
-    grouped_gemm_dW(view(X, "X"), view(dY, "dY"), args_of(offsets, gather, k, px, py), view(dW, "dW"), stream_of(s));
+    grouped_gemm_dW(view(X, "X"), view(dY, "dY"), args_of(offsets, gather, k, px, py, tiling), view(dW, "dW"), stream_of(s));
   }, nb::arg("X"), nb::arg("dY"), nb::arg("expert_offsets"), nb::arg("gather_indices").none(), nb::arg("top_k"),
-     nb::arg("permute_x"), nb::arg("permute_y"), nb::arg("dW"), nb::arg("stream"));
+     nb::arg("permute_x"), nb::arg("permute_y"), nb::arg("dW"), nb::arg("stream"), nb::arg("tiling") = std::vector<int>{});
   m.def("silu_mul", [](const Array& Y1, const Array& A, uintptr_t s) {
     nb::gil_scoped_release g;
     silu_mul(view(Y1, "Y1"), view(A, "A"), stream_of(s));

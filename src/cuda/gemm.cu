@@ -284,10 +284,14 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const Problem<T,
 }
 
 template <class T, class OutT, bool AK, bool BK_, Mode kMode>
-void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, cudaStream_t stream) {
+void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, const GemmTiling& tiling, cudaStream_t stream) {
   constexpr int smem = kStages * (TileShape<AK, kBM>::kElems + TileShape<BK_, kBN>::kElems) * sizeof(T);
   constexpr GemmKind kind = kMode == Mode::varlen_k ? GemmKind::tn : (BK_ ? GemmKind::nt : GemmKind::nn);
-  if (launch_sm90(p, kind, groups, M_total, stream)) return;  // the Hopper kernels, where eligible
+  // The Hopper kernels, where eligible (and not deselected).
+  if (tiling.kernel != GemmKernel::portable && launch_sm90(p, kind, groups, M_total, tiling, stream)) return;
+  if (tiling.kernel == GemmKernel::wgmma)
+    throw Error("grouped GEMM: the kernel config asks for the wgmma kernel, which needs an sm_90 GPU, rows and sizes "
+                "in multiples of 8 elements and 16-byte aligned bases, and at most 1024 experts");
   auto kernel = grouped_gemm_kernel<T, OutT, AK, BK_, kMode>;
   static bool configured = false;  // per instantiation (and per process; all devices are sm_90)
   if (!configured) {
@@ -370,9 +374,10 @@ void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
       Problem<T, O> gated = p;
       gated.act = g.act.ptr<O>();
       gated.ld_act = N / 2;
-      if (launch_sm90(gated, GemmKind::nt, r.num_experts, r.M, stream_of(s))) return;
+      if (g.tiling.kernel != GemmKernel::portable && launch_sm90(gated, GemmKind::nt, r.num_experts, r.M, g.tiling, stream_of(s)))
+        return;
     }
-    launch<T, O, true, true, Mode::grouped_m>(p, r.num_experts, r.M, stream_of(s));
+    launch<T, O, true, true, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream_of(s));
     if (g.act.defined()) silu_mul(g.Y, g.act, s);  // not fused on this path
   });
 }
@@ -389,7 +394,7 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
     if (sum_slots) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
-      launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
+      launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
       if (r.T * K > 0) {
         constexpr int kVec = 16 / sizeof(O);
         if (K % kVec == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
@@ -403,7 +408,7 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
     } else {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       g.dX.ptr<O>(), K, 0, g.dx_map, nullptr, g.accumulate, device_routing(r), 0, K, N};
-      launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, stream);
+      launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
     }
   });
 }
@@ -441,7 +446,7 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
     if (splits == 1) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
                       g.dW.ptr<O>(), K, N * K, RowMap::identity, nullptr, false, device_routing(r), N, K, 0};
-      launch<T, O, false, false, Mode::varlen_k>(p, r.num_experts, r.M, stream);
+      launch<T, O, false, false, Mode::varlen_k>(p, r.num_experts, r.M, g.tiling, stream);
       return;
     }
     DeviceRouting chunks = device_routing(r);
@@ -449,7 +454,7 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
     chunks.rows_per_group = ((r.M + splits - 1) / splits + 63) / 64 * 64;
     Problem<T, float> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
                         partial.as<float>(), K, N * K, RowMap::identity, nullptr, false, chunks, N, K, 0};
-    launch<T, float, false, false, Mode::varlen_k>(p, splits, r.M, stream);
+    launch<T, float, false, false, Mode::varlen_k>(p, splits, r.M, g.tiling, stream);
     sum_partials_kernel<O><<<blocks_for(N * K, 256), 256, 0, stream>>>(partial.as<float>(), g.dW.ptr<O>(), N * K, splits);
     check_launch("sum_partials_kernel");
   });

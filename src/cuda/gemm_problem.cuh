@@ -27,7 +27,9 @@ struct Problem {
 
 // The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not
 // eligible (not sm_90, unaligned rows or sizes, too many groups); the caller then uses the portable kernel.
+// `tiling` picks the tile width and weight multicast (zero fields: the heuristic).
 template <class T, class OutT>
-bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, cudaStream_t stream);
+bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, const GemmTiling& tiling,
+                 cudaStream_t stream);
 
 }  // namespace fusedmoe::detail::cuda

@@ -631,7 +631,8 @@ bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t gr
 }  // namespace sm90
 
 template <class T, class OutT>
-bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, cudaStream_t stream) {
+bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, const GemmTiling& tiling,
+                 cudaStream_t stream) {
   using namespace sm90;
   static const bool disabled = std::getenv("FUSEDMOE_PORTABLE_GEMM") != nullptr;
   if (disabled || groups > kMaxGroups) return false;
@@ -651,13 +652,14 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
       (kind != GemmKind::nt || p.c_map != RowMap::identity || p.row_scale != nullptr || p.N % 16 != 0 ||
        p.ld_act % 8 != 0 || !aligned16(p.act)))
     return false;
-  // 128 × 256 tiles where the output is at least that wide (fewer operand bytes per FLOP); FUSEDMOE_SM90_BN=128
-  // forces 128 × 128 everywhere.
+  // The heuristic (where the tiling leaves a field at 0): 128 × 256 tiles where the output is at least that
+  // wide (fewer operand bytes per FLOP), else 128 × 128; no weight multicast (measured on the H200 at
+  // Qwen3-30B-A3B shapes: level with single CTAs at T=16384 and slower at small T, where a pair's second
+  // m-tile is often empty). FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=2 change the heuristic.
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
-  const int block_n = !narrow_only && p.N >= 256 ? 256 : 128;
-  // nt/nn: CTA pairs share the weight tile by multicast; FUSEDMOE_SM90_CLUSTER=1 has every CTA load its own.
-  static const bool no_pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "1");
-  const int cluster = no_pairs ? 1 : 2;
+  static const bool pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "2");
+  const int block_n = tiling.block_n != 0 ? tiling.block_n : !narrow_only && p.N >= 256 ? 256 : 128;
+  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
   switch (kind) {
     case GemmKind::nt:
       return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
@@ -668,9 +670,13 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   return false;
 }
 
-template bool launch_sm90(const Problem<__nv_bfloat16, __nv_bfloat16>&, GemmKind, int64_t, int64_t, cudaStream_t);
-template bool launch_sm90(const Problem<__nv_bfloat16, float>&, GemmKind, int64_t, int64_t, cudaStream_t);
-template bool launch_sm90(const Problem<__half, __half>&, GemmKind, int64_t, int64_t, cudaStream_t);
-template bool launch_sm90(const Problem<__half, float>&, GemmKind, int64_t, int64_t, cudaStream_t);
+template bool launch_sm90(const Problem<__nv_bfloat16, __nv_bfloat16>&, GemmKind, int64_t, int64_t, const GemmTiling&,
+                           cudaStream_t);
+template bool launch_sm90(const Problem<__nv_bfloat16, float>&, GemmKind, int64_t, int64_t, const GemmTiling&,
+                           cudaStream_t);
+template bool launch_sm90(const Problem<__half, __half>&, GemmKind, int64_t, int64_t, const GemmTiling&,
+                           cudaStream_t);
+template bool launch_sm90(const Problem<__half, float>&, GemmKind, int64_t, int64_t, const GemmTiling&,
+                           cudaStream_t);
 
 }  // namespace fusedmoe::detail::cuda

@@ -168,6 +168,44 @@ TEST_P(CudaBlock, ForwardAndBackwardMatchFloat64Reference) {
 INSTANTIATE_TEST_SUITE_P(EdgeCases, CudaBlock, ::testing::ValuesIn(edge_cases(/*with_wide_dtypes=*/false)),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// Every kernel choice computes the same block (against the float64 reference), and a wgmma request the
+// problem cannot meet is an error rather than a silent fallback.
+TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
+  REQUIRE_GPU();
+  int major = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  const bool sm90 = major == 9;
+  using K = GemmKernel;
+  std::vector<GemmTiling> nt_nn = {{K::portable, 128, 1}};
+  std::vector<GemmTiling> tn = {{K::portable, 128, 1}};
+  if (sm90) {
+    nt_nn.insert(nt_nn.end(), {{K::wgmma, 128, 1}, {K::wgmma, 128, 2}, {K::wgmma, 256, 1}, {K::wgmma, 256, 2}});
+    tn.insert(tn.end(), {{K::wgmma, 128, 1}, {K::wgmma, 256, 1}});
+  }
+  for (size_t i = 0; i < nt_nn.size(); ++i) {
+    // 250 rows per expert: two m-tiles, so CTA pairs see full, partial and (past a group's end) empty tiles.
+    MoeConfig cfg{256, 192, 8, 2, true, DType::bf16};
+    cfg.kernels = {nt_nn[i], nt_nn[(i + 2) % nt_nn.size()], tn[i % tn.size()]};
+    SCOPED_TRACE("choice " + std::to_string(i));
+    BlockTensors b(cfg, 1000);
+    HostTensor dout(DType::bf16, {1000, 256});
+    dout.randn();
+    expect_block_matches_reference(b, dout, run_block(b, dout, kGpu));
+  }
+  // Rows of 61 elements are not 16-byte multiples: the wgmma kernel cannot take them.
+  MoeConfig odd{61, 27, 7, 3, true, DType::bf16};
+  odd.kernels.forward.kernel = K::wgmma;
+  BlockTensors b(odd, 21);
+  HostTensor dout(DType::bf16, {21, 61});
+  dout.randn();
+  try {
+    run_block(b, dout, kGpu);
+    ADD_FAILURE() << "expected fusedmoe::Error for a wgmma request on unaligned rows";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("wgmma"), std::string::npos) << e.what();
+  }
+}
+
 TEST(CudaBlock, DeterministicBitwise) {
   REQUIRE_GPU();
   BlockTensors b(MoeConfig{512, 256, 16, 4, true, DType::bf16}, 700);

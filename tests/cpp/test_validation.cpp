@@ -35,6 +35,12 @@ TEST(Validation, GroupedGemmShapesDtypesAndRouting) {
   expect_error([&] { grouped_gemm(X.t, W.t, a, Ybad.t); }, {"'Y'", "[12, 8]"});
   HostTensor Xrows(DType::bf16, {M, K});
   expect_error([&] { grouped_gemm(Xrows.t, W.t, a, Y.t); }, {"'X'", "6 rows"});
+  GroupedGemmArgs tiled = a;
+  tiled.tiling.cluster_m = 3;
+  expect_error([&] { grouped_gemm(X.t, W.t, tiled, Y.t); }, {"grouped_gemm: args.tiling", "cluster_m", "[0, 2]"});
+  tiled.tiling.cluster_m = 2;
+  HostTensor dW(DType::bf16, {E, N, K});
+  expect_error([&] { grouped_gemm_dW(X.t, Y.t, tiled, dW.t); }, {"grouped_gemm_dW: args.tiling", "cluster_m"});
 
   // A non-contiguous view (a transposed stride) is rejected.
   Tensor Xt = X.t;
@@ -96,6 +102,24 @@ TEST(Validation, BlockArguments) {
   bad = cfg;
   bad.dtype = DType::i32;
   expect_error([&] { bad.validate(); }, {"dtype"});
+  // Kernel choices: each family and field is named with the values it takes.
+  bad = cfg;
+  bad.kernels.forward.block_n = 192;
+  expect_error([&] { bad.validate(); }, {"kernels.forward", "block_n", "128 or 256", "192"});
+  bad = cfg;
+  bad.kernels.backward_dw.cluster_m = 2;
+  expect_error([&] { moe_forward(bad, b.x.t, wt, b.out.t, b.logits.t, b.saved, w); },
+               {"kernels.backward_dw", "cluster_m", "[0, 1]", "no shared weight tile"});
+  bad = cfg;
+  bad.kernels.backward_dx = GemmTiling{GemmKernel::portable, 256, 0};
+  expect_error([&] { bad.validate(); }, {"kernels.backward_dx", "block_n", "portable"});
+  bad = cfg;
+  bad.kernels.forward.kernel = static_cast<GemmKernel>(7);
+  expect_error([&] { bad.validate(); }, {"kernels.forward", "kernel must be automatic, wgmma or portable", "7"});
+  bad = cfg;
+  bad.kernels = {GemmTiling{GemmKernel::wgmma, 256, 2}, GemmTiling{GemmKernel::portable, 128, 1},
+                 GemmTiling{GemmKernel::wgmma, 128, 1}};
+  bad.validate();  // every field in range: accepted (the CPU backend ignores the choice)
 
   HostTensor w1_bad(DType::bf16, {4, 8, 16});
   wt.gate_up_proj = w1_bad.t;
