@@ -132,7 +132,7 @@ def _block_timer(x, gate, gate_up_proj, down_proj, top_k, norm, with_dw, repeats
                           top_k, norm, True, True, with_dw, with_dw, kernels)
 
     def measure(choice: dict) -> float:
-        configs = [None if choice[n] is None else cls.from_tiling(choice[n]) for n, cls in FAMILIES]
+        configs = [None if choice.get(n) is None else cls.from_tiling(choice[n]) for n, cls in FAMILIES]
         kernels = kernels_arg(*configs)
         run(kernels)  # warm-up (and first-launch set-up)
         times = []

@@ -150,3 +150,9 @@ def test_block_autotune_times_real_kernels_then_uses_the_cache(cache_dir):
         *[None if choice[n] is None else cls.from_tiling(choice[n]) for n, cls in FAMILIES])
     for a, b in zip(got, ref):
         assert rel_err(a, b) <= 1e-2
+    # Frozen experts: a second problem (no dW family), timed with the real kernels too.
+    frozen = _block("cuda", torch.bfloat16, H=256, I=128, autotune=True, dX_only=True)
+    out = _run(frozen, x)
+    assert rel_err(out[1], ref[1]) <= 1e-2  # dx
+    choices = json.loads((cache_dir / autotune.CACHE_FILE).read_text())
+    assert len(choices) == 2 and [c["bwd_dW"] for k, c in choices.items() if "|frozen|" in k] == [None]
