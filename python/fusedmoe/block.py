@@ -121,7 +121,10 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         """(forward, dX, dW) configs for input x: the explicit ones, else the autotuned ones (None: heuristic)."""
         explicit = (self.kernel_config_fwd, self.kernel_config_bwd_dX, self.kernel_config_bwd_dW)
         tuned = None
-        if self.autotune and x.device.type == "cuda" and any(c is None for c in explicit):
+        # Under torch.compile the lookup (a file, a lock) cannot be traced: compiled graphs take the explicit
+        # configs and the heuristic.
+        compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+        if self.autotune and not compiling and x.device.type == "cuda" and any(c is None for c in explicit):
             with_dw = w1.requires_grad or w2.requires_grad
             tuned = _autotune.tuned_choice(x, gate, w1, w2, self.top_k, self.norm_topk_prob, with_dw)
         return tuple(c if c is not None else (cls.from_tiling(tuned[name]) if tuned and tuned.get(name) else None)

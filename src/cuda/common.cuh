@@ -62,27 +62,10 @@ inline void require_tensor_core_dtype(const char* op, const char* name, const Te
 }
 
 // Stream-ordered scratch: cudaMallocAsync/cudaFreeAsync, so it is legal inside CUDA-graph capture.
-// FUSEDMOE_RETAIN_SCRATCH=1 (experimental) keeps the device's default pool from handing its memory back to
-// the OS at every synchronisation (release threshold 0 by default), so the next call's scratch is not
-// mapped afresh.
 class Scratch {
  public:
   Scratch(size_t bytes, cudaStream_t stream) : stream_(stream) {
-    static const bool retain = env_equals("FUSEDMOE_RETAIN_SCRATCH", "1");
-    if (retain) retain_default_pool();
     if (bytes) check_cuda(cudaMallocAsync(&ptr_, bytes, stream), "cudaMallocAsync (scratch)");
-  }
-  static void retain_default_pool() {
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    constexpr int kDevices = 64;
-    static bool done[kDevices] = {};
-    if (device < 0 || device >= kDevices || done[device]) return;
-    cudaMemPool_t pool;
-    check_cuda(cudaDeviceGetDefaultMemPool(&pool, device), "cudaDeviceGetDefaultMemPool");
-    uint64_t keep = UINT64_MAX;
-    check_cuda(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
-    done[device] = true;
   }
   ~Scratch() {
     if (ptr_) cudaFreeAsync(ptr_, stream_);

@@ -548,6 +548,15 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // Per-group bounds make rows and columns past a group's weight read as zeros.
 template <class T, class OutT>
 CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int BN) {
+  // The encoder is a driver call and needs a current context; a thread that has launched nothing yet (the
+  // autograd engine's backward thread, say) may have none: bind the current device's primary context once.
+  thread_local bool context_bound = false;
+  if (!context_bound) {
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaSetDevice(device), "cudaSetDevice");
+    context_bound = true;
+  }
   CUtensorMap map;
   const bool nt = kind == GemmKind::nt;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(nt ? p.K : p.N), static_cast<cuuint64_t>(nt ? p.N : p.K),

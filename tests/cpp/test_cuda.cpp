@@ -3,6 +3,7 @@
 // Every test skips itself where no Hopper GPU is visible.
 #include <algorithm>
 #include <numeric>
+#include <thread>
 
 #include "testing.hpp"
 
@@ -204,6 +205,41 @@ TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("wgmma"), std::string::npos) << e.what();
   }
+}
+
+// The backward from a thread that has made no CUDA call yet (as the autograd engine's backward thread
+// may be): the TMA descriptor encoding (a driver call) must find a context there.
+TEST(CudaBlock, BackwardFromAFreshThread) {
+  REQUIRE_GPU();
+  const MoeConfig c{256, 128, 8, 2, true, DType::bf16};
+  const int64_t T = 300;
+  BlockTensors b(c, T);
+  HostTensor dout(DType::bf16, {T, 256});
+  dout.randn();
+  const BlockResult want = run_block(b, dout, kGpu);
+  const Device dev = kGpu;
+  DeviceCopy x(b.x, dev), gate(b.gate, dev), w1(b.w1, dev), w2(b.w2, dev), dO(dout, dev);
+  DeviceCopy out(b.out, dev, false), logits(b.logits, dev, false);
+  Buffer saved_mem(moe_saved_bytes(c, T), dev);
+  const MoeSaved saved = moe_saved_views(c, T, saved_mem.data(), dev);
+  Buffer fws(moe_forward_workspace_bytes(c, T) + 256, dev);
+  const MoeWeights w{gate.t, w1.t, w2.t};
+  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()});
+  DeviceCopy dx(b.x, dev, false), dgate(b.gate, dev, false), dw1(b.w1, dev, false), dw2(b.w2, dev, false);
+  const MoeGrads g{dx.t, dgate.t, dw1.t, dw2.t};
+  Buffer bws(moe_backward_workspace_bytes(c, T, g) + 256, dev);
+  std::string error;
+  std::thread([&] {
+    try {
+      moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()});
+    } catch (const Error& e) {
+      error = e.what();
+    }
+  }).join();
+  ASSERT_EQ(error, "");
+  EXPECT_TRUE(dx.download().bitwise_equal(want.dx));
+  EXPECT_TRUE(dw1.download().bitwise_equal(want.dw1));
+  EXPECT_TRUE(dw2.download().bitwise_equal(want.dw2));
 }
 
 TEST(CudaBlock, DeterministicBitwise) {
