@@ -87,6 +87,7 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         self.kernel_config_bwd_dX = check_config(kernel_config_bwd_dX, KernelConfigBackward_dX, "kernel_config_bwd_dX")
         self.kernel_config_bwd_dW = check_config(kernel_config_bwd_dW, KernelConfigBackward_dW, "kernel_config_bwd_dW")
         self.dW_only, self.dX_only = bool(dW_only), bool(dX_only)
+        self._resolved_configs = {}  # (device, token bucket, dW needed, explicit configs) -> (fwd, dX, dW) configs
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
@@ -120,15 +121,23 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
     def kernel_configs(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> tuple:
         """(forward, dX, dW) configs for input x: the explicit ones, else the autotuned ones (None: heuristic)."""
         explicit = (self.kernel_config_fwd, self.kernel_config_bwd_dX, self.kernel_config_bwd_dW)
-        tuned = None
         # Under torch.compile the lookup (a file, a lock) cannot be traced: compiled graphs take the explicit
         # configs and the heuristic.
         compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-        if self.autotune and not compiling and x.device.type == "cuda" and any(c is None for c in explicit):
-            with_dw = w1.requires_grad or w2.requires_grad
-            tuned = _autotune.tuned_choice(x, gate, w1, w2, self.top_k, self.norm_topk_prob, with_dw)
-        return tuple(c if c is not None else (cls.from_tiling(tuned[name]) if tuned and tuned.get(name) else None)
-                     for c, (name, cls) in zip(explicit, FAMILIES))
+        if compiling or not self.autotune or x.device.type != "cuda" or all(c is not None for c in explicit):
+            return explicit
+        with_dw = w1.requires_grad or w2.requires_grad
+        # Resolved once per device, token bucket and dW need: later calls cost one dict lookup.
+        memo_key = (x.device, _autotune.token_bucket(x.shape[0]), with_dw, explicit)
+        resolved = self._resolved_configs.get(memo_key)
+        if resolved is not None:
+            return resolved
+        tuned = _autotune.tuned_choice(x, gate, w1, w2, self.top_k, self.norm_topk_prob, with_dw)
+        resolved = tuple(c if c is not None else (cls.from_tiling(tuned[name]) if tuned and tuned.get(name) else None)
+                         for c, (name, cls) in zip(explicit, FAMILIES))
+        if tuned is not None:  # (no entry yet, e.g. while a CUDA graph is captured: look again next call)
+            self._resolved_configs[memo_key] = resolved
+        return resolved
 
     def kernels_for(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> list:
         """The ops' `kernels` argument for input x (see kernel_configs)."""

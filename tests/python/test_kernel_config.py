@@ -107,7 +107,8 @@ def test_autotune_searches_once_and_caches_on_disk(cache_dir):
     w1, w2 = torch.randn(8, 96, 64), torch.randn(8, 64, 48)
     calls = []
 
-    def fake_measure(choice):  # pretends the 128-wide pair tile is fastest for every family
+    def fake_measure(choice, phase):  # pretends the 128-wide pair tile is fastest for every family
+        assert phase == ("forward" if len(calls) < 5 else "backward")
         calls.append(dict(choice))
         return sum(0.0 if t == [1, 128, 2] or t == [1, 128, 1] and n == "bwd_dW" else 1.0
                    for n, t in choice.items())
@@ -120,12 +121,12 @@ def test_autotune_searches_once_and_caches_on_disk(cache_dir):
     assert stored == got and "|H64|I48|E8|k2|T128|float32|dW|fusedmoe-" in key
 
     # Same process, same bucket (T=100 and T=128 share it): no new search.
-    def must_not_run(choice):
+    def must_not_run(choice, phase):
         raise AssertionError("re-tuned a cached problem")
     assert autotune.tuned_choice(torch.randn(128, 64), None, w1, w2, 2, True, measure=must_not_run) == got
     # A second process reads the file and does not tune either.
     code = ("import json, torch; from fusedmoe import autotune\n"
-            "def no(c): raise AssertionError('re-tuned')\n"
+            "def no(c, p): raise AssertionError('re-tuned')\n"
             "print(json.dumps(autotune.tuned_choice(torch.randn(100, 64), None, torch.randn(8, 96, 64),"
             " torch.randn(8, 64, 48), 2, True, measure=no)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), check=True)
@@ -135,6 +136,19 @@ def test_autotune_searches_once_and_caches_on_disk(cache_dir):
     frozen = autotune.tuned_choice(torch.randn(300, 64), None, w1, w2, 2, True, with_dw=False, measure=fake_measure)
     assert len(calls) == 10 and frozen["bwd_dW"] is None
     assert len(json.loads((cache_dir / autotune.CACHE_FILE).read_text())) == 2
+
+
+def test_autotune_keeps_the_heuristic_unless_a_candidate_clearly_wins(cache_dir):
+    # Candidates within the noise margin of the heuristic are not taken; a clear win is.
+    def measure(choice, phase):
+        t = 1.0
+        if choice["fwd"] == [1, 128, 1]:
+            t -= 0.02  # 2%: noise-sized
+        if choice["bwd_dX"] == [1, 256, 2]:
+            t -= 0.10  # 10%: real
+        return t
+    got = autotune.search(measure)
+    assert got == {"fwd": None, "bwd_dX": [1, 256, 2], "bwd_dW": None}
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fusedmoe.cuda_available()), reason="needs the CUDA backend")
