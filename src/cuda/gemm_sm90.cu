@@ -8,12 +8,13 @@
 // 64 rows of the 128 × BN output tile, issues m64nBNk16 wgmmas over the stage and writes its accumulators
 // out in the epilogue while the producer already fills the stages of the CTA's next tile.
 //
-// nt / nn (the weight is B, shared by every m-tile of an expert): CTAs run in clusters of two that take
-// neighbouring m-tiles of the same (expert, n-tile), and the weight tile arrives by TMA multicast, each
-// CTA loading half of it into both CTAs' shared memory. That halves the weight traffic out of L2, which
-// is what bounded the mainloop when every operand byte went through per-thread cp.async. A stage is then
-// full after the producer's 128 cp.async arrivals plus the TMA bytes of both halves, and free only when
-// the consumers of both CTAs have released it (the peer's TMA writes into it).
+// nt / nn (the weight is B, shared by every m-tile of an expert): the weight tile arrives by TMA (one 3-D
+// tensor map: contiguous dim, rows, experts, so a group's edges read as zeros). With kCluster = 2 CTAs run in
+// pairs that take neighbouring m-tiles of the same (expert, n-tile) and each loads half of the weight tile
+// into both CTAs' shared memory (multicast), halving the weight traffic out of L2; a stage is then full
+// after the producer's 128 cp.async arrivals plus the TMA bytes of both halves, and free only when the
+// consumers of both CTAs have released it. Measured level with single CTAs at T=16384 and slower at small T
+// (a pair's second m-tile is often empty), so single CTAs are the heuristic and pairs a kernel choice.
 //
 // Shared-memory operand layout: "panels" of R rows × 64 elements (128 bytes per row); 16-byte chunk c of
 // row r lives at r·128 + ((c ^ (r mod 8)) · 16), the 128-byte swizzle of TMA and wgmma. A K-major operand
@@ -643,8 +644,9 @@ template <class T, class OutT>
 bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64_t M_total, const GemmTiling& tiling,
                  cudaStream_t stream) {
   using namespace sm90;
+  // FUSEDMOE_PORTABLE_GEMM switches the heuristic to the portable kernel; an explicit wgmma choice still runs.
   static const bool disabled = std::getenv("FUSEDMOE_PORTABLE_GEMM") != nullptr;
-  if (disabled || groups > kMaxGroups) return false;
+  if ((disabled && tiling.kernel == GemmKernel::automatic) || groups > kMaxGroups) return false;
   const DeviceInfo device = current_device_info();
   if (!device.sm90) return false;
   const int sms = device.sms;
