@@ -217,29 +217,20 @@ TEST(CudaBlock, BackwardFromAFreshThread) {
   HostTensor dout(DType::bf16, {T, 256});
   dout.randn();
   const BlockResult want = run_block(b, dout, kGpu);
-  const Device dev = kGpu;
-  DeviceCopy x(b.x, dev), gate(b.gate, dev), w1(b.w1, dev), w2(b.w2, dev), dO(dout, dev);
-  DeviceCopy out(b.out, dev, false), logits(b.logits, dev, false);
-  Buffer saved_mem(moe_saved_bytes(c, T), dev);
-  const MoeSaved saved = moe_saved_views(c, T, saved_mem.data(), dev);
-  Buffer fws(moe_forward_workspace_bytes(c, T) + 256, dev);
-  const MoeWeights w{gate.t, w1.t, w2.t};
-  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()});
-  DeviceCopy dx(b.x, dev, false), dgate(b.gate, dev, false), dw1(b.w1, dev, false), dw2(b.w2, dev, false);
-  const MoeGrads g{dx.t, dgate.t, dw1.t, dw2.t};
-  Buffer bws(moe_backward_workspace_bytes(c, T, g) + 256, dev);
+  DeviceBlock d(b, dout, kGpu);
+  d.forward();
   std::string error;
   std::thread([&] {
     try {
-      moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()});
+      d.backward();
     } catch (const Error& e) {
       error = e.what();
     }
   }).join();
   ASSERT_EQ(error, "");
-  EXPECT_TRUE(dx.download().bitwise_equal(want.dx));
-  EXPECT_TRUE(dw1.download().bitwise_equal(want.dw1));
-  EXPECT_TRUE(dw2.download().bitwise_equal(want.dw2));
+  EXPECT_TRUE(d.dx.download().bitwise_equal(want.dx));
+  EXPECT_TRUE(d.dw1.download().bitwise_equal(want.dw1));
+  EXPECT_TRUE(d.dw2.download().bitwise_equal(want.dw2));
 }
 
 TEST(CudaBlock, DeterministicBitwise) {
@@ -283,36 +274,29 @@ TEST(CudaBlock, GraphCaptureReplaysIdentically) {
   dout.randn();
   const BlockResult eager = run_block(b, dout, kGpu);
 
-  DeviceCopy x(b.x, kGpu), gate(b.gate, kGpu), w1(b.w1, kGpu), w2(b.w2, kGpu), dO(dout, kGpu);
-  DeviceCopy out(b.out, kGpu, false), logits(b.logits, kGpu, false);
-  DeviceCopy dx(b.x, kGpu, false), dgate(b.gate, kGpu, false), dw1(b.w1, kGpu, false), dw2(b.w2, kGpu, false);
-  Buffer saved_mem(moe_saved_bytes(c, T), kGpu);
-  const MoeSaved saved = moe_saved_views(c, T, saved_mem.data(), kGpu);
-  const MoeWeights w{gate.t, w1.t, w2.t};
-  const MoeGrads g{dx.t, dgate.t, dw1.t, dw2.t};
-  Buffer fws(moe_forward_workspace_bytes(c, T), kGpu), bws(moe_backward_workspace_bytes(c, T, g), kGpu);
+  DeviceBlock d(b, dout, kGpu);
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   // Warm once outside capture (one-time kernel attribute setup), then capture forward + backward.
-  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()}, {stream});
-  moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()}, {stream});
+  d.forward({stream});
+  d.backward({stream});
   ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-  for (const Tensor* t : {&out.t, &dx.t, &dw1.t}) poison_bytes(t->data, t->nbytes(), kGpu);
+  for (const Tensor* t : {&d.out.t, &d.dx.t, &d.dw1.t}) poison_bytes(t->data, t->nbytes(), kGpu);
   cudaGraph_t graph;
   ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal), cudaSuccess);
-  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()}, {stream});
-  moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()}, {stream});
+  d.forward({stream});
+  d.backward({stream});
   ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
   cudaGraphExec_t exec;
   ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
   for (int rep = 0; rep < 3; ++rep) {
     ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    EXPECT_TRUE(out.download().bitwise_equal(eager.out)) << "replay " << rep;
-    EXPECT_TRUE(dx.download().bitwise_equal(eager.dx)) << "replay " << rep;
-    EXPECT_TRUE(dgate.download().bitwise_equal(eager.dgate)) << "replay " << rep;
-    EXPECT_TRUE(dw1.download().bitwise_equal(eager.dw1)) << "replay " << rep;
-    EXPECT_TRUE(dw2.download().bitwise_equal(eager.dw2)) << "replay " << rep;
+    EXPECT_TRUE(d.out.download().bitwise_equal(eager.out)) << "replay " << rep;
+    EXPECT_TRUE(d.dx.download().bitwise_equal(eager.dx)) << "replay " << rep;
+    EXPECT_TRUE(d.dgate.download().bitwise_equal(eager.dgate)) << "replay " << rep;
+    EXPECT_TRUE(d.dw1.download().bitwise_equal(eager.dw1)) << "replay " << rep;
+    EXPECT_TRUE(d.dw2.download().bitwise_equal(eager.dw2)) << "replay " << rep;
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);

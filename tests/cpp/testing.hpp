@@ -339,22 +339,32 @@ struct BlockResult {
   }
 };
 
-// Runs moe_forward then moe_backward (all gradients) on `dev` with every output poisoned first.
-inline BlockResult run_block(const BlockTensors& b, const HostTensor& dout, const Device& dev) {
-  const MoeConfig& c = b.cfg;
-  DeviceCopy x(b.x, dev), gate(b.gate, dev), w1(b.w1, dev), w2(b.w2, dev), dO(dout, dev);
-  DeviceCopy out(b.out, dev, false), logits(b.logits, dev, false);
-  Buffer saved_mem(moe_saved_bytes(c, b.T), dev);
-  poison_bytes(saved_mem.data(), saved_mem.bytes(), dev);
-  const MoeSaved saved = moe_saved_views(c, b.T, saved_mem.data(), dev);
-  Buffer fws(moe_forward_workspace_bytes(c, b.T) + 256, dev);
-  const MoeWeights w{gate.t, w1.t, w2.t};
-  moe_forward(c, x.t, w, out.t, logits.t, saved, {fws.data(), fws.bytes()});
-  DeviceCopy dx(b.x, dev, false), dgate(b.gate, dev, false), dw1(b.w1, dev, false), dw2(b.w2, dev, false);
-  const MoeGrads g{dx.t, dgate.t, dw1.t, dw2.t};
-  Buffer bws(moe_backward_workspace_bytes(c, b.T, g) + 256, dev);
-  moe_backward(c, dO.t, x.t, w, logits.t, saved, g, {bws.data(), bws.bytes()});
-  auto fetch = [&](const Tensor& t) {
+// The block's inputs, outputs (poisoned), saved state and workspaces on `dev`; forward() and backward() run
+// the public API on them (all gradients).
+struct DeviceBlock {
+  MoeConfig c;
+  int64_t T;
+  Device dev;
+  DeviceCopy x, gate, w1, w2, dO, out, logits, dx, dgate, dw1, dw2;
+  Buffer saved_mem;
+  MoeSaved saved;
+  Buffer fws, bws;
+  DeviceBlock(const BlockTensors& b, const HostTensor& dout, const Device& d)
+      : c(b.cfg), T(b.T), dev(d), x(b.x, d), gate(b.gate, d), w1(b.w1, d), w2(b.w2, d), dO(dout, d),
+        out(b.out, d, false), logits(b.logits, d, false), dx(b.x, d, false), dgate(b.gate, d, false),
+        dw1(b.w1, d, false), dw2(b.w2, d, false), saved_mem(moe_saved_bytes(b.cfg, b.T), d),
+        fws(moe_forward_workspace_bytes(b.cfg, b.T) + 256, d),
+        bws(moe_backward_workspace_bytes(b.cfg, b.T, grads()) + 256, d) {
+    poison_bytes(saved_mem.data(), saved_mem.bytes(), d);
+    saved = moe_saved_views(c, T, saved_mem.data(), d);
+  }
+  MoeWeights weights() const { return {gate.t, w1.t, w2.t}; }
+  MoeGrads grads() const { return {dx.t, dgate.t, dw1.t, dw2.t}; }
+  void forward(Stream s = {}) { moe_forward(c, x.t, weights(), out.t, logits.t, saved, {fws.data(), fws.bytes()}, s); }
+  void backward(Stream s = {}) {
+    moe_backward(c, dO.t, x.t, weights(), logits.t, saved, grads(), {bws.data(), bws.bytes()}, s);
+  }
+  HostTensor fetch(const Tensor& t) const {
     HostTensor h;
     h.mem.resize(t.nbytes() + 1);
     h.t = t;
@@ -362,9 +372,16 @@ inline BlockResult run_block(const BlockTensors& b, const HostTensor& dout, cons
     h.t.device = Device::cpu();
     copy_bytes(h.t.data, Device::cpu(), t.data, dev, t.nbytes());
     return h;
-  };
-  return {out.download(), logits.download(), fetch(saved.topk_weights), fetch(saved.topk_ids),
-          dx.download(), dgate.download(), dw1.download(), dw2.download()};
+  }
+};
+
+// Runs moe_forward then moe_backward (all gradients) on `dev` with every output poisoned first.
+inline BlockResult run_block(const BlockTensors& b, const HostTensor& dout, const Device& dev) {
+  DeviceBlock d(b, dout, dev);
+  d.forward();
+  d.backward();
+  return {d.out.download(), d.logits.download(), d.fetch(d.saved.topk_weights), d.fetch(d.saved.topk_ids),
+          d.dx.download(), d.dgate.download(), d.dw1.download(), d.dw2.download()};
 }
 
 // Every output against the float64 reference computed with the same expert choices (DESIGN.md §5).
