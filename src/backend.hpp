@@ -29,12 +29,7 @@ struct Routing {
 struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; Tensor act = {}; GemmTiling tiling = {}; };
 // dX[dx_map(i)] (=, or += with accumulate) dY[dy_map(i)] · W[e(i)]; dx_map = token sums a token's k slots
 // in slot order (deterministic).
-// slot_scratch (dx_map = token, optional): room for the k slot products (rows × K in dX's dtype) that are summed
-// per token; a backend that needs it allocates its own when it is undefined or too small.
-struct GemmNN {
-  Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {};
-  Tensor slot_scratch = {};
-};
+struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {}; };
 // dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
 struct GemmTN { Tensor dY; RowMap dy_map; Tensor X; RowMap x_map; Tensor dW; GemmTiling tiling = {}; };
 

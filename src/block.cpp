@@ -38,14 +38,7 @@ class Carver {
     used_ += align_up(t.nbytes());
     return t;
   }
-  // Raw bytes (aligned); nullptr while counting.
-  char* take_bytes(size_t bytes) {
-    char* p = base_ ? base_ + used_ : nullptr;
-    used_ += align_up(bytes);
-    return p;
-  }
   size_t used() const { return used_; }
-  Device device() const { return device_; }
 
  private:
   char* base_;
@@ -77,7 +70,6 @@ struct ExpertsPlan {
   bool d_gate_up;  // dY1: needed for dx and d_gate_up_proj
   bool act;        // w·A materialised: needed for d_down_proj
   bool d_act_raw;  // dA_raw = dOut·W2: needed for dw and dY1
-  bool dx;         // dx = Σ_slots dY1·W1
 };
 ExpertsPlan plan_experts(const MoeExpertGrads& g) {
   ExpertsPlan p{};
@@ -85,29 +77,19 @@ ExpertsPlan plan_experts(const MoeExpertGrads& g) {
   p.d_gate_up = g.dx.defined() || g.d_gate_up_proj.defined();
   p.act = g.d_down_proj.defined();
   p.d_act_raw = p.d_weights || p.d_gate_up;
-  p.dx = g.dx.defined();
   return p;
 }
 
 // Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
 DType acc_dtype(const MoeConfig& c) { return c.dtype == DType::f64 ? DType::f64 : DType::f32; }
 
-struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act, dx_slots; };
+struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act; };
 ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv) {
-  const int64_t M = T * c.top_k, I = c.intermediate_size, H = c.hidden_size;
+  const int64_t M = T * c.top_k, I = c.intermediate_size;
   ExpertsScratch s;
+  if (p.d_act_raw) s.d_act_raw = cv.take(acc_dtype(c), {M, I});
   if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
-  // dA_raw and w·A are dead once dW2 has run, before dx's GEMM: the k slot products of dx (M × H, summed
-  // per token afterwards) reuse their memory, so the backward's peak does not grow by them.
-  Carver sizes(nullptr, cv.device());
-  if (p.d_act_raw) sizes.take(acc_dtype(c), {M, I});
-  if (p.act) sizes.take(c.dtype, {M, I});
-  const size_t slot_bytes = p.dx ? static_cast<size_t>(M * H) * dtype_size(c.dtype) : 0;
-  char* shared = cv.take_bytes(std::max(sizes.used(), slot_bytes));
-  Carver reused(shared, cv.device());
-  if (p.d_act_raw) s.d_act_raw = reused.take(acc_dtype(c), {M, I});
-  if (p.act) s.act = reused.take(c.dtype, {M, I});
-  if (p.dx) s.dx_slots = Tensor::contiguous(shared, c.dtype, {M, H}, cv.device());
+  if (p.act) s.act = cv.take(c.dtype, {M, I});
   return s;
 }
 
@@ -228,7 +210,7 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
                                               cfg.kernels.backward_dw}, s);
   if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
     FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token, false,
-                                              cfg.kernels.backward_dx, tmp.dx_slots}, s);
+                                              cfg.kernels.backward_dx}, s);
 }
 
 void check_expert_grads(const char* op, const MoeConfig& c, int64_t T, const MoeExpertGrads& g, const Device& dev) {

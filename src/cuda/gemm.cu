@@ -386,27 +386,23 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
   const int64_t N = g.W.shape[1], K = g.W.shape[2];  // reduction over N, output columns K
   const cudaStream_t stream = stream_of(s);
   const bool sum_slots = g.dx_map == RowMap::token;
-  // A token's k slot products land in scratch rows of dX's type (the caller's, when it lends enough), then
-  // add up in a fixed order.
-  const size_t slot_bytes = sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0;
-  const bool lent = g.slot_scratch.defined() && g.slot_scratch.nbytes() >= slot_bytes;
-  Scratch own(lent ? 0 : slot_bytes, stream);
-  void* slot_rows = lent ? g.slot_scratch.data : own.as<void>();
+  // A token's k slot products land in scratch rows of dX's type, then add up in a fixed order.
+  Scratch slots(sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0, stream);
   with_types("grouped_gemm_dX", g.dY, g.dX, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
     if (sum_slots) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
-                      static_cast<O*>(slot_rows), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
+                      slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
       if (r.T * K > 0) {
         constexpr int kVec = 16 / sizeof(O);
         if (K % kVec == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
           sum_slots_kernel<kVec, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              static_cast<O*>(slot_rows), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
+              slots.as<O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         else
           sum_slots_kernel<1, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              static_cast<O*>(slot_rows), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
+              slots.as<O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         check_launch("sum_slots_kernel");
       }
     } else {
