@@ -106,9 +106,13 @@ def search(measure: Callable[[dict, str], float], families=FAMILIES) -> dict:
     return best
 
 
+def compiling() -> bool:
+    """True while torch.compile traces (dynamo evaluates this as a constant)."""
+    return getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+
+
 def _tracing() -> bool:
-    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
-    return compiling or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def tuned_choice(x, gate, gate_up_proj, down_proj, top_k: int, norm_topk_prob: bool, with_dw: bool = True,

@@ -96,6 +96,18 @@ DType parse_dtype(const std::string& s) {
 }
 
 // A defined view with no memory marks a wanted output in workspace queries; undefined marks one not wanted.
+// Kernel choices from Python: `families` (kernel, block_n, cluster_m) triples, or none at all (the heuristic).
+std::vector<GemmTiling> tilings_of(const std::vector<int>& v, size_t families, const char* name) {
+  if (v.empty()) return std::vector<GemmTiling>(families);
+  if (v.size() != 3 * families)
+    throw Error(std::string("argument '") + name + "' must be empty or hold " + std::to_string(families) +
+                " (kernel, block_n, cluster_m) triple(s), got " + std::to_string(v.size()) + " ints");
+  std::vector<GemmTiling> out;
+  for (size_t f = 0; f < families; ++f)
+    out.push_back(GemmTiling{static_cast<GemmKernel>(v[3 * f]), v[3 * f + 1], v[3 * f + 2]});
+  return out;
+}
+
 Tensor wanted(bool on) {
   Tensor t;
   if (on) t.ndim = 1;
@@ -121,15 +133,9 @@ NB_MODULE(_C, m) {
            [](MoeConfig* c, int64_t hidden, int64_t intermediate, int experts, int top_k, bool norm,
               const std::string& dtype, const std::vector<int>& kernels) {
              new (c) MoeConfig{hidden, intermediate, experts, top_k, norm, parse_dtype(dtype)};
-             // kernels: empty (the heuristic) or (kernel, block_n, cluster_m) for forward, dX and dW.
-             if (!kernels.empty()) {
-               if (kernels.size() != 9)
-                 throw Error("Config: 'kernels' must hold 9 ints (kernel, block_n, cluster_m for forward, dX, dW), got " +
-                             std::to_string(kernels.size()));
-               GemmTiling* families[] = {&c->kernels.forward, &c->kernels.backward_dx, &c->kernels.backward_dw};
-               for (int f = 0; f < 3; ++f)
-                 *families[f] = GemmTiling{static_cast<GemmKernel>(kernels[3 * f]), kernels[3 * f + 1], kernels[3 * f + 2]};
-             }
+             // kernels: empty (the heuristic) or the forward, dX and dW choices.
+             const std::vector<GemmTiling> t = tilings_of(kernels, 3, "kernels");
+             c->kernels = {t[0], t[1], t[2]};
              c->validate();
            },
            nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("num_experts"), nb::arg("top_k"),
@@ -173,14 +179,8 @@ NB_MODULE(_C, m) {
   // tiling: empty (the heuristic) or (kernel, block_n, cluster_m).
   auto args_of = [](const Array& offsets, const OptArray& gather, int k, bool px, bool py,
                     const std::vector<int>& tiling) {
-    GroupedGemmArgs a{view(offsets, "expert_offsets"), view(gather, "gather_indices"), k, px, py};
-    if (!tiling.empty()) {
-      if (tiling.size() != 3)
-        throw Error("argument 'tiling' must be empty or (kernel, block_n, cluster_m), got " +
-                    std::to_string(tiling.size()) + " ints");
-      a.tiling = GemmTiling{static_cast<GemmKernel>(tiling[0]), tiling[1], tiling[2]};
-    }
-    return a;
+    return GroupedGemmArgs{view(offsets, "expert_offsets"), view(gather, "gather_indices"), k, px, py,
+                           tilings_of(tiling, 1, "tiling")[0]};
   };
   m.def("grouped_gemm", [args_of](const Array& X, const Array& W, const Array& offsets, const OptArray& gather, int k,
                                   bool px, bool py, const Array& Y, const OptArray& row_weights, uintptr_t s,

@@ -589,25 +589,29 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  // Per instantiation (all devices are sm_90 here): the shared-memory opt-in, and how many clusters fit at
-  // once (some SMs may be left over where a GPC's SM count is odd).
-  static int resident_clusters = -1;
-  if (resident_clusters < 0) {
+  // Per instantiation (all devices are sm_90 here): the shared-memory opt-in.
+  static const bool configured = [&] {
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(Cfg::smem_bytes(kMaxGroups))),
                "cudaFuncSetAttribute (sm90 gemm)");
-    if (kCluster > 1) {
-      config.gridDim = dim3(kCluster * sms);
-      config.dynamicSmemBytes = Cfg::smem_bytes(kMaxGroups);
+    return true;
+  }();
+  (void)configured;
+  // Work units run at once: one per SM, or for pairs the clusters that fit (some SMs may be left over
+  // where a GPC's SM count is odd).
+  int resident = sms;
+  if constexpr (kCluster > 1) {
+    static const int resident_clusters = [&] {
+      cudaLaunchConfig_t query = config;
+      query.gridDim = dim3(kCluster * sms);
+      query.dynamicSmemBytes = Cfg::smem_bytes(kMaxGroups);
       int n = 0;
-      check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &config), "cudaOccupancyMaxActiveClusters (sm90 gemm)");
-      config.dynamicSmemBytes = smem;
-      resident_clusters = n;
-    } else {
-      resident_clusters = sms;
-    }
+      check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &query), "cudaOccupancyMaxActiveClusters (sm90 gemm)");
+      return n;
+    }();
+    if (resident_clusters == 0) return false;
+    resident = resident_clusters;
   }
-  if (resident_clusters == 0) return false;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   int64_t units;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile and pair)
   if constexpr (kKind == GemmKind::tn)
@@ -615,7 +619,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   else
     units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
   if (units == 0) return true;
-  config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident_clusters)));
+  config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
   const CUtensorMap b_map = kKind == GemmKind::tn ? CUtensorMap{} : weight_tensor_map(p, kKind, groups, BN);
   check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map), "gemm_sm90_kernel");
   return true;

@@ -14,8 +14,7 @@ struct Backward {
   explicit Backward(const BlockTensors& b) {
     const auto& c = b.cfg;
     const int64_t H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
-    dout = HostTensor(c.dtype, {b.T, H});
-    dout.randn();
+    dout = random_dout(b);
     dx = HostTensor(c.dtype, {b.T, H});
     dgate = HostTensor(c.dtype, {E, H});
     dw1 = HostTensor(c.dtype, {E, 2 * I, H});
@@ -43,8 +42,7 @@ TEST_P(BlockTest, ForwardAndBackwardMatchFloat64Reference) {
   const BlockCase c = GetParam();
   BlockTensors b(MoeConfig{c.H, c.I, c.E, c.k, c.norm, c.dtype}, c.T);
   if (c.one_expert) steer_to_expert_zero(b);
-  HostTensor dout(c.dtype, {c.T, c.H});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   const BlockResult res = run_block(b, dout, Device::cpu());
   expect_block_matches_reference(b, dout, res);
   if (c.one_expert)

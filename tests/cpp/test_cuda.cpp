@@ -160,8 +160,7 @@ TEST_P(CudaBlock, ForwardAndBackwardMatchFloat64Reference) {
   const BlockCase c = GetParam();
   BlockTensors b(MoeConfig{c.H, c.I, c.E, c.k, c.norm, c.dtype}, c.T);
   if (c.one_expert) steer_to_expert_zero(b);
-  HostTensor dout(c.dtype, {c.T, c.H});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   const BlockResult res = run_block(b, dout, kGpu);
   expect_block_matches_reference(b, dout, res);
 }
@@ -183,16 +182,14 @@ TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
     cfg.kernels = {nt_nn[i], nt_nn[(i + 2) % nt_nn.size()], tn[i % tn.size()]};
     SCOPED_TRACE("choice " + std::to_string(i));
     BlockTensors b(cfg, 1000);
-    HostTensor dout(DType::bf16, {1000, 256});
-    dout.randn();
+    const HostTensor dout = random_dout(b);
     expect_block_matches_reference(b, dout, run_block(b, dout, kGpu));
   }
   // Rows of 61 elements are not 16-byte multiples: the wgmma kernel cannot take them.
   MoeConfig odd{61, 27, 7, 3, true, DType::bf16};
   odd.kernels.forward.kernel = K::wgmma;
   BlockTensors b(odd, 21);
-  HostTensor dout(DType::bf16, {21, 61});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   try {
     run_block(b, dout, kGpu);
     ADD_FAILURE() << "expected fusedmoe::Error for a wgmma request on unaligned rows";
@@ -208,8 +205,7 @@ TEST(CudaBlock, BackwardFromAFreshThread) {
   const MoeConfig c{256, 128, 8, 2, true, DType::bf16};
   const int64_t T = 300;
   BlockTensors b(c, T);
-  HostTensor dout(DType::bf16, {T, 256});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   const BlockResult want = run_block(b, dout, kGpu);
   DeviceBlock d(b, dout, kGpu);
   d.forward();
@@ -230,8 +226,7 @@ TEST(CudaBlock, BackwardFromAFreshThread) {
 TEST(CudaBlock, DeterministicBitwise) {
   REQUIRE_GPU();
   BlockTensors b(MoeConfig{512, 256, 16, 4, true, DType::bf16}, 700);
-  HostTensor dout(DType::bf16, {700, 512});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   const BlockResult r1 = run_block(b, dout, kGpu), r2 = run_block(b, dout, kGpu);
   for (auto [x, y] : {std::pair{&r1.out, &r2.out}, std::pair{&r1.dx, &r2.dx}, std::pair{&r1.dgate, &r2.dgate},
                       std::pair{&r1.dw1, &r2.dw1}, std::pair{&r1.dw2, &r2.dw2}})
@@ -242,8 +237,7 @@ TEST(CudaBlock, QwenShapeMatchesCpuOracle) {
   REQUIRE_GPU();
   // Qwen3-30B-A3B expert shapes at a few hundred tokens: the GPU against the CPU backend.
   BlockTensors b(qwen3_30b_a3b_config(), 256);
-  HostTensor dout(DType::bf16, {256, 2048});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   const BlockResult gpu = run_block(b, dout, kGpu);
   // Same routing on both sides is required for a fair comparison: near-ties may differ, so count them.
   const BlockResult cpu = run_block(b, dout, Device::cpu());
@@ -264,8 +258,7 @@ TEST(CudaBlock, GraphCaptureReplaysIdentically) {
   const MoeConfig c{256, 128, 12, 3, true, DType::bf16};
   const int64_t T = 333;
   BlockTensors b(c, T);
-  HostTensor dout(DType::bf16, {T, 256});
-  dout.randn();
+  const HostTensor dout = random_dout(b);
   const BlockResult eager = run_block(b, dout, kGpu);
 
   DeviceBlock d(b, dout, kGpu);

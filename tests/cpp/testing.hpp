@@ -339,6 +339,13 @@ struct BlockResult {
   }
 };
 
+// A random output gradient [T, H] for the block's backward.
+inline HostTensor random_dout(const BlockTensors& b) {
+  HostTensor dout(b.cfg.dtype, {b.T, b.cfg.hidden_size});
+  dout.randn();
+  return dout;
+}
+
 // The block's inputs, outputs (poisoned), saved state and workspaces on `dev`; forward() and backward() run
 // the public API on them (all gradients).
 struct DeviceBlock {
