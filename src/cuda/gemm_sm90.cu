@@ -46,6 +46,9 @@ constexpr int kMaxGroups = 1024;       // per-group tables (m-tile prefix, offse
 // lookup nor recomputes row addresses.
 constexpr int kChunkStages = 8;
 constexpr int kSlotChunk = kChunkStages * kBK;
+// Kernel variants for A/B measurements (FUSEDMOE_SM90_VARIANT, a bit set): the direct-store epilogue, and two
+// diagnostics that compute wrong results on purpose (no epilogue stores; no A-operand loads).
+constexpr int kLegacyEpilogue = 1, kDiagNoStore = 2, kDiagNoA = 4, kStagger = 8;
 
 template <int BN>
 struct Config {
@@ -65,6 +68,12 @@ static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::sm
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
 }
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
@@ -202,6 +211,67 @@ __device__ __forceinline__ void store_pair(OutT* dst, float a, float b, bool acc
   }
 }
 
+// The epilogue writes through shared memory so that global stores are whole 128-byte rows: a warp stages an
+// 8-row × 128-byte slice of its accumulator fragment (rows lane/4, column pairs (lane%4)·2 of each 8-column
+// group), then each lane stores 16 bytes of it, four full rows per instruction. Storing the fragment
+// directly gave 4-byte stores touching 8 rows each, four times the store instructions and L2 requests.
+// The row pitch is padded (16 bytes for 16-bit outputs, 32 for float) so the fragment writes hit 32
+// distinct banks.
+template <class OutT>
+struct Slice {
+  static constexpr int kCols = 128 / static_cast<int>(sizeof(OutT));  // output columns per slice
+  static constexpr int kPitch = 128 + (sizeof(OutT) == 2 ? 16 : 32);
+  static constexpr int kBytes = 8 * kPitch;                            // one warp's staging area
+};
+
+template <class OutT>
+__device__ __forceinline__ uint4 add_vec16(uint4 a, uint4 b) {
+  OutT* x = reinterpret_cast<OutT*>(&a);
+  const OutT* y = reinterpret_cast<const OutT*>(&b);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(16 / sizeof(OutT)); ++i) x[i] = from_f32<OutT>(to_f32(x[i]) + to_f32(y[i]));
+  return a;
+}
+
+// One slice: value(jj) is the lane's float pair of column group jj (columns jj·8 + (lane%4)·2, +1) of its row;
+// row_off is the element offset of the lane's row (lane/4) in `base`, < 0 for rows not stored. Columns
+// col0 … col0 + kCols are stored where below `cols`. stage == nullptr stores zeros (an empty reduction).
+template <class OutT, class Value>
+__device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Value& value, int64_t row_off, OutT* base,
+                                            int64_t col0, int64_t cols, bool accumulate) {
+  using S = Slice<OutT>;
+  if (stage != nullptr) {
+    uint8_t* row = stage + (lane / 4) * S::kPitch + (lane % 4) * 2 * sizeof(OutT);
+#pragma unroll
+    for (int jj = 0; jj < S::kCols / 8; ++jj) {
+      const float2 v = value(jj);
+      if constexpr (std::is_same_v<OutT, float>) {
+        *reinterpret_cast<float2*>(row + jj * 8 * sizeof(OutT)) = v;
+      } else {
+        OutT pair[2] = {from_f32<OutT>(v.x), from_f32<OutT>(v.y)};
+        *reinterpret_cast<uint32_t*>(row + jj * 8 * sizeof(OutT)) = *reinterpret_cast<const uint32_t*>(pair);
+      }
+    }
+    __syncwarp();
+  } else if (accumulate) {
+    return;  // C += 0
+  }
+  const int piece = lane % 8;  // 16-byte piece of a 128-byte row
+  const int64_t col = col0 + piece * (16 / static_cast<int>(sizeof(OutT)));
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int r = lane / 8 + 4 * it;
+    const int64_t off = __shfl_sync(0xffffffffu, row_off, r * 4);
+    if (off >= 0 && col < cols) {
+      uint4 v = stage != nullptr ? *reinterpret_cast<const uint4*>(stage + r * S::kPitch + piece * 16) : make_uint4(0, 0, 0, 0);
+      uint4* dst = reinterpret_cast<uint4*>(base + off + col);
+      if (accumulate) v = add_vec16<OutT>(v, *dst);
+      *dst = v;
+    }
+  }
+  __syncwarp();  // the staging area is rewritten by the next slice
+}
+
 // Output columns a tile covers, and the column tiles. Gated (GEMM1 with SiLU·mul): BN/2 act columns, whose
 // gate and up columns of C sit side by side in the tile.
 template <int BN, bool kGated>
@@ -258,7 +328,8 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
-    gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map) {
+    gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
+                     int variant) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
@@ -355,6 +426,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
+    if (kKind != GemmKind::tn && (variant & kStagger)) {
+      // nt/nn tiles all take the same time, so without this every CTA would run its epilogue at the same moment
+      // and the SMs' stores would arrive at L2 in one burst while the tensor cores idle. CTAs start in four
+      // phases a quarter of a tile apart (about 0.8 µs per k-step), the later phases those with fewer tiles.
+      const int64_t phase = first_unit * 4 / unit_stride;
+      const uint64_t wait_ns = static_cast<uint64_t>(phase * ((p.K + kBK - 1) / kBK) * 200);
+      const uint64_t start = global_ns();
+      while (global_ns() - start < wait_ns) __nanosleep(500);
+    }
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
       const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind != GemmKind::tn) {
@@ -388,7 +468,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 }
               }
             }
-            load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
+            if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
           });
         }
       } else {
@@ -419,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             int64_t off[kMnRowsPerThread];
             offsets(0, off);
-            load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
+            if (!(variant & kDiagNoA)) load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
             offsets(1, off);
             load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
           });
@@ -489,6 +569,55 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_wait<0>();
       pin_registers(acc);
+      if (variant & kDiagNoStore) {
+        if (tile.k_tiles > 0) release(prev_stage);
+        continue;
+      }
+      if (!(variant & kLegacyEpilogue)) {
+        // This consumer's half of the last stage's A tile is dead (its wgmmas are complete): the warps stage
+        // their output slices there and hand the stage back afterwards. The producer meanwhile fills the
+        // other stages with the next tile. (No k-steps, an empty reduction: zeros, stored without staging.)
+        using Sl = Slice<OutT>;
+        static_assert(4 * Sl::kBytes <= (kBM / 2) * 128, "a warpgroup's staging fits its half of the A tile");
+        uint8_t* staging = tile.k_tiles > 0 ? smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes
+                                            : nullptr;
+        constexpr int G = Sl::kCols / 8;  // column groups per slice
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
+          if constexpr (kKind == GemmKind::nt && kGated) {
+            // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values.
+            const int64_t I = p.N / 2;
+            const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
+#pragma unroll
+            for (int q = 0; q < (BN / 2) / Sl::kCols; ++q) {
+              const int64_t col0 = tile.n0 + q * Sl::kCols;
+              auto gate = [&](int jj) { return pair(q * G + jj); };
+              auto up = [&](int jj) { return pair(q * G + jj + BN / 16); };
+              auto act = [&](int jj) {
+                const float2 g = gate(jj), u = up(jj);
+                return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
+                                   act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
+              };
+              store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
+              store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
+              store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
+            }
+          } else {
+            const float scale = row_scale[h];
+#pragma unroll
+            for (int q = 0; q < BN / Sl::kCols; ++q) {
+              auto scaled = [&](int jj) {
+                const float2 v = pair(q * G + jj);
+                return make_float2(v.x * scale, v.y * scale);
+              };
+              store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
+            }
+          }
+        }
+        if (tile.k_tiles > 0) release(prev_stage);
+        continue;
+      }
       if (tile.k_tiles > 0) release(prev_stage);  // (no k-steps: an empty reduction, the zeros stand)
 
       // Epilogue: thread holds rows warp·16 + lane/4 (+8) and column pairs j·8 + (lane%4)·2 of its 64 × BN.
@@ -621,7 +750,11 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   if (units == 0) return true;
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
   const CUtensorMap b_map = kKind == GemmKind::tn ? CUtensorMap{} : weight_tensor_map(p, kKind, groups, BN);
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map), "gemm_sm90_kernel");
+  static const int variant = [] {
+    const char* v = std::getenv("FUSEDMOE_SM90_VARIANT");
+    return v ? std::atoi(v) : 0;
+  }();
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, variant), "gemm_sm90_kernel");
   return true;
 }
 
