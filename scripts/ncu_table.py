@@ -1,0 +1,13 @@
+import re,os,sys
+txt=open(sys.argv[1]).read()
+names=['router','GEMM1','GEMM2','dA','dW2','dW1','dX','rdW','rdX']
+for block in txt.split('== ncu ')[1:]:
+    name=block.split('\n')[0]; rows=[]; cur=None
+    for line in block.split('\n'):
+        m=re.search(r'gemm_sm90_kernel<([^>]*)>',line)
+        if m: cur=[]; rows.append(cur); continue
+        m=re.search(r'gpu__time_duration.sum (\w+) ([\d.]+)',line)
+        if m and cur is not None: cur.append(float(m.group(2))*(1000 if m.group(1)=='ms' else 1))
+        m=re.search(r'(lts__|hmma)\S* % ([\d.]+)',line)
+        if m and cur is not None: cur.append(float(m.group(2)))
+    print('%-14s'%name + ' '.join('%s=%.0f(L2 %.0f,TC %.0f)'%(n,*(r+[0,0,0])[:3]) for n,r in zip(names,rows)))
