@@ -43,10 +43,10 @@ def main():
                 b.record()
                 b.synchronize()
                 ev = a.elapsed_time(b) / n
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
                     block(x)
                     torch.cuda.synchronize()
-                kern = [(e.name, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
+                kern = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
             print(f"autotune={autotune} T={T}: host {host:.3f} ms/call (no sync), wall {wall:.3f}, events {ev:.3f}, "
                   f"kernels {sum(k for _, k in kern):.3f} ms")
             for name, ms in sorted(kern, key=lambda k: -k[1])[:10]:
