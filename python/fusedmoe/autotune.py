@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ._ops import compiling
 from .kernel_config import FAMILIES
 
 CACHE_FILE = "autotune.json"
@@ -104,11 +105,6 @@ def search(measure: Callable[[dict, str], float], families=FAMILIES) -> dict:
             if t < base * (1 - MARGIN):
                 best[name], base = cand, t
     return best
-
-
-def compiling() -> bool:
-    """True while torch.compile traces (dynamo evaluates this as a constant)."""
-    return getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
 
 
 def _tracing() -> bool:

@@ -113,7 +113,7 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
             w1, w2 = w1.detach(), w2.detach()
         if self.permute_x and self.permute_y:
             kernels = self.kernels_for(x, self.gate, w1, w2)
-            out, logits = _ops.moe_forward(x, self.gate, w1, w2, self.top_k, self.norm_topk_prob, kernels)[:2]
+            out, logits = _ops.moe_block(x, self.gate, w1, w2, self.top_k, self.norm_topk_prob, kernels)[:2]
         else:
             out, logits = self._unfused(x, w1, w2)
         return out.view(B, S, H), logits
