@@ -149,11 +149,16 @@ def _moe_setup_context(ctx, inputs, output):
 
 
 def _moe_backward_rule(ctx, d_out, d_logits, *unused):
+    return _moe_backward_with(moe_backward, ctx, d_out, d_logits)
+
+
+def _moe_backward_with(backward, ctx, d_out, d_logits):
+    """The block's autograd rule, running the experts' backward through `backward`: the custom op when the
+    rule belongs to the op (AOTAutograd traces it under torch.compile), its implementation on the eager path."""
     x, gate, w1, w2, logits, tw, ids, gather, m_sizes, offsets, y1 = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
     if d_out is None:
         d_out = torch.zeros_like(x)
-    backward = moe_backward if compiling() else _moe_backward_impl  # (eager: no dispatcher round trip)
     dx, dg, dw1, dw2 = backward(d_out.contiguous(), x, gate, w1, w2, logits, tw, ids, gather, m_sizes, offsets,
                                 y1, ctx.top_k, ctx.norm, need[0], need[1], need[2], need[3], ctx.kernels)
     if d_logits is not None:  # router_logits used directly by the caller (an auxiliary loss, say)
@@ -176,7 +181,10 @@ class _MoeBlockFunction(torch.autograd.Function):
         return _moe_forward_impl(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels)
 
     setup_context = staticmethod(_moe_setup_context)
-    backward = staticmethod(_moe_backward_rule)
+
+    @staticmethod
+    def backward(ctx, d_out, d_logits, *unused):
+        return _moe_backward_with(_moe_backward_impl, ctx, d_out, d_logits)
 
 
 def moe_block(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k: int, norm_topk_prob: bool,
