@@ -39,6 +39,26 @@ class _Extension:
 
 _ext = _Extension()
 
+
+def _eager_function(name: str, impl, setup_context, backward_with, backward_impl):
+    """A torch.autograd.Function over an op's implementation and autograd rule (the eager path)."""
+
+    def backward(ctx, *grads):
+        return backward_with(backward_impl, ctx, *grads)
+
+    return type(name, (torch.autograd.Function,), dict(
+        forward=staticmethod(impl), setup_context=staticmethod(setup_context), backward=staticmethod(backward)))
+
+
+def _run(op, function, impl, args, differentiable):
+    """The custom op under torch.compile; else the autograd.Function where a gradient may be needed, else the
+    implementation itself."""
+    if compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        return function.apply(*args)
+    return impl(*args)
+
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 
 
@@ -152,7 +172,7 @@ def _moe_backward_rule(ctx, d_out, d_logits, *unused):
     return _moe_backward_with(moe_backward, ctx, d_out, d_logits)
 
 
-def _moe_backward_with(backward, ctx, d_out, d_logits):
+def _moe_backward_with(backward, ctx, d_out, d_logits, *unused):
     """The block's autograd rule, running the experts' backward through `backward`: the custom op when the
     rule belongs to the op (AOTAutograd traces it under torch.compile), its implementation on the eager path."""
     x, gate, w1, w2, logits, tw, ids, gather, m_sizes, offsets, y1 = ctx.saved_tensors
@@ -173,12 +193,16 @@ def _moe_backward_with(backward, ctx, d_out, d_logits):
 torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, setup_context=_moe_setup_context)
 
 
-class _MoeBlockFunction(torch.autograd.Function):
-    """The eager block: the op's implementation and autograd rule without the dispatcher."""
+_MoeBlockFunction = _eager_function("_MoeBlockFunction", _moe_forward_impl, _moe_setup_context,
+                                    _moe_backward_with, _moe_backward_impl)
 
-    @staticmethod
-    def forward(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels):
-        return _moe_forward_impl(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels)
+
+def moe_block(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k: int, norm_topk_prob: bool,
+              kernels: list[int]) -> tuple:
+    """moe_forward's outputs: the custom op under torch.compile, else the eager path (same kernels, same
+    autograd rule) without the dispatcher."""
+    return _run(moe_forward, _MoeBlockFunction, _moe_forward_impl,
+                (x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels), (x, gate, gate_up_proj, down_proj))
 
     setup_context = staticmethod(_moe_setup_context)
 
@@ -205,6 +229,10 @@ def moe_block(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
 def experts_forward(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, gate_up_proj: Tensor,
                     down_proj: Tensor, kernels: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, gather_indices, m_sizes, expert_offsets, gate_up_out) for int32 topk_ids [T, k]."""
+    return _experts_forward_impl(x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels)
+
+
+def _experts_forward_impl(x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels):
     cfg = _config(x, gate_up_proj, topk_ids.shape[1], False, kernels)
     out, gather, m_sizes, offsets, y1 = _experts_outputs(x, topk_ids, gate_up_proj)
     ws = _scratch(_C.moe_forward_workspace_bytes(cfg, x.shape[0]), x.device)
@@ -231,6 +259,12 @@ def experts_backward(d_out: Tensor, x: Tensor, topk_weights: Tensor, gate_up_pro
                      gather: Tensor, m_sizes: Tensor, offsets: Tensor, y1: Tensor, need_dx: bool, need_dtw: bool,
                      need_dw1: bool, need_dw2: bool, kernels: list[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_topk_weights (float32), d_gate_up_proj, d_down_proj); unneeded ones come back empty."""
+    return _experts_backward_impl(d_out, x, topk_weights, gate_up_proj, down_proj, gather, m_sizes, offsets, y1,
+                                  need_dx, need_dtw, need_dw1, need_dw2, kernels)
+
+
+def _experts_backward_impl(d_out, x, topk_weights, gate_up_proj, down_proj, gather, m_sizes, offsets, y1, need_dx,
+                           need_dtw, need_dw1, need_dw2, kernels):
     cfg = _config(x, gate_up_proj, topk_weights.shape[1], False, kernels)
     dx, dtw, dw1, dw2 = _experts_backward_outputs(x, topk_weights, gate_up_proj, down_proj, need_dx, need_dtw,
                                                   need_dw1, need_dw2)
@@ -266,18 +300,34 @@ def _experts_setup_context(ctx, inputs, output):
 
 
 def _experts_backward_rule(ctx, d_out, *unused):
+    return _experts_backward_with(experts_backward, ctx, d_out)
+
+
+def _experts_backward_with(backward, ctx, d_out, *unused):
+    """The experts' autograd rule through `backward` (the op, or on the eager path its implementation)."""
     x, tw, w1, w2, gather, m_sizes, offsets, y1 = ctx.saved_tensors
     nx, ntw, _, nw1, nw2 = ctx.needs_input_grad[:5]
     if d_out is None:
         return None, None, None, None, None, None
-    dx, dtw, dw1, dw2 = experts_backward(d_out.contiguous(), x, tw, w1, w2, gather, m_sizes, offsets, y1, nx, ntw,
-                                         nw1, nw2, ctx.kernels)
+    dx, dtw, dw1, dw2 = backward(d_out.contiguous(), x, tw, w1, w2, gather, m_sizes, offsets, y1, nx, ntw, nw1, nw2,
+                                 ctx.kernels)
     return (dx if nx else None, dtw.to(tw.dtype) if ntw else None, None, dw1 if nw1 else None,
             dw2 if nw2 else None, None)
 
 
 torch.library.register_autograd("fusedmoe::experts_forward", _experts_backward_rule,
                                 setup_context=_experts_setup_context)
+
+_ExpertsFunction = _eager_function("_ExpertsFunction", _experts_forward_impl, _experts_setup_context,
+                                   _experts_backward_with, _experts_backward_impl)
+
+
+def experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
+            kernels: list[int]) -> tuple:
+    """experts_forward's outputs: the custom op under torch.compile, else the eager path."""
+    return _run(experts_forward, _ExpertsFunction, _experts_forward_impl,
+                (x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels),
+                (x, topk_weights, gate_up_proj, down_proj))
 
 
 # ---------------------------------------------------------------- routing

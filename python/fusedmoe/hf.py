@@ -24,7 +24,7 @@ def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
         raise ValueError("fusedmoe experts: needs concatenated [gate; up] weights without bias, not transposed")
     ids = top_k_index.to(torch.int32).contiguous()
     weights = top_k_weights.contiguous()
-    return _ops.experts_forward(hidden_states.contiguous(), weights, ids, self.gate_up_proj, self.down_proj, [])[0]
+    return _ops.experts(hidden_states.contiguous(), weights, ids, self.gate_up_proj, self.down_proj, [])[0]
 
 
 def register_experts_implementation() -> bool:
@@ -59,8 +59,8 @@ class FusedSparseMoeBlock(nn.Module):
         B, S, H = hidden_states.shape
         x = hidden_states.reshape(B * S, H).contiguous()
         w1, w2 = self.experts.gate_up_proj, self.experts.down_proj
-        out = _ops.moe_forward(x, self.gate.weight, w1, w2, f.top_k, f.norm_topk_prob,
-                               f.kernels_for(x, self.gate.weight, w1, w2))[0]
+        out = _ops.moe_block(x, self.gate.weight, w1, w2, f.top_k, f.norm_topk_prob,
+                             f.kernels_for(x, self.gate.weight, w1, w2))[0]
         return out.view(B, S, H)
 
 

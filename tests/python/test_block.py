@@ -209,6 +209,33 @@ def test_torch_compile_fullgraph_matches_eager(device):
 
 
 @pytest.mark.parametrize("grad", [True, False])
+def test_eager_experts_path_matches_the_custom_op(device, grad):
+    # The experts (transformers' experts interface) likewise: an autograd.Function outside torch.compile.
+    dtype = dtype_for(device)
+    T, H, I, E, k = 17, 40, 24, 6, 2
+    w1 = (torch.randn(E, 2 * I, H, device=device) * H ** -0.5).to(dtype).requires_grad_(grad)
+    w2 = (torch.randn(E, H, I, device=device) * I ** -0.5).to(dtype).requires_grad_(grad)
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    probs = torch.randn(T, E, device=device).softmax(-1)
+    weights, ids = probs.topk(k, dim=-1)
+    d_out = torch.randn_like(x)
+    results = []
+    for call in (fusedmoe._ops.experts, torch.ops.fusedmoe.experts_forward):
+        xg, wg = x.clone().requires_grad_(grad), weights.to(dtype).requires_grad_(grad)
+        w1.grad = w2.grad = None
+        with torch.set_grad_enabled(grad):
+            outs = call(xg, wg, ids.to(torch.int32), w1, w2, [])
+        assert outs[0].requires_grad == grad
+        got = list(outs)
+        if grad:
+            (outs[0] * d_out).sum().backward()
+            got += [xg.grad, wg.grad, w1.grad, w2.grad]
+        results.append(got)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad", [True, False])
 def test_eager_path_matches_the_custom_op(device, grad):
     # Outside torch.compile the block skips the dispatcher (an autograd.Function, or the implementation itself
     # without gradients); the registered op must compute exactly the same outputs and gradients.
