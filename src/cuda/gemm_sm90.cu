@@ -251,7 +251,8 @@ __device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Valu
     const int r = lane / 8 + 4 * it;
     const int64_t off = __shfl_sync(0xffffffffu, row_off, r * 4);
     if (off >= 0 && col < cols) {
-      uint4 v = stage != nullptr ? *reinterpret_cast<const uint4*>(stage + r * S::kPitch + piece * 16) : make_uint4(0, 0, 0, 0);
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (stage != nullptr) v = *reinterpret_cast<const uint4*>(stage + r * S::kPitch + piece * 16);
       uint4* dst = reinterpret_cast<uint4*>(base + off + col);
       if (accumulate) v = add_vec16<OutT>(v, *dst);
       *dst = v;
@@ -569,7 +570,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       using Sl = Slice<OutT>;
       static_assert(4 * Sl::kBytes <= (kBM / 2) * 128, "a warpgroup's staging fits its half of the A tile");
       uint8_t* staging = nullptr;
-      if (tile.k_tiles > 0) staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
+      if (tile.k_tiles > 0)
+        staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
