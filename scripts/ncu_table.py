@@ -1,4 +1,8 @@
-import re,os,sys
+"""Per-GEMM table (time µs, L2 %, tensor pipe %) of each variant in the ncu_summary.txt of scripts/gpu_ab.sh,
+in moe_example's launch order: python3 scripts/ncu_table.py ncu_summary.txt"""
+import re
+import sys
+
 txt=open(sys.argv[1]).read()
 names=['router','GEMM1','GEMM2','dA','dW2','dW1','dX','rdW','rdX']
 for block in txt.split('== ncu ')[1:]:

@@ -59,6 +59,7 @@ def _run(op, function, impl, args, differentiable):
         return function.apply(*args)
     return impl(*args)
 
+
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
 
 
@@ -204,23 +205,6 @@ def moe_block(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
     return _run(moe_forward, _MoeBlockFunction, _moe_forward_impl,
                 (x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels), (x, gate, gate_up_proj, down_proj))
 
-    setup_context = staticmethod(_moe_setup_context)
-
-    @staticmethod
-    def backward(ctx, d_out, d_logits, *unused):
-        return _moe_backward_with(_moe_backward_impl, ctx, d_out, d_logits)
-
-
-def moe_block(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, top_k: int, norm_topk_prob: bool,
-              kernels: list[int]) -> tuple:
-    """moe_forward's outputs: the custom op under torch.compile, else the eager path (same kernels, same
-    autograd rule); without gradients the implementation is called directly."""
-    if compiling():
-        return moe_forward(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, gate_up_proj, down_proj)):
-        return _MoeBlockFunction.apply(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels)
-    return _moe_forward_impl(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels)
-
 
 # ---------------------------------------------------------------- the experts, given the routing
 
@@ -317,6 +301,7 @@ def _experts_backward_with(backward, ctx, d_out, *unused):
 
 torch.library.register_autograd("fusedmoe::experts_forward", _experts_backward_rule,
                                 setup_context=_experts_setup_context)
+
 
 _ExpertsFunction = _eager_function("_ExpertsFunction", _experts_forward_impl, _experts_setup_context,
                                    _experts_backward_with, _experts_backward_impl)
