@@ -123,7 +123,7 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         explicit = (self.kernel_config_fwd, self.kernel_config_bwd_dX, self.kernel_config_bwd_dW)
         # Under torch.compile the lookup (a file, a lock) cannot be traced: compiled graphs take the explicit
         # configs and the heuristic.
-        if (_autotune.compiling() or not self.autotune or x.device.type != "cuda"
+        if (_ops.compiling() or not self.autotune or x.device.type != "cuda"
                 or all(c is not None for c in explicit)):
             return explicit
         with_dw = w1.requires_grad or w2.requires_grad
