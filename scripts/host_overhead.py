@@ -1,87 +1,142 @@
-"""Where a block call's time goes on the GPU machine: host (Python + launch) time per call without a sync,
-GPU time by CUDA events, and the profiler's kernel list, for the fusedmoe block at a few token counts.
-Shows whether small-T timings are host-bound (the GPU waiting for launches). --cprofile instead prints
-the host-side cProfile of 200 forward calls at the first T.
-    python scripts/host_overhead.py [--cprofile] [T ...]"""
+"""Where a block call's time goes on the GPU machine, for the fusedmoe block at a few token counts:
+host (Python + launch) time per call without a sync, GPU time by CUDA events (one synchronised step at a
+time, as the bench measures), and the profiler's kernel list with the GPU's busy time, so the gap between
+the two (the GPU waiting for launches) shows. --fwdbwd times forward+backward steps as the bench does
+(weights and x requiring grad); --grouped-mm adds the bench's torch._grouped_mm block for comparison;
+--cprofile instead prints the host-side cProfile of 200 forward calls at the first T.
+    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [T ...]"""
 import cProfile
 import pstats
+import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
-import fusedmoe
-from fusedmoe.bench import PRESETS, Shape, make_weights
+from fusedmoe.bench import PRESETS, Shape, build_impls, make_weights
 
 
-def make_block(dev, dt, gen, autotune):
+def make_impls(dev, dt, gen, autotune, grouped_mm):
     p = PRESETS["qwen3-30b-a3b"]
     shape = Shape(p["hidden"], p["intermediate"], p["experts"], p["top_k"])
-    (gate, w1, w2), _ = make_weights(shape, dev, dt, 0.0, gen)
-    cfg = SimpleNamespace(num_experts=shape.E, num_experts_per_tok=shape.k, hidden_size=shape.H,
-                          moe_intermediate_size=shape.I, norm_topk_prob=True)
-    return fusedmoe.Qwen3MoeFusedGroupedGEMMBlock(cfg, gate, w1, w2, autotune=autotune), shape
+    weights, _ = make_weights(shape, dev, dt, 0.0, gen)
+    names = ["fusedmoe"] + (["torch_grouped_mm"] if grouped_mm else [])
+    impls, skipped = build_impls(names, shape, weights, True, dev, dt, autotune=autotune)
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    return impls, shape
 
 
-def timings(block, x):
-    with torch.no_grad():
-        for _ in range(3):
-            block(x)
-        torch.cuda.synchronize()
-        n = 20
-        t0 = time.perf_counter()
-        for _ in range(n):
-            block(x)
-        host = (time.perf_counter() - t0) / n * 1e3
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n * 1e3
+def step_of(fn, x, backward):
+    """One step as the bench runs it: a forward under no_grad, or forward+backward with every grad cleared."""
+    if not backward:
+        def step():
+            with torch.no_grad():
+                fn(x)
+        return step
+    for p in fn.params:
+        p.requires_grad_(True)
+    xg = x.clone().requires_grad_()
+    grad = torch.randn_like(fn(xg)[0])
+
+    def step():
+        fn(xg)[0].backward(grad)
+        for p in fn.params:
+            p.grad = None
+        xg.grad = None
+    return step
+
+
+def busy_ms(intervals):
+    """Length of the union of [start, end) intervals (µs in, ms out)."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total / 1e3
+
+
+def timings(step):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    n = 20
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - t0) / n * 1e3
+    torch.cuda.synchronize()
+    events = []
+    for _ in range(n):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        for _ in range(n):
-            block(x)
+        step()
         b.record()
         b.synchronize()
-        events = a.elapsed_time(b) / n
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA], acc_events=True) as prof:
-            block(x)
-            torch.cuda.synchronize()
-    kernels = [(e.key, e.device_time_total / 1e3) for e in prof.key_averages() if e.device_time_total > 0]
-    return host, wall, events, kernels
-
-
-def cprofile(block, x):
-    with torch.no_grad():
-        for _ in range(5):
-            block(x)
+        events.append(a.elapsed_time(b))
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
         torch.cuda.synchronize()
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(200):
-            block(x)
-            torch.cuda.synchronize()
-        pr.disable()
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    span = (max(e for _, e in spans) - min(s for s, _ in spans)) / 1e3 if spans else 0.0
+    per_name = {}
+    for e in kernels:
+        per_name[e.name] = per_name.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e3
+    # The GPU's idle stretches between consecutive kernels (under the profiler, whose launch overhead adds to
+    # host-bound gaps): where in the step the GPU waited.
+    gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
+    return host, statistics.median(events), busy_ms(spans), span, per_name, gaps
+
+
+def short(name):
+    name = name.replace("fusedmoe::detail::cuda::", "").replace("(anonymous namespace)::", "")
+    return name[5:] if name.startswith("void ") else name
+
+
+def cprofile(step):
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(200):
+        step()
+        torch.cuda.synchronize()
+    pr.disable()
     pstats.Stats(pr).sort_stats("tottime").print_stats(18)
 
 
 def main():
     args = sys.argv[1:]
-    profile = "--cprofile" in args
-    Ts = [int(a) for a in args if a != "--cprofile"] or [2048, 16384]
+    flags = {a for a in args if a.startswith("--")}
+    unknown = flags - {"--cprofile", "--fwdbwd", "--grouped-mm"}
+    if unknown:
+        sys.exit(f"unknown option(s) {sorted(unknown)}; usage: {__doc__.splitlines()[-1].strip()}")
+    Ts = [int(a) for a in args if not a.startswith("--")] or [2048, 16384]
+    backward = "--fwdbwd" in flags
     dev, dt = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
-    for autotune in ((False,) if profile else (False, True)):
-        block, shape = make_block(dev, dt, gen, autotune)
-        for T in Ts[:1] if profile else Ts:
-            x = torch.randn(1, T, shape.H, device=dev, dtype=dt, generator=gen)
-            if profile:
-                cprofile(block, x)
+    impls, shape = make_impls(dev, dt, gen, False, "--grouped-mm" in flags)
+    for T in Ts[:1] if "--cprofile" in flags else Ts:
+        x = torch.randn(T, shape.H, device=dev, dtype=dt, generator=gen)
+        for name, fn in impls.items():
+            step = step_of(fn, x, backward)
+            if "--cprofile" in flags:
+                cprofile(step)
                 continue
-            host, wall, events, kernels = timings(block, x)
-            print(f"autotune={autotune} T={T}: host {host:.3f} ms/call (no sync), wall {wall:.3f}, "
-                  f"events {events:.3f}, kernels {sum(k for _, k in kernels):.3f} ms")
-            for name, ms in sorted(kernels, key=lambda k: -k[1])[:10]:
-                print(f"    {ms:8.3f}  {name[:110]}")
+            host, events, busy, span, per_name, gaps = timings(step)
+            print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
+                  f"{events:.3f} ms, GPU busy {busy:.3f} of a {span:.3f} ms kernel span "
+                  f"(kernels {sum(per_name.values()):.3f} ms)")
+            for kname, ms in sorted(per_name.items(), key=lambda k: -k[1])[:14]:
+                print(f"    {ms:8.3f}  {short(kname)[:110]}")
+            print(f"  idle between kernels {sum(g for g, _, _ in gaps) / 1e3:.3f} ms; the longest gaps (µs):")
+            for g, a, b in sorted(gaps, reverse=True)[:6]:
+                print(f"    {g:8.1f}  after {short(a)[:50]}  before {short(b)[:50]}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ namespace cpu {
 #ifdef FUSEDMOE_WITH_CUDA
 namespace cuda {
 #include "backend_ops.inc"
+void release_scratch_pools();  // fusedmoe::release_scratch_memory()
 }  // namespace cuda
 #endif
 

@@ -6,6 +6,7 @@
 
 #include "fusedmoe/error.hpp"
 #include "fusedmoe/tensor.hpp"
+#include "backend.hpp"
 
 #ifdef FUSEDMOE_WITH_CUDA
 #include <cuda_runtime.h>
@@ -99,6 +100,12 @@ bool cuda_available() {
   return prop.major == 9 && prop.minor == 0;
 #else
   return false;
+#endif
+}
+
+void release_scratch_memory() {
+#ifdef FUSEDMOE_WITH_CUDA
+  detail::cuda::release_scratch_pools();
 #endif
 }
 

@@ -93,4 +93,10 @@ void copy_bytes(void* dst, const Device& dst_device, const void* src, const Devi
 // True when this build has the CUDA backend and a device of compute capability 9.0 is visible.
 bool cuda_available();
 
+// Hands the CUDA backend's cached scratch memory back to the driver. The backend keeps the pages of its
+// stream-ordered scratch (the dX slot sums, the sort's block counts, split-K partials) between calls, as
+// PyTorch's caching allocator does; memory still in use by queued work is kept until it is freed.
+// A no-op without the CUDA backend.
+void release_scratch_memory();
+
 }  // namespace fusedmoe

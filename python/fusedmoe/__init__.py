@@ -14,6 +14,9 @@ from .kernel_config import KernelConfigBackward_dW, KernelConfigBackward_dX, Ker
 
 __version__ = _C.version()
 cuda_available = _C.cuda_available
+# The CUDA backend keeps its scratch memory's pages between calls (as torch's caching allocator does);
+# this hands them back to the driver, like torch.cuda.empty_cache() for torch's own cache.
+release_scratch_memory = _C.release_scratch_memory
 
 # Makes experts_implementation="fusedmoe" available to transformers models (when transformers is installed).
 register_experts_implementation()
@@ -21,5 +24,5 @@ register_experts_implementation()
 __all__ = [
     "Qwen3MoeFusedGroupedGEMMBlock", "grouped_gemm", "route", "sort_by_expert", "patch_model",
     "register_experts_implementation", "KernelConfigForward", "KernelConfigBackward_dX", "KernelConfigBackward_dW",
-    "cuda_available", "dtype_name",
+    "cuda_available", "dtype_name", "release_scratch_memory",
 ]

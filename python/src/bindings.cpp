@@ -120,6 +120,8 @@ NB_MODULE(_C, m) {
   m.doc() = "fusedmoe C++ core: the Qwen3-MoE block and its ops on the CPU and CUDA (sm_90a) backends";
   m.def("version", &version);
   m.def("cuda_available", &cuda_available, "True when a Hopper (sm_90) GPU is visible to this build");
+  m.def("release_scratch_memory", &release_scratch_memory,
+        "Hands the CUDA backend's cached scratch memory (kept between calls) back to the driver");
   m.def("built_with_cuda", [] {
 #ifdef FUSEDMOE_WITH_CUDA
     return true;

@@ -53,9 +53,14 @@ constexpr int kSlotChunk = kChunkStages * kBK;
 // stagger switched off.
 constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 
+// Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
+#ifndef FUSEDMOE_SM90_STAGES256
+#define FUSEDMOE_SM90_STAGES256 4
+#endif
+
 template <int BN>
 struct Config {
-  static constexpr int kStages = BN == 256 ? 4 : 6;
+  static constexpr int kStages = BN == 256 ? FUSEDMOE_SM90_STAGES256 : 6;
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;

@@ -200,27 +200,51 @@ TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
 
 // The backward from a thread that has made no CUDA call yet (as the autograd engine's backward thread
 // may be): the TMA descriptor encoding (a driver call) must find a context there.
+// A small block's eager GPU result, and its tensors on the GPU for a second run in some other way whose
+// results must be bitwise the same.
+struct SecondRun {
+  BlockTensors b;
+  HostTensor dout;
+  BlockResult eager;
+  DeviceBlock d;
+  SecondRun(const MoeConfig& c, int64_t T)
+      : b(c, T), dout(random_dout(b)), eager(run_block(b, dout, kGpu)), d(b, dout, kGpu) {}
+  void expect_same_as_eager(const std::string& what) {
+    EXPECT_TRUE(d.out.download().bitwise_equal(eager.out)) << what;
+    EXPECT_TRUE(d.dx.download().bitwise_equal(eager.dx)) << what;
+    EXPECT_TRUE(d.dgate.download().bitwise_equal(eager.dgate)) << what;
+    EXPECT_TRUE(d.dw1.download().bitwise_equal(eager.dw1)) << what;
+    EXPECT_TRUE(d.dw2.download().bitwise_equal(eager.dw2)) << what;
+  }
+};
+
 TEST(CudaBlock, BackwardFromAFreshThread) {
   REQUIRE_GPU();
-  const MoeConfig c{256, 128, 8, 2, true, DType::bf16};
-  const int64_t T = 300;
-  BlockTensors b(c, T);
-  const HostTensor dout = random_dout(b);
-  const BlockResult want = run_block(b, dout, kGpu);
-  DeviceBlock d(b, dout, kGpu);
-  d.forward();
+  SecondRun run(MoeConfig{256, 128, 8, 2, true, DType::bf16}, 300);
+  run.d.forward();
   std::string error;
   std::thread([&] {
     try {
-      d.backward();
+      run.d.backward();
     } catch (const Error& e) {
       error = e.what();
     }
   }).join();
   ASSERT_EQ(error, "");
-  EXPECT_TRUE(d.dx.download().bitwise_equal(want.dx));
-  EXPECT_TRUE(d.dw1.download().bitwise_equal(want.dw1));
-  EXPECT_TRUE(d.dw2.download().bitwise_equal(want.dw2));
+  run.expect_same_as_eager("backward from a fresh thread");
+}
+
+// The backend's scratch pool keeps its pages between calls; handing them back (with work still queued that
+// allocates more) must not change a result.
+TEST(CudaBlock, ScratchMemoryReleaseKeepsResults) {
+  REQUIRE_GPU();
+  SecondRun run(MoeConfig{256, 128, 12, 3, true, DType::bf16}, 333);
+  release_scratch_memory();
+  run.d.forward();
+  release_scratch_memory();
+  run.d.backward();
+  release_scratch_memory();
+  run.expect_same_as_eager("after release_scratch_memory()");
 }
 
 TEST(CudaBlock, DeterministicBitwise) {
@@ -255,13 +279,8 @@ TEST(CudaBlock, QwenShapeMatchesCpuOracle) {
 #ifdef FUSEDMOE_WITH_CUDA
 TEST(CudaBlock, GraphCaptureReplaysIdentically) {
   REQUIRE_GPU();
-  const MoeConfig c{256, 128, 12, 3, true, DType::bf16};
-  const int64_t T = 333;
-  BlockTensors b(c, T);
-  const HostTensor dout = random_dout(b);
-  const BlockResult eager = run_block(b, dout, kGpu);
-
-  DeviceBlock d(b, dout, kGpu);
+  SecondRun run(MoeConfig{256, 128, 12, 3, true, DType::bf16}, 333);
+  DeviceBlock& d = run.d;
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
   // Warm once outside capture (one-time kernel attribute setup), then capture forward + backward.
@@ -279,11 +298,7 @@ TEST(CudaBlock, GraphCaptureReplaysIdentically) {
   for (int rep = 0; rep < 3; ++rep) {
     ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
     ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    EXPECT_TRUE(d.out.download().bitwise_equal(eager.out)) << "replay " << rep;
-    EXPECT_TRUE(d.dx.download().bitwise_equal(eager.dx)) << "replay " << rep;
-    EXPECT_TRUE(d.dgate.download().bitwise_equal(eager.dgate)) << "replay " << rep;
-    EXPECT_TRUE(d.dw1.download().bitwise_equal(eager.dw1)) << "replay " << rep;
-    EXPECT_TRUE(d.dw2.download().bitwise_equal(eager.dw2)) << "replay " << rep;
+    run.expect_same_as_eager("replay " + std::to_string(rep));
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
