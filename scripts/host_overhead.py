@@ -3,7 +3,9 @@ host (Python + launch) time per call without a sync, GPU time by CUDA events (on
 time, as the bench measures), and the profiler's kernel list with the GPU's busy time, so the gap between
 the two (the GPU waiting for launches) shows. --fwdbwd times forward+backward steps as the bench does
 (weights and x requiring grad); --grouped-mm adds the bench's torch._grouped_mm block for comparison;
---cprofile instead prints the host-side cProfile of 200 forward calls at the first T.
+--cprofile instead prints the host-side cProfile of 200 forward calls at the first T. With --fwdbwd the
+block's forward and backward also record CUDA events where they start and end, which shows without a
+profiler's overhead where in a synchronised step the GPU waits for the host.
     python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [T ...]"""
 import cProfile
 import pstats
@@ -13,6 +15,7 @@ import time
 
 import torch
 
+import fusedmoe
 from fusedmoe.bench import PRESETS, Shape, build_impls, make_weights
 
 
@@ -97,6 +100,51 @@ def short(name):
     return name[5:] if name.startswith("void ") else name
 
 
+class Timeline:
+    """CUDA events at the start and end of the eager block's forward and backward (patched in), and around a
+    step: their GPU-side distances are the GPU's waits for the host (no profiler, so no profiler overhead)."""
+
+    MARKS = ("step", "fwd start", "fwd end", "bwd start", "bwd end", "step end")
+
+    def __init__(self):
+        self.events = {}
+        F = fusedmoe._ops._MoeBlockFunction
+        fwd, bwd = F.forward, F.backward
+
+        def forward(*args):
+            self.mark("fwd start")
+            out = fwd(*args)
+            self.mark("fwd end")
+            return out
+
+        def backward(ctx, *grads):
+            self.mark("bwd start")
+            out = bwd(ctx, *grads)
+            self.mark("bwd end")
+            return out
+
+        F.forward, F.backward = staticmethod(forward), staticmethod(backward)
+
+    def mark(self, name):
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        self.events[name] = e
+
+    def measure(self, step, n=20):
+        rows = []
+        for _ in range(n):
+            self.events = {}
+            self.mark("step")
+            step()
+            self.mark("step end")
+            self.events["step end"].synchronize()
+            ev = [self.events[m] for m in self.MARKS]
+            rows.append([a.elapsed_time(b) for a, b in zip(ev, ev[1:])])
+        med = [statistics.median(c) for c in zip(*rows)]
+        names = ["until fwd starts", "fwd (GPU)", "fwd end -> bwd start", "bwd (GPU)", "bwd end -> step end"]
+        return ", ".join(f"{n} {v:.3f}" for n, v in zip(names, med))
+
+
 def cprofile(step):
     for _ in range(5):
         step()
@@ -121,6 +169,7 @@ def main():
     dev, dt = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     impls, shape = make_impls(dev, dt, gen, False, "--grouped-mm" in flags)
+    timeline = Timeline() if backward else None
     for T in Ts[:1] if "--cprofile" in flags else Ts:
         x = torch.randn(T, shape.H, device=dev, dtype=dt, generator=gen)
         for name, fn in impls.items():
@@ -132,6 +181,8 @@ def main():
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
                   f"{events:.3f} ms, GPU busy {busy:.3f} of a {span:.3f} ms kernel span "
                   f"(kernels {sum(per_name.values()):.3f} ms)")
+            if timeline and name == "fusedmoe":
+                print("  timeline (ms, medians):", timeline.measure(step))
             for kname, ms in sorted(per_name.items(), key=lambda k: -k[1])[:14]:
                 print(f"    {ms:8.3f}  {short(kname)[:110]}")
             print(f"  idle between kernels {sum(g for g, _, _ in gaps) / 1e3:.3f} ms; the longest gaps (µs):")

@@ -41,13 +41,20 @@ _ext = _Extension()
 
 
 def _eager_function(name: str, impl, setup_context, backward_with, backward_impl):
-    """A torch.autograd.Function over an op's implementation and autograd rule (the eager path)."""
+    """A torch.autograd.Function over an op's implementation and autograd rule (the eager path).
+
+    The forward takes ctx itself and calls the op's setup_context: a Function with a separate setup_context
+    makes every apply() bind its arguments through inspect.signature (about 25 µs of host time per call)."""
+
+    def forward(ctx, *args):
+        output = impl(*args)
+        setup_context(ctx, args, output)
+        return output
 
     def backward(ctx, *grads):
         return backward_with(backward_impl, ctx, *grads)
 
-    return type(name, (torch.autograd.Function,), dict(
-        forward=staticmethod(impl), setup_context=staticmethod(setup_context), backward=staticmethod(backward)))
+    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), backward=staticmethod(backward)))
 
 
 def _run(op, function, impl, args, differentiable):
