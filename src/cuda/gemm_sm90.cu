@@ -23,6 +23,11 @@
 // (nt/nn's A, nt's B) is one panel whose rows are output rows; an MN-major operand (nn's B, both tn
 // operands) is 64 reduction rows × (width/64) panels.
 //
+// tn (dW): both operands are routed rows. On a group's full k-steps the operand read in expert order (dW1's
+// dY1, dW2's w·A) arrives by TMA, a 64 × 64 box per panel; the gathered operand, and both on a group's tail
+// k-step (whose rows past the group's end must read as zeros), are copied with cp.async. (All-cp.async dW1
+// stalled 38% of its warp samples on the stage barriers with L2 at 56% and DRAM at 27%: latency-bound.)
+//
 // BN = 256 where the output is at least that wide, else 128. GEMM1 may run "gated": a tile's B rows are
 // BN/2 gate rows and the matching BN/2 up rows, so the epilogue also writes SiLU(gate)·up.
 //
@@ -319,15 +324,19 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   return tile;
 }
 
+// tn: which operand, read in expert order (RowMap::identity), comes by TMA on a group's full k-steps.
+enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
+
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
+// b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
-                     int variant) {
+                     int variant, int tn_tma) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
-  constexpr bool kTmaB = kKind != GemmKind::tn;  // the weight tile by TMA multicast
+
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
@@ -349,7 +358,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
-      mbar_init(full_bar + 8 * s, 128 + (kTmaB ? 1 : 0));
+      // 128 producer cp.async arrivals and one expect-tx arrival (nt/nn: the weight tile by TMA; tn: the TMA
+      // operand's bytes, or none on k-steps that copy both operands with cp.async).
+      mbar_init(full_bar + 8 * s, 128 + 1);
       mbar_init(empty_bar + 8 * s, 8 * kCluster);
     }
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -492,12 +503,29 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
             for (int i = 0; i < kMnRowsPerThread; ++i) off[i] = staged[operand * kSlotChunk + tid / 16 + 8 * i];
           };
+          // A k-step of 64 of the group's rows (not its tail) reads the operand in expert order as one box
+          // per 64-column panel by TMA; rows past the group's end (tail k-steps) must read as zeros, which only
+          // the cp.async path's zero-fill gives, so the tail copies both operands.
+          const int tma = (kt + 1) * kBK <= tile.rows ? tn_tma : kTnTmaNone;
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
+            if (tid == 0) {
+              const uint32_t bar = full_bar + 8 * stage;
+              const int panels = tma == kTnTmaA ? kBM / 64 : tma == kTnTmaB ? BN / 64 : 0;
+              mbar_arrive_expect_tx(bar, panels * kPanelBytes);
+              const int col0 = static_cast<int>(tma == kTnTmaA ? tile.m0 : tile.n0);
+              const int row0 = static_cast<int>(tile.row_begin + kt * kBK);
+              for (int q = 0; q < panels; ++q)
+                tma_load<1>((tma == kTnTmaA ? a_dst : b_dst) + q * kPanelBytes, &b_map, bar, col0 + 64 * q, row0, 0);
+            }
             int64_t off[kMnRowsPerThread];
-            offsets(0, off);
-            if (!(variant & kDiagNoA)) load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
-            offsets(1, off);
-            load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
+            if (tma != kTnTmaA) {
+              offsets(0, off);
+              if (!(variant & kDiagNoA)) load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
+            }
+            if (tma != kTnTmaB) {
+              offsets(1, off);
+              load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
+            }
           });
         }
       }
@@ -634,13 +662,9 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return encode;
 }
 
-// The weight operand as a 3-D tensor (contiguous dim, rows, groups), boxes of one 128-byte-swizzled panel
-// width: nt reads [N rows × K] K-major boxes of BN/2 rows, nn reads [K rows × N] boxes of 64 × 64.
-// Per-group bounds make rows and columns past a group's weight read as zeros.
-template <class T, class OutT>
-CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int BN) {
-  // The encoder is a driver call and needs a current context; a thread that has launched nothing yet (the
-  // autograd engine's backward thread, say) may have none: bind the current device's primary context once.
+// The tensor-map encoder is a driver call and needs a current context; a thread that has launched nothing yet
+// (the autograd engine's backward thread, say) may have none: bind the current device's primary context once.
+void bind_context_once() {
   thread_local bool context_bound = false;
   if (!context_bound) {
     int device = 0;
@@ -648,6 +672,14 @@ CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t 
     check_cuda(cudaSetDevice(device), "cudaSetDevice");
     context_bound = true;
   }
+}
+
+// The weight operand as a 3-D tensor (contiguous dim, rows, groups), boxes of one 128-byte-swizzled panel
+// width: nt reads [N rows × K] K-major boxes of BN/2 rows, nn reads [K rows × N] boxes of 64 × 64.
+// Per-group bounds make rows and columns past a group's weight read as zeros.
+template <class T, class OutT>
+CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int BN) {
+  bind_context_once();
   CUtensorMap map;
   const bool nt = kind == GemmKind::nt;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(nt ? p.K : p.N), static_cast<cuuint64_t>(nt ? p.N : p.K),
@@ -661,6 +693,24 @@ CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t 
       const_cast<T*>(p.B), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (rc != CUDA_SUCCESS) throw Error("cuTensorMapEncodeTiled (sm90 gemm weight): error " + std::to_string(rc));
+  return map;
+}
+
+// tn: the operand read in expert order as a 2-D tensor (columns, routed rows), boxes of one 64-row × 64-column
+// panel (128-byte swizzle, the MN-major layout). Columns and rows past the tensor read as zeros.
+template <class T>
+CUtensorMap routed_rows_tensor_map(const T* base, int64_t cols, int64_t ld, int64_t rows) {
+  bind_context_once();
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * sizeof(T)};
+  const cuuint32_t box[2] = {64, 64};
+  const cuuint32_t unit[2] = {1, 1};
+  const CUresult rc = tensor_map_encoder()(
+      &map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+      const_cast<T*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (rc != CUDA_SUCCESS) throw Error("cuTensorMapEncodeTiled (sm90 gemm dW operand): error " + std::to_string(rc));
   return map;
 }
 
@@ -710,12 +760,20 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
     units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
   if (units == 0) return true;
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
-  const CUtensorMap b_map = kKind == GemmKind::tn ? CUtensorMap{} : weight_tensor_map(p, kKind, groups, BN);
+  // tn: TMA for an operand read in expert order, the wider one (B) where both are (FUSEDMOE_SM90_TN_TMA=0: none).
+  static const bool tn_tma_off = env_equals("FUSEDMOE_SM90_TN_TMA", "0");
+  int tn_tma = kTnTmaNone;
+  if (kKind == GemmKind::tn && !tn_tma_off)
+    tn_tma = p.b_map == RowMap::identity ? kTnTmaB : p.a_map == RowMap::identity ? kTnTmaA : kTnTmaNone;
+  CUtensorMap b_map{};
+  if constexpr (kKind != GemmKind::tn) b_map = weight_tensor_map(p, kKind, groups, BN);
+  else if (tn_tma == kTnTmaA) b_map = routed_rows_tensor_map(p.A, p.M, p.lda, M_total);
+  else if (tn_tma == kTnTmaB) b_map = routed_rows_tensor_map(p.B, p.N, p.ldb, M_total);
   static const int variant = [] {
     const char* v = std::getenv("FUSEDMOE_SM90_VARIANT");
     return v ? std::atoi(v) : 0;
   }();
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, variant), "gemm_sm90_kernel");
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, variant, tn_tma), "gemm_sm90_kernel");
   return true;
 }
 
