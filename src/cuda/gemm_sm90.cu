@@ -696,18 +696,19 @@ CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t 
   return map;
 }
 
-// tn: the operand read in expert order as a 2-D tensor (columns, routed rows), boxes of one 64-row × 64-column
-// panel (128-byte swizzle, the MN-major layout). Columns and rows past the tensor read as zeros.
+// tn: the operand read in expert order as a tensor (columns, routed rows, 1: three dimensions, as the kernel's
+// one TMA load instruction takes), boxes of one 64-row × 64-column panel (128-byte swizzle, the MN-major
+// layout). Columns and rows past the tensor read as zeros.
 template <class T>
 CUtensorMap routed_rows_tensor_map(const T* base, int64_t cols, int64_t ld, int64_t rows) {
   bind_context_once();
   CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * sizeof(T)};
-  const cuuint32_t box[2] = {64, 64};
-  const cuuint32_t unit[2] = {1, 1};
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows), 1};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(ld) * sizeof(T), static_cast<cuuint64_t>(ld * rows) * sizeof(T)};
+  const cuuint32_t box[3] = {64, 64, 1};
+  const cuuint32_t unit[3] = {1, 1, 1};
   const CUresult rc = tensor_map_encoder()(
-      &map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+      &map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3,
       const_cast<T*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
       CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (rc != CUDA_SUCCESS) throw Error("cuTensorMapEncodeTiled (sm90 gemm dW operand): error " + std::to_string(rc));
