@@ -23,6 +23,8 @@ struct Problem {
   // A tile then covers act columns n0 … n0+BN/2 and the matching gate and up columns of C.
   OutT* act = nullptr;
   int64_t ld_act = 0;
+  // tn, sm90 only: C[e] holds the product transposed (element (m, n) at c_group_stride·e + n·ldc + m).
+  bool c_transposed = false;
 };
 
 // The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not

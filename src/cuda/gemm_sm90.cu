@@ -23,10 +23,11 @@
 // (nt/nn's A, nt's B) is one panel whose rows are output rows; an MN-major operand (nn's B, both tn
 // operands) is 64 reduction rows × (width/64) panels.
 //
-// tn (dW): both operands are routed rows. On a group's full k-steps the operand read in expert order (dW1's
-// dY1, dW2's w·A) arrives by TMA, a 64 × 64 box per panel; the gathered operand, and both on a group's tail
-// k-step (whose rows past the group's end must read as zeros), are copied with cp.async. (All-cp.async dW1
-// stalled 38% of its warp samples on the stage barriers with L2 at 56% and DRAM at 27%: latency-bound.)
+// tn (dW): both operands are routed rows. On a group's full k-steps the operand read in expert order (dW2's
+// w·A; dW1's dY1, for which dW1 is computed transposed so that dY1 is the wider B tile) arrives by TMA, a
+// 64 × 64 box per panel; the gathered operand, and both on a group's tail k-step (whose rows past the
+// group's end must read as zeros), are copied with cp.async. (All-cp.async dW1 stalled 38% of its warp
+// samples on the stage barriers with L2 at 56% and DRAM at 27%: latency-bound.)
 //
 // BN = 256 where the output is at least that wide, else 128. GEMM1 may run "gated": a tile's B rows are
 // BN/2 gate rows and the matching BN/2 up rows, so the epilogue also writes SiLU(gate)·up.
@@ -34,6 +35,8 @@
 // Deterministic: each output element is reduced by one thread in a fixed order, no atomics.
 #include <cuda.h>          // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <utility>
 
 #include "../activation.hpp"
 #include "gemm_problem.cuh"
@@ -597,6 +600,46 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (tile.k_tiles > 0) release(prev_stage);
         continue;
       }
+      if constexpr (kKind == GemmKind::tn && sizeof(OutT) == 2) {
+        if (p.c_transposed) {
+          // C[e] holds the tile transposed: output row n is 64 of this warpgroup's m values. Per 64-column
+          // slice the warpgroup writes its accumulators transposed into its dead A panel (64 n-rows of 128
+          // bytes; 16-byte chunk c of row n at c ^ (n mod 8), so a warp's 2-byte writes hit distinct words),
+          // then stores whole 128-byte rows. Named barrier 2 + consumer: this warpgroup only.
+          uint8_t* block = tile.k_tiles > 0 ? smem + prev_stage * Cfg::kStageBytes + consumer * kPanelBytes : nullptr;
+          const int64_t m_base = tile.m0 + consumer * 64;
+          OutT* c_group = p.C + tile.group * p.c_group_stride;
+#pragma unroll
+          for (int q = 0; q < BN / 64; ++q) {
+            if (block != nullptr) {
+              asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");  // the previous slice is read
+#pragma unroll
+              for (int j8 = 0; j8 < 8; ++j8)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                  for (int e = 0; e < 2; ++e) {
+                    const int m = warp * 16 + lane / 4 + 8 * h, n = j8 * 8 + 2 * (lane % 4) + e;
+                    *reinterpret_cast<OutT*>(block + n * 128 + (((m / 8) ^ (n % 8)) << 4) + (m % 8) * 2) =
+                        from_f32<OutT>(acc[(q * 8 + j8) * 4 + h * 2 + e]);
+                  }
+              asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");  // the slice is staged
+            }
+#pragma unroll
+            for (int it = 0; it < 4; ++it) {
+              const int n_row = tid / 8 + 16 * it, c = tid % 8;
+              const int64_t n = tile.n0 + q * 64 + n_row, m = m_base + c * 8;
+              if (n < p.N && m < p.M) {
+                uint4 v = make_uint4(0, 0, 0, 0);  // no k-steps (an empty group): zeros
+                if (block != nullptr) v = *reinterpret_cast<const uint4*>(block + n_row * 128 + ((c ^ (n_row % 8)) << 4));
+                *reinterpret_cast<uint4*>(c_group + n * p.ldc + m) = v;
+              }
+            }
+          }
+          if (tile.k_tiles > 0) release(prev_stage);
+          continue;
+        }
+      }
       // This consumer's half of the last stage's A tile is dead (its wgmmas are complete): the warps stage
       // their output slices there and hand the stage back afterwards. The producer meanwhile fills the
       // other stages with the next tile. (No k-steps, an empty reduction: zeros, stored without staging.)
@@ -715,6 +758,12 @@ CUtensorMap routed_rows_tensor_map(const T* base, int64_t cols, int64_t ld, int6
   return map;
 }
 
+// FUSEDMOE_SM90_TN_TMA=0: the dW GEMMs copy both operands with cp.async (and compute dW1 untransposed).
+bool tn_tma_off() {
+  static const bool off = env_equals("FUSEDMOE_SM90_TN_TMA", "0");
+  return off;
+}
+
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
@@ -762,9 +811,8 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   if (units == 0) return true;
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
   // tn: TMA for an operand read in expert order, the wider one (B) where both are (FUSEDMOE_SM90_TN_TMA=0: none).
-  static const bool tn_tma_off = env_equals("FUSEDMOE_SM90_TN_TMA", "0");
   int tn_tma = kTnTmaNone;
-  if (kKind == GemmKind::tn && !tn_tma_off)
+  if (kKind == GemmKind::tn && !tn_tma_off())
     tn_tma = p.b_map == RowMap::identity ? kTnTmaB : p.a_map == RowMap::identity ? kTnTmaA : kTnTmaNone;
   CUtensorMap b_map{};
   if constexpr (kKind != GemmKind::tn) b_map = weight_tensor_map(p, kKind, groups, BN);
@@ -833,7 +881,19 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
       return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
                               : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, groups, M_total, sms, stream);
     case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, groups, M_total, sms, stream);
-    case GemmKind::tn: return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
+    case GemmKind::tn:
+      if constexpr (sizeof(OutT) == 2) {
+        // dW1 (A in expert order, B gathered): computed transposed, Cᵀ = Bᵀ·A, so that the operand read in expert
+        // order is the wider B tile (BN columns) and comes by TMA. (H100, T=16384: dW1 1940 -> ... µs.)
+        if (p.a_map == RowMap::identity && p.b_map != RowMap::identity && !p.accumulate && !tn_tma_off()) {
+          Problem<T, OutT> t = p;
+          std::swap(t.A, t.B), std::swap(t.lda, t.ldb), std::swap(t.a_map, t.b_map), std::swap(t.M, t.N);
+          t.c_transposed = true;
+          const int t_block_n = tiling.block_n != 0 ? tiling.block_n : !narrow_only && t.N >= 256 ? 256 : 128;
+          return launch_tile<T, OutT, GemmKind::tn, false>(t, t_block_n, 1, groups, M_total, sms, stream);
+        }
+      }
+      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
   }
   return false;
 }
