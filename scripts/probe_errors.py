@@ -1,7 +1,6 @@
 """Probe: C++ errors raised through the extension must become ValueError, never crash (run with -X faulthandler)."""
 import torch
 
-import fusedmoe
 from fusedmoe import _C
 
 x = torch.randn(4, 32, dtype=torch.bfloat16)
