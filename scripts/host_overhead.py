@@ -16,7 +16,7 @@ import time
 import torch
 
 import fusedmoe
-from fusedmoe.bench import PRESETS, Shape, build_impls, make_weights
+from fusedmoe.bench import PRESETS, Shape, Timer, build_impls, make_weights
 
 
 def make_impls(dev, dt, gen, autotune, grouped_mm):
@@ -70,14 +70,7 @@ def timings(step):
         step()
     host = (time.perf_counter() - t0) / n * 1e3
     torch.cuda.synchronize()
-    events = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        events.append(a.elapsed_time(b))
+    events = Timer(torch.device("cuda"))(step, 0, n)  # median of synchronised steps, as the bench times them
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         step()
@@ -92,7 +85,7 @@ def timings(step):
     # The GPU's idle stretches between consecutive kernels (under the profiler, whose launch overhead adds to
     # host-bound gaps): where in the step the GPU waited.
     gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
-    return host, statistics.median(events), busy_ms(spans), span, per_name, gaps
+    return host, events, busy_ms(spans), span, per_name, gaps
 
 
 def short(name):

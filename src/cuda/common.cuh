@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
@@ -46,6 +47,21 @@ inline DeviceInfo current_device_info() {
   if (device < 0 || device >= kCached) return query();
   if (cached[device].sms == 0) cached[device] = query();
   return cached[device];
+}
+
+// Raises kernel kKernel's dynamic shared-memory limit to `bytes`, once per kernel and device: the driver call
+// costs microseconds of host time, which sat in front of short kernels when it ran on every launch.
+template <auto kKernel>
+void allow_dynamic_smem(size_t bytes) {
+  constexpr int kDevices = 64;
+  static std::atomic<bool> done[kDevices] = {};
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const bool cached = device >= 0 && device < kDevices;
+  if (cached && done[device].load(std::memory_order_acquire)) return;
+  check_cuda(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+             "cudaFuncSetAttribute");
+  if (cached) done[device].store(true, std::memory_order_release);
 }
 
 // True when environment variable `name` is set to `value` (the backend's debugging and tuning switches).

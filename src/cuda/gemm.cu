@@ -293,11 +293,7 @@ void launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, const Ge
     throw Error("grouped GEMM: the kernel config asks for the wgmma kernel, which needs an sm_90 GPU, rows and sizes "
                 "in multiples of 8 elements and 16-byte aligned bases, and at most 1024 experts");
   auto kernel = grouped_gemm_kernel<T, OutT, AK, BK_, kMode>;
-  static bool configured = false;  // per instantiation (and per process; all devices are sm_90)
-  if (!configured) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "cudaFuncSetAttribute");
-    configured = true;
-  }
+  allow_dynamic_smem<grouped_gemm_kernel<T, OutT, AK, BK_, kMode>>(smem);
   dim3 grid;
   if constexpr (kMode == Mode::grouped_m) {
     // Upper bound on the m-tiles of all groups: each group adds at most one partial tile.

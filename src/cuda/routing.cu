@@ -1,6 +1,5 @@
 // Router kernels: fused float32 softmax + top-k + renormalisation (a warp per token), a stable counting
 // sort by expert with no host synchronisation, and the router backward.
-#include <atomic>
 #include <cfloat>
 #include <cstdint>
 
@@ -190,20 +189,6 @@ __global__ void route_topk_backward_kernel(const L* logits, const int32_t* ids, 
   for (int j = lane; j < k; j += 32) d_logits[t * E + id_of(j)] = from_f32<DL>(p[id_of(j)] * (dp_of(j) - pdp));
 }
 
-// Raises a kernel's dynamic shared-memory limit to what the most experts need, once per kernel and device
-// (the driver call cost microseconds of host time on every launch, in front of the short routing kernels).
-template <auto kKernel>
-void allow_smem(size_t bytes) {
-  constexpr int kDevices = 64;
-  static std::atomic<bool> done[kDevices] = {};
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (device >= 0 && device < kDevices && done[device].load(std::memory_order_acquire)) return;
-  check_cuda(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-             "cudaFuncSetAttribute");
-  if (device >= 0 && device < kDevices) done[device].store(true, std::memory_order_release);
-}
-
 void check_experts(const char* op, int64_t E) {
   if (E > kMaxExperts)
     throw Error(std::string(op) + ": the CUDA backend supports up to " + std::to_string(kMaxExperts) +
@@ -222,7 +207,7 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
     using L = decltype(l_tag);
     using W = decltype(w_tag);
     auto kernel = route_topk_kernel<L, W>;
-    allow_smem<route_topk_kernel<L, W>>(kRouteWarps * kMaxExperts * (sizeof(float) + 1));
+    allow_dynamic_smem<route_topk_kernel<L, W>>(kRouteWarps * kMaxExperts * (sizeof(float) + 1));
     kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
         logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E, top_k, norm);
     check_launch("route_topk_kernel");
@@ -267,7 +252,7 @@ void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& 
     using DW = decltype(w_tag);
     using DL = decltype(o_tag);
     auto kernel = route_topk_backward_kernel<L, DW, DL>;
-    allow_smem<route_topk_backward_kernel<L, DW, DL>>(kRouteWarps * kMaxExperts * sizeof(float));
+    allow_dynamic_smem<route_topk_backward_kernel<L, DW, DL>>(kRouteWarps * kMaxExperts * sizeof(float));
     kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
         logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k, norm);
     check_launch("route_topk_backward_kernel");
