@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <numeric>
 #include <thread>
+#include <tuple>
 
 #include "testing.hpp"
 
@@ -195,6 +196,19 @@ TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
     ADD_FAILURE() << "expected fusedmoe::Error for a wgmma request on unaligned rows";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("wgmma"), std::string::npos) << e.what();
+  }
+}
+
+// The dA GEMM with the SiLU backward in its epilogue (256-wide tiles, so I >= 256): an I that is no multiple of
+// the tile or of the 128-column dw chunks, fp16 too, and both with and without the router's gradient.
+TEST(CudaBlock, FusedSiluBackwardMatchesReference) {
+  REQUIRE_GPU();
+  for (const auto& [dtype, I, norm] : {std::tuple{DType::bf16, 320, true}, std::tuple{DType::f16, 256, false},
+                                       std::tuple{DType::bf16, 776, true}}) {
+    SCOPED_TRACE("I=" + std::to_string(I));
+    BlockTensors b(MoeConfig{256, I, 8, 3, norm, dtype}, 301);
+    const HostTensor dout = random_dout(b);
+    expect_block_matches_reference(b, dout, run_block(b, dout, kGpu));
   }
 }
 
