@@ -27,14 +27,9 @@ struct Routing {
 // With act defined ([M, N/2], y_map identity, no slot_scale): also act = silu(Y[:, :N/2]) · Y[:, N/2:] from
 // the Y values as stored (GEMM1 with SiLU·mul fused where the backend can).
 struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; Tensor act = {}; GemmTiling tiling = {}; };
-// The routed SiLU backward of a product, as routed_silu_backward computes it from dA_raw (see backend_ops.inc).
-struct SiluBackward { Tensor Y1, topk_weights, dY1, scaled_act, d_topk_weights; };
 // dX[dx_map(i)] (=, or += with accumulate) dY[dy_map(i)] · W[e(i)]; dx_map = token sums a token's k slots
-// in slot order (deterministic). With silu.Y1 defined (the dA GEMM: dX = dA_raw [M, I] in float32 or float64,
-// dx_map identity, no accumulate): then routed_silu_backward(r, dX, silu…); a backend that fuses it into the
-// GEMM's epilogue leaves dX unwritten (it is scratch).
-struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {};
-                SiluBackward silu = {}; };
+// in slot order (deterministic).
+struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {}; };
 // dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
 struct GemmTN { Tensor dY; RowMap dy_map; Tensor X; RowMap x_map; Tensor dW; GemmTiling tiling = {}; };
 

@@ -195,14 +195,13 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
   const ExpertsScratch tmp = carve_experts_backward(cfg, T, p, cv);
   const Routing r = routing_of(cfg, T, saved);
   const Tensor& Y1 = saved.gate_up_out;
-  // dA_raw[i] = dOut[t_i] · W2[e(i)], and from it dw, dY1 and w·A (in the GEMM's epilogue where the backend
-  // fuses them, else in one elementwise pass).
+  // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
   if (p.d_act_raw)
     FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity, false,
-                                              cfg.kernels.backward_dx,
-                                              SiluBackward{Y1, topk_weights, tmp.d_gate_up, tmp.act, g.d_topk_weights}}, s);
-  else if (p.act)
-    FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, Tensor{}, Y1, topk_weights, Tensor{}, tmp.act, Tensor{}, s);
+                                              cfg.kernels.backward_dx}, s);
+  if (p.d_act_raw || p.act)
+    FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, topk_weights, tmp.d_gate_up, tmp.act,
+                      g.d_topk_weights, s);
   if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i] = Σ dOut[t_i]ᵀ · (w·A[i])
     FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj,
                                               cfg.kernels.backward_dw}, s);

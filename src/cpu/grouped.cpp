@@ -97,10 +97,6 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream) {
     jobs.push_back(j);
   }
   run_matmuls(jobs, f64);
-  if (g.silu.Y1.defined()) {
-    const SiluBackward& b = g.silu;
-    routed_silu_backward(r, g.dX, b.Y1, b.topk_weights, b.dY1, b.scaled_act, b.d_topk_weights, {});
-  }
   if (!sum_slots) return;
   auto sum_over_slots = [&](auto acc_tag) {
     using A = decltype(acc_tag);

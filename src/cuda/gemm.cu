@@ -353,53 +353,6 @@ __global__ void sum_slots_kernel(const S* slots, OutT* out, int64_t K, int top_k
 
 }  // namespace
 
-// out[i] = Σ_s partial[s][i], s ascending (deterministic).
-template <class OutT>
-__global__ void sum_partials_kernel(const float* partial, OutT* out, int64_t n, int splits) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  float acc = 0.f;
-  for (int s = 0; s < splits; ++s) acc += partial[s * n + i];
-  out[i] = from_f32<OutT>(acc);
-}
-
-// The dA GEMM with routed_silu_backward in its epilogue (the Hopper kernel): dY1, w·A and, by 128-column chunk,
-// partial sums of d_topk_weights, which a second pass adds up in chunk order. False (nothing launched) when the
-// problem or the device is not eligible.
-template <class T>
-bool fused_silu_backward(const Routing& r, const GemmNN& g, cudaStream_t stream) {
-  const SiluBackward& b = g.silu;
-  const DType dt = g.dY.dtype;
-  if (g.tiling.kernel == GemmKernel::portable || !b.dY1.defined() || b.dY1.dtype != dt || b.Y1.dtype != dt ||
-      (b.topk_weights.dtype != DType::f32 && b.topk_weights.dtype != dt) ||
-      (b.scaled_act.defined() && b.scaled_act.dtype != dt) ||
-      (b.d_topk_weights.defined() && b.d_topk_weights.dtype != DType::f32 && b.d_topk_weights.dtype != dt))
-    return false;
-  const int64_t H = g.W.shape[1], I = g.W.shape[2];  // reduction over H, output columns I
-  const int64_t chunks = (I + 127) / 128;
-  Scratch partial(b.d_topk_weights.defined() ? static_cast<size_t>(chunks * r.M) * sizeof(float) : 0, stream);
-  Problem<T, T> p{g.dY.ptr<const T>(), H, g.dy_map, g.W.ptr<const T>(), I, H * I, RowMap::identity,
-                  b.dY1.ptr<T>(), 2 * I, 0, RowMap::identity, nullptr, false, device_routing(r), 0, I, H};
-  p.act = b.scaled_act.defined() ? b.scaled_act.ptr<T>() : nullptr;
-  p.ld_act = I;
-  p.y1 = b.Y1.ptr<const T>();
-  p.ld_y1 = 2 * I;
-  // The routing weights in float32 or in T (the row scale's type).
-  if (b.topk_weights.dtype == DType::f32) p.slot_weight = b.topk_weights.ptr<const float>();
-  else p.row_scale = b.topk_weights.ptr<const T>();
-  p.dw_partial = b.d_topk_weights.defined() ? partial.as<float>() : nullptr;
-  if (!launch_sm90(p, GemmKind::nn, r.num_experts, r.M, g.tiling, stream)) return false;
-  if (p.dw_partial != nullptr && r.M > 0) {
-    const unsigned blocks = blocks_for(r.M, 256);
-    if (b.d_topk_weights.dtype == DType::f32)
-      sum_partials_kernel<float><<<blocks, 256, 0, stream>>>(p.dw_partial, b.d_topk_weights.ptr<float>(), r.M, static_cast<int>(chunks));
-    else
-      sum_partials_kernel<T><<<blocks, 256, 0, stream>>>(p.dw_partial, b.d_topk_weights.ptr<T>(), r.M, static_cast<int>(chunks));
-    check_launch("sum_partials_kernel");
-  }
-  return true;
-}
-
 void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
   const int64_t N = g.W.shape[1], K = g.W.shape[2];
   if (g.slot_scale.defined() && g.slot_scale.dtype != g.X.dtype)
@@ -449,16 +402,21 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
         check_launch("sum_slots_kernel");
       }
     } else {
-      if (g.silu.Y1.defined() && fused_silu_backward<T>(r, g, stream)) return;
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       g.dX.ptr<O>(), K, 0, g.dx_map, nullptr, g.accumulate, device_routing(r), 0, K, N};
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
-      if (g.silu.Y1.defined()) {  // not fused on this path
-        const SiluBackward& b = g.silu;
-        routed_silu_backward(r, g.dX, b.Y1, b.topk_weights, b.dY1, b.scaled_act, b.d_topk_weights, s);
-      }
     }
   });
+}
+
+// out[i] = Σ_s partial[s][i], s ascending (deterministic).
+template <class OutT>
+__global__ void sum_partials_kernel(const float* partial, OutT* out, int64_t n, int splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float acc = 0.f;
+  for (int s = 0; s < splits; ++s) acc += partial[s * n + i];
+  out[i] = from_f32<OutT>(acc);
 }
 
 void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {

@@ -25,16 +25,6 @@ struct Problem {
   int64_t ld_act = 0;
   // tn, sm90 only: C[e] holds the product transposed (element (m, n) at c_group_stride·e + n·ldc + m).
   bool c_transposed = false;
-  // nn, sm90 only (silu_backward, the dA GEMM): the product P = dA_raw [M, N = I] (rows in expert order) is not
-  // stored; from y1 = [gate | up] of row i and its routing weight w (slot_weight[slot(i)] in float32, or else
-  // row_scale[slot(i)] in T) the epilogue writes
-  //   C = dY1 = [dgate | dup] of dsilu_mul(g, u, w·P)  (ldc = 2·I),   act = w·a  (when act != nullptr),
-  //   dw_partial[c][slot(i)] = Σ P·a over columns 128·c … 128·c + 127  (when dw_partial != nullptr),
-  // with a = silu(g)·u rounded as forward stored it (routed_silu_backward's formulas).
-  const T* y1 = nullptr;
-  int64_t ld_y1 = 0;
-  const float* slot_weight = nullptr;
-  float* dw_partial = nullptr;
 };
 
 // The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not

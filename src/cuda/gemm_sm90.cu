@@ -225,14 +225,6 @@ struct Slice {
   static constexpr int kBytes = 8 * kPitch;                            // one warp's staging area
 };
 
-// Two packed 16-bit values (element c in the low half) as floats.
-template <class T>
-__device__ __forceinline__ float2 unpack_pair(uint32_t v) {
-  T e[2];
-  memcpy(e, &v, sizeof(v));
-  return make_float2(to_f32(e[0]), to_f32(e[1]));
-}
-
 template <class OutT>
 __device__ __forceinline__ uint4 add_vec16(uint4 a, uint4 b) {
   OutT* x = reinterpret_cast<OutT*>(&a);
@@ -242,23 +234,29 @@ __device__ __forceinline__ uint4 add_vec16(uint4 a, uint4 b) {
   return a;
 }
 
-// The lane's pair v of column group jj into the slice's staging area.
-template <class OutT>
-__device__ __forceinline__ void stage_pair(uint8_t* stage, int lane, int jj, float2 v) {
-  uint8_t* at = stage + (lane / 4) * Slice<OutT>::kPitch + (lane % 4) * 2 * sizeof(OutT) + jj * 8 * sizeof(OutT);
-  if constexpr (std::is_same_v<OutT, float>) {
-    *reinterpret_cast<float2*>(at) = v;
-  } else {
-    OutT pair[2] = {from_f32<OutT>(v.x), from_f32<OutT>(v.y)};
-    *reinterpret_cast<uint32_t*>(at) = *reinterpret_cast<const uint32_t*>(pair);
-  }
-}
-
-// Stores a staged slice (stage_pair for every column group, then __syncwarp) as whole rows; see store_slice.
-template <class OutT>
-__device__ __forceinline__ void flush_slice(const uint8_t* stage, int lane, int64_t row_off, OutT* base, int64_t col0,
-                                            int64_t cols, bool accumulate) {
+// One slice: value(jj) is the lane's float pair of column group jj (columns jj·8 + (lane%4)·2, +1) of its row;
+// row_off is the element offset of the lane's row (lane/4) in `base`, < 0 for rows not stored. Columns
+// col0 … col0 + kCols are stored where below `cols`. stage == nullptr stores zeros (an empty reduction).
+template <class OutT, class Value>
+__device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Value& value, int64_t row_off, OutT* base,
+                                            int64_t col0, int64_t cols, bool accumulate) {
   using S = Slice<OutT>;
+  if (stage != nullptr) {
+    uint8_t* row = stage + (lane / 4) * S::kPitch + (lane % 4) * 2 * sizeof(OutT);
+#pragma unroll
+    for (int jj = 0; jj < S::kCols / 8; ++jj) {
+      const float2 v = value(jj);
+      if constexpr (std::is_same_v<OutT, float>) {
+        *reinterpret_cast<float2*>(row + jj * 8 * sizeof(OutT)) = v;
+      } else {
+        OutT pair[2] = {from_f32<OutT>(v.x), from_f32<OutT>(v.y)};
+        *reinterpret_cast<uint32_t*>(row + jj * 8 * sizeof(OutT)) = *reinterpret_cast<const uint32_t*>(pair);
+      }
+    }
+    __syncwarp();
+  } else if (accumulate) {
+    return;  // C += 0
+  }
   const int piece = lane % 8;  // 16-byte piece of a 128-byte row
   const int64_t col = col0 + piece * (16 / static_cast<int>(sizeof(OutT)));
 #pragma unroll
@@ -275,26 +273,6 @@ __device__ __forceinline__ void flush_slice(const uint8_t* stage, int lane, int6
   }
   __syncwarp();  // the staging area is rewritten by the next slice
 }
-
-// One slice: value(jj) is the lane's float pair of column group jj (columns jj·8 + (lane%4)·2, +1) of its row;
-// row_off is the element offset of the lane's row (lane/4) in `base`, < 0 for rows not stored. Columns
-// col0 … col0 + kCols are stored where below `cols`. stage == nullptr stores zeros (an empty reduction).
-template <class OutT, class Value>
-__device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Value& value, int64_t row_off, OutT* base,
-                                            int64_t col0, int64_t cols, bool accumulate) {
-  if (stage != nullptr) {
-#pragma unroll
-    for (int jj = 0; jj < Slice<OutT>::kCols / 8; ++jj) stage_pair<OutT>(stage, lane, jj, value(jj));
-    __syncwarp();
-  } else if (accumulate) {
-    return;  // C += 0
-  }
-  flush_slice<OutT>(stage, lane, row_off, base, col0, cols, accumulate);
-}
-
-// The epilogue a kernel runs: plain (C = the product, optionally row-scaled or accumulated); gated (nt, GEMM1:
-// also act = SiLU(gate)·up); silu_backward (nn, the dA GEMM: the routed SiLU backward of the product).
-enum Epilogue : int { kEpiPlain = 0, kEpiGated = 1, kEpiSiluBwd = 2 };
 
 // Output columns a tile covers, and the column tiles. Gated (GEMM1 with SiLU·mul): BN/2 act columns, whose
 // gate and up columns of C sit side by side in the tile.
@@ -354,13 +332,12 @@ enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
 // b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
-template <class T, class OutT, int BN, GemmKind kKind, int kEpi, int kCluster>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
                      int variant, int tn_tma) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
-  constexpr bool kGated = kEpi == kEpiGated;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
@@ -579,10 +556,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
-      int64_t act_off[2] = {0, 0};    // gated, silu_backward: and in act
-      float row_scale[2] = {1.f, 1.f};  // silu_backward: the rows' routing weights
-      int64_t silu_row[2] = {-1, -1};  // silu_backward: the routed rows (the offsets follow from them), their slots
-      int32_t row_slot[2] = {0, 0};
+      int64_t act_off[2] = {0, 0};    // gated: and in act
+      float row_scale[2] = {1.f, 1.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
@@ -593,20 +568,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           out_off[h] = rt.row(p.c_map, i) * p.ldc;
           if constexpr (kGated) act_off[h] = i * p.ld_act;
           if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
-          if constexpr (kEpi == kEpiSiluBwd) {
-            silu_row[h] = i;
-            row_slot[h] = static_cast<int32_t>(rt.slot(i));
-            row_scale[h] = p.slot_weight ? p.slot_weight[row_slot[h]] : to_f32(p.row_scale[row_slot[h]]);
-            // The row's gate and up values of this tile come from DRAM (y1 outgrows L2): have them on the way to
-            // L2 during the mainloop, each of the row's four lanes a quarter of its 2 × BN/64 lines.
-            const T* y1_row = p.y1 + i * p.ld_y1 + tile.n0;
-#pragma unroll
-            for (int l = lane % 4; l < 2 * BN / 64; l += 4) {
-              const int64_t c = (l % (BN / 64)) * 64;
-              if (tile.n0 + c < p.N)
-                asm volatile("prefetch.global.L2 [%0];\n" ::"l"(y1_row + (l < BN / 64 ? 0 : p.N) + c));
-            }
-          }
         }
       }
       // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
@@ -686,15 +647,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       uint8_t* staging = nullptr;
       if (tile.k_tiles > 0)
         staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
-      // silu_backward stages three outputs at once: two more areas per warp in the stage's B tile, this
-      // consumer's half, once both consumers' wgmmas are done with it (named barrier 4: the 256 consumer threads).
-      uint8_t *staging_up = nullptr, *staging_act = nullptr;
-      if constexpr (kEpi == kEpiSiluBwd) {
-        static_assert(8 * Sl::kBytes <= Cfg::kBBytes / 2, "two staging areas per warp fit a consumer's half of B");
-        asm volatile("bar.sync 4, 256;\n" ::: "memory");
-        staging_up = smem + prev_stage * Cfg::kStageBytes + Cfg::kABytes + consumer * (Cfg::kBBytes / 2) + warp * 2 * Sl::kBytes;
-        staging_act = staging_up + Sl::kBytes;
-      }
       constexpr int G = Sl::kCols / 8;  // column groups per slice
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -717,64 +669,6 @@ __global__ void __launch_bounds__(kThreads, 1)
             store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
             store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
           }
-        } else if constexpr (kEpi == kEpiSiluBwd) {
-          // The accumulators are dA_raw of the row's columns n0 + …; gate and up come from y1 (the lane's 8 column
-          // pairs of each slice, 4-byte loads: a warp's loads of a slice cover 8 rows × 128 bytes). Each element
-          // is finished in one pass (σ once) into three staging areas: dgate, dup and w·a.
-          const int64_t I = p.N;
-          const bool row_ok = silu_row[h] >= 0;
-          const float w = row_scale[h];
-          const T* y1_row = p.y1 + (row_ok ? silu_row[h] : 0) * p.ld_y1;
-          const int64_t dy1_off = row_ok ? silu_row[h] * p.ldc : -1, act_row = row_ok ? silu_row[h] * p.ld_act : -1;
-          float dw[BN / 128] = {};  // Σ dA_raw·a over the tile's 128-column chunks
-#pragma unroll
-          for (int q = 0; q < BN / Sl::kCols; ++q) {
-            const int64_t col0 = tile.n0 + q * Sl::kCols;
-            uint32_t g2[G], u2[G];  // the row's stored gate and up pairs
-#pragma unroll
-            for (int jj = 0; jj < G; ++jj) {
-              const int64_t c = col0 + jj * 8 + (lane % 4) * 2;
-              g2[jj] = u2[jj] = 0;
-              if (row_ok && c < I) {
-                g2[jj] = __ldg(reinterpret_cast<const unsigned int*>(y1_row + c));
-                u2[jj] = __ldg(reinterpret_cast<const unsigned int*>(y1_row + I + c));
-              }
-            }
-#pragma unroll
-            for (int jj = 0; jj < G; ++jj) {
-              const float2 raw = pair(q * G + jj), g2f = unpack_pair<T>(g2[jj]), u2f = unpack_pair<T>(u2[jj]);
-              float dg[2], du[2], wa[2];
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float r = e ? raw.y : raw.x, g = e ? g2f.y : g2f.x, u = e ? u2f.y : u2f.x;
-                const float sg = act::sigmoid(g), d = w * r;
-                // dsilu_mul(g, u, d) (act::silu_mul_grad), and a = silu(g)·u as forward stored it.
-                dg[e] = d * u * sg * (1.f + g * (1.f - sg));
-                du[e] = d * g * sg;
-                const float a = to_f32(from_f32<T>(g * sg * u));
-                wa[e] = w * a;
-                dw[q * Sl::kCols / 128] += r * a;
-              }
-              stage_pair<OutT>(staging, lane, jj, make_float2(dg[0], dg[1]));
-              stage_pair<OutT>(staging_up, lane, jj, make_float2(du[0], du[1]));
-              stage_pair<OutT>(staging_act, lane, jj, make_float2(wa[0], wa[1]));
-            }
-            __syncwarp();
-            flush_slice<OutT>(staging, lane, dy1_off, p.C, col0, I, false);
-            flush_slice<OutT>(staging_up, lane, dy1_off, p.C + I, col0, I, false);
-            if (p.act != nullptr) flush_slice<OutT>(staging_act, lane, act_row, p.act, col0, I, false);
-          }
-          if (p.dw_partial != nullptr) {
-            // The four lanes of a row hold its columns: a fixed-order butterfly, then one write per 128-column chunk.
-#pragma unroll
-            for (int c = 0; c < BN / 128; ++c) {
-              float v = dw[c];
-              v += __shfl_xor_sync(0xffffffffu, v, 1);
-              v += __shfl_xor_sync(0xffffffffu, v, 2);
-              const int64_t chunk = tile.n0 / 128 + c;
-              if (row_ok && lane % 4 == 0 && chunk * 128 < I) p.dw_partial[chunk * rt.M + row_slot[h]] = v;
-            }
-          }
         } else {
           const float scale = row_scale[h];
 #pragma unroll
@@ -787,8 +681,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      // silu_backward wrote into B, which TMA (the async proxy) refills once the stage is released.
-      if constexpr (kEpi == kEpiSiluBwd) fence_proxy_async();
       if (tile.k_tiles > 0) release(prev_stage);
     }
   }
@@ -871,11 +763,10 @@ bool tn_tma_off() {
 }
 
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
-template <class T, class OutT, int BN, GemmKind kKind, int kEpi, int kCluster>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
   using Cfg = Config<BN>;
-  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kEpi, kCluster>;
-  constexpr bool kGated = kEpi == kEpiGated;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>;
   const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
   cudaLaunchConfig_t config{};
   cudaLaunchAttribute cluster{};
@@ -886,7 +777,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kEpi, kCluster>>(Cfg::smem_bytes(kMaxGroups));
+  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>>(Cfg::smem_bytes(kMaxGroups));
   // Work units run at once: one per SM, or for pairs the clusters that fit (some SMs may be left over
   // where a GPC's SM count is odd).
   int resident = sms;
@@ -927,21 +818,18 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
 }
 
 // The instantiation for a runtime tile width (128 or 256) and cluster size (1 or 2; tn: 1).
-template <class T, class OutT, GemmKind kKind, int kEpi>
+template <class T, class OutT, GemmKind kKind, bool kGated>
 bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t groups, int64_t M_total, int sms,
                  cudaStream_t stream) {
   if constexpr (kKind == GemmKind::tn) {
-    return block_n == 256 ? launch<T, OutT, 256, kKind, kEpi, 1>(p, groups, M_total, sms, stream)
-                          : launch<T, OutT, 128, kKind, kEpi, 1>(p, groups, M_total, sms, stream);
+    return block_n == 256 ? launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream)
+                          : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   } else {
     if (block_n == 256)
-      return cluster == 2 ? launch<T, OutT, 256, kKind, kEpi, 2>(p, groups, M_total, sms, stream)
-                          : launch<T, OutT, 256, kKind, kEpi, 1>(p, groups, M_total, sms, stream);
-    // silu_backward stages three outputs per warp, which only 256-wide tiles have the room for: the caller then
-    // runs the plain GEMM and the separate SiLU backward.
-    if constexpr (kEpi == kEpiSiluBwd) return false;
-    else return cluster == 2 ? launch<T, OutT, 128, kKind, kEpi, 2>(p, groups, M_total, sms, stream)
-                        : launch<T, OutT, 128, kKind, kEpi, 1>(p, groups, M_total, sms, stream);
+      return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                          : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+    return cluster == 2 ? launch<T, OutT, 128, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                        : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   }
 }
 
@@ -964,19 +852,12 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   for (int64_t d : chunk_dims)
     if (d % 8 != 0) return false;
   if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
-  // SiLU·mul in GEMM1's epilogue and the SiLU backward in dA's; FUSEDMOE_FUSED_SILU=0 and FUSEDMOE_FUSED_DSILU=0
-  // run them as separate passes instead.
+  // SiLU·mul in GEMM1's epilogue; FUSEDMOE_FUSED_SILU=0 runs it as a separate pass instead.
   static const bool fuse_silu = !env_equals("FUSEDMOE_FUSED_SILU", "0");
-  static const bool fuse_dsilu = !env_equals("FUSEDMOE_FUSED_DSILU", "0");
-  if (p.y1 != nullptr ? !fuse_dsilu : p.act != nullptr && !fuse_silu) return false;
-  if (p.act != nullptr && p.y1 == nullptr &&  // gated: y rows in expert order, act rows 16-byte aligned, halves of whole chunks
+  if (p.act != nullptr && !fuse_silu) return false;
+  if (p.act != nullptr &&  // gated: y rows in expert order, act rows 16-byte aligned, halves of whole chunks
       (kind != GemmKind::nt || p.c_map != RowMap::identity || p.row_scale != nullptr || p.N % 16 != 0 ||
        p.ld_act % 8 != 0 || !aligned16(p.act)))
-    return false;
-  if (p.y1 != nullptr &&  // silu_backward: y1 and dY1 rows in expert order, 16-bit outputs, whole chunks
-      (kind != GemmKind::nn || sizeof(OutT) != 2 || p.c_map != RowMap::identity || p.accumulate || p.K <= 0 ||
-       (p.slot_weight == nullptr) == (p.row_scale == nullptr) || p.ld_y1 % 8 != 0 || !aligned16(p.y1) ||
-       (p.act != nullptr && (p.ld_act % 8 != 0 || !aligned16(p.act)))))
     return false;
   // The heuristic (where the tiling leaves a field at 0): 128 × 256 tiles where the output is at least that
   // wide (fewer operand bytes per FLOP), else 128 × 128; no weight multicast (measured on the H200 at
@@ -989,13 +870,9 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
   switch (kind) {
     case GemmKind::nt:
-      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, kEpiGated>(p, block_n, cluster, groups, M_total, sms, stream)
-                              : launch_tile<T, OutT, GemmKind::nt, kEpiPlain>(p, block_n, cluster, groups, M_total, sms, stream);
-    case GemmKind::nn:
-      if constexpr (sizeof(OutT) == 2)
-        if (p.y1 != nullptr)
-          return launch_tile<T, OutT, GemmKind::nn, kEpiSiluBwd>(p, block_n, cluster, groups, M_total, sms, stream);
-      return launch_tile<T, OutT, GemmKind::nn, kEpiPlain>(p, block_n, cluster, groups, M_total, sms, stream);
+      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
+                              : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, groups, M_total, sms, stream);
+    case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, groups, M_total, sms, stream);
     case GemmKind::tn:
       if constexpr (sizeof(OutT) == 2) {
         // dW1 (A in expert order, B gathered): computed transposed, Cᵀ = Bᵀ·A, so that the operand read in expert
@@ -1004,10 +881,10 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
           Problem<T, OutT> t = p;
           std::swap(t.A, t.B), std::swap(t.lda, t.ldb), std::swap(t.a_map, t.b_map), std::swap(t.M, t.N);
           t.c_transposed = true;
-          return launch_tile<T, OutT, GemmKind::tn, kEpiPlain>(t, block_n_for(t.N), 1, groups, M_total, sms, stream);
+          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), 1, groups, M_total, sms, stream);
         }
       }
-      return launch_tile<T, OutT, GemmKind::tn, kEpiPlain>(p, block_n, 1, groups, M_total, sms, stream);
+      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
   }
   return false;
 }

@@ -199,9 +199,9 @@ TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
   }
 }
 
-// The dA GEMM with the SiLU backward in its epilogue (256-wide tiles, so I >= 256): an I that is no multiple of
-// the tile or of the 128-column dw chunks, fp16 too, and both with and without the router's gradient.
-TEST(CudaBlock, FusedSiluBackwardMatchesReference) {
+// Intermediate sizes of 256 and more (the 256-wide tiles of every nt/nn GEMM) that are no multiple of the tile
+// or of 128, fp16 too, with and without renormalised routing weights.
+TEST(CudaBlock, WideIntermediateMatchesReference) {
   REQUIRE_GPU();
   for (const auto& [dtype, I, norm] : {std::tuple{DType::bf16, 320, true}, std::tuple{DType::f16, 256, false},
                                        std::tuple{DType::bf16, 776, true}}) {
