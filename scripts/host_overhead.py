@@ -6,7 +6,8 @@ the two (the GPU waiting for launches) shows. --fwdbwd times forward+backward st
 --cprofile instead prints the host-side cProfile of 200 forward calls at the first T. With --fwdbwd the
 block's forward and backward also record CUDA events where they start and end, which shows without a
 profiler's overhead where in a synchronised step the GPU waits for the host.
-    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [T ...]"""
+--launches lists the profiled step's host-side CUDA calls next to the kernels' GPU times.
+    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [--launches] [T ...]"""
 import cProfile
 import pstats
 import statistics
@@ -85,7 +86,23 @@ def timings(step):
     # The GPU's idle stretches between consecutive kernels (under the profiler, whose launch overhead adds to
     # host-bound gaps): where in the step the GPU waited.
     gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
-    return host, events, busy_ms(spans), span, per_name, gaps
+    return host, events, busy_ms(spans), span, per_name, gaps, prof
+
+
+def launch_trace(prof, limit):
+    """The profiled step's host-side CUDA API calls and aten ops next to the kernels' GPU times (µs from the
+    step's first event), in start order: which host work the GPU waits for before each kernel."""
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+           or e.name.startswith(("cuda", "cu", "aten::empty"))]
+    evs.sort(key=lambda e: e.time_range.start)
+    if not evs:
+        return
+    t0 = evs[0].time_range.start
+    print("  launch trace (µs from the step's first event; GPU rows are kernels):")
+    for e in evs[:limit]:
+        where = "GPU" if e.device_type == torch.autograd.DeviceType.CUDA else "host"
+        print(f"    {e.time_range.start - t0:9.1f} +{e.time_range.end - e.time_range.start:8.1f}  {where:4}  "
+              f"{short(e.name)[:90]}")
 
 
 def short(name):
@@ -100,7 +117,7 @@ class Timeline:
     MARKS = ("step", "fwd start", "fwd end", "bwd start", "bwd end", "step end")
 
     def __init__(self):
-        self.events = {}
+        self.events, self.host = {}, {}
         F = fusedmoe._ops._MoeBlockFunction
         fwd, bwd = F.forward, F.backward
 
@@ -122,20 +139,25 @@ class Timeline:
         e = torch.cuda.Event(enable_timing=True)
         e.record()
         self.events[name] = e
+        self.host[name] = time.perf_counter()
 
     def measure(self, step, n=20):
-        rows = []
+        """Medians of the GPU-side (events) and host-side (perf_counter at the same marks) intervals."""
+        rows, host_rows = [], []
         for _ in range(n):
-            self.events = {}
+            self.events, self.host = {}, {}
             self.mark("step")
             step()
             self.mark("step end")
             self.events["step end"].synchronize()
             ev = [self.events[m] for m in self.MARKS]
             rows.append([a.elapsed_time(b) for a, b in zip(ev, ev[1:])])
-        med = [statistics.median(c) for c in zip(*rows)]
-        names = ["until fwd starts", "fwd (GPU)", "fwd end -> bwd start", "bwd (GPU)", "bwd end -> step end"]
-        return ", ".join(f"{n} {v:.3f}" for n, v in zip(names, med))
+            hs = [self.host[m] for m in self.MARKS]
+            host_rows.append([(b - a) * 1e3 for a, b in zip(hs, hs[1:])])
+        names = ["until fwd starts", "fwd", "fwd end -> bwd start", "bwd", "bwd end -> step end"]
+        gpu = [statistics.median(c) for c in zip(*rows)]
+        host = [statistics.median(c) for c in zip(*host_rows)]
+        return ", ".join(f"{n} {g:.3f} (host {h:.3f})" for n, g, h in zip(names, gpu, host))
 
 
 def cprofile(step):
@@ -154,7 +176,7 @@ def cprofile(step):
 def main():
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("--")}
-    unknown = flags - {"--cprofile", "--fwdbwd", "--grouped-mm"}
+    unknown = flags - {"--cprofile", "--fwdbwd", "--grouped-mm", "--launches"}
     if unknown:
         sys.exit(f"unknown option(s) {sorted(unknown)}; usage: {__doc__.splitlines()[-1].strip()}")
     Ts = [int(a) for a in args if not a.startswith("--")] or [2048, 16384]
@@ -170,17 +192,19 @@ def main():
             if "--cprofile" in flags:
                 cprofile(step)
                 continue
-            host, events, busy, span, per_name, gaps = timings(step)
+            host, events, busy, span, per_name, gaps, prof = timings(step)
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
                   f"{events:.3f} ms, GPU busy {busy:.3f} of a {span:.3f} ms kernel span "
                   f"(kernels {sum(per_name.values()):.3f} ms)")
             if timeline and name == "fusedmoe":
-                print("  timeline (ms, medians):", timeline.measure(step))
+                print("  timeline (ms, medians; GPU by events, host by the clock):", timeline.measure(step))
             for kname, ms in sorted(per_name.items(), key=lambda k: -k[1])[:14]:
                 print(f"    {ms:8.3f}  {short(kname)[:110]}")
             print(f"  idle between kernels {sum(g for g, _, _ in gaps) / 1e3:.3f} ms; the longest gaps (µs):")
             for g, a, b in sorted(gaps, reverse=True)[:6]:
                 print(f"    {g:8.1f}  after {short(a)[:50]}  before {short(b)[:50]}")
+            if "--launches" in flags and name == "fusedmoe":
+                launch_trace(prof, 60)
 
 
 if __name__ == "__main__":
