@@ -14,6 +14,12 @@ enum class RowMap : uint8_t {
   slot,      // row gather[i]          (the flat slot t·k + j)
 };
 
+// sort_by_expert's scratch: per-chunk expert counts, a chunk being kSortChunk slots.
+constexpr int64_t kSortChunk = 256;
+inline int64_t sort_scratch_elements(int64_t slots, int64_t num_experts) {
+  return (slots + kSortChunk - 1) / kSortChunk * num_experts;
+}
+
 struct Routing {
   Tensor expert_offsets;  // [E+1] int32
   Tensor gather_indices;  // [M] int32 (undefined when every map is identity)

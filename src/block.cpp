@@ -58,10 +58,11 @@ MoeSaved carve_saved(const MoeConfig& c, int64_t T, Carver& cv) {
   return s;
 }
 
-struct ForwardScratch { Tensor act, down_out; };
+struct ForwardScratch { Tensor act, down_out, sort_counts; };
 ForwardScratch carve_forward(const MoeConfig& c, int64_t T, Carver& cv) {
   const int64_t M = T * c.top_k;
-  return {cv.take(c.dtype, {M, c.intermediate_size}), cv.take(c.dtype, {M, c.hidden_size})};
+  return {cv.take(c.dtype, {M, c.intermediate_size}), cv.take(c.dtype, {M, c.hidden_size}),
+          cv.take(DType::i32, {sort_scratch_elements(M, c.num_experts)})};
 }
 
 // What the experts' backward computes, from the gradients wanted.
@@ -174,7 +175,7 @@ void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Ten
   const ForwardScratch tmp = carve_forward(cfg, T, cv);
   const Routing r = routing_of(cfg, T, saved);
   FUSEDMOE_DISPATCH(dev, sort_by_expert, topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
-                    saved.expert_offsets, s);
+                    saved.expert_offsets, tmp.sort_counts, s);
   // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order), and
   // A = silu(gate)·up of Y1 (fused into the GEMM's epilogue where the backend can).
   FUSEDMOE_DISPATCH(dev, gemm_nt, r,

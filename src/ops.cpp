@@ -23,7 +23,7 @@ void sort_by_expert(const Tensor& topk_ids, int num_experts, const Tensor& gathe
                     const Tensor& expert_offsets, Stream s) {
   check_sort_by_expert(topk_ids, num_experts, gather_indices, m_sizes, expert_offsets);
   FUSEDMOE_DISPATCH(topk_ids.device, sort_by_expert, topk_ids, num_experts, gather_indices, m_sizes, expert_offsets,
-                    s);
+                    Tensor{}, s);
 }
 
 namespace {

@@ -87,7 +87,7 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
 }
 
 void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor& m_sizes, const Tensor& offsets,
-                    Stream) {
+                    const Tensor&, Stream) {
   const int64_t M = ids.numel();
   const int32_t* id = ids.ptr<const int32_t>();
   int32_t* count = m_sizes.ptr<int32_t>();

@@ -11,7 +11,7 @@ namespace {
 
 constexpr int kRouteWarps = 4;   // tokens per block
 constexpr int kMaxExperts = 4096;
-constexpr int kSortChunk = 256;  // slots per sort block (one warp, 8 rounds of 32)
+// kSortChunk (backend.hpp): slots per sort block (one warp, 8 rounds of 32).
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -136,19 +136,31 @@ __global__ void sort_scan_blocks_kernel(int32_t* counts, int64_t blocks, int32_t
   if (threadIdx.x == 0) m_sizes[blockIdx.x] = carry;
 }
 
-__global__ void sort_offsets_kernel(const int32_t* m_sizes, int E, int32_t* offsets) {
-  if (threadIdx.x != 0) return;
-  int32_t acc = 0;
-  offsets[0] = 0;
-  for (int e = 0; e < E; ++e) offsets[e + 1] = (acc += m_sizes[e]);
-}
-
 // Writes each slot to its expert-order row: offsets[e] + rows of e in earlier chunks + rank in this chunk.
+// Every block derives the expert offsets from m_sizes itself (a warp scan over E, E <= kMaxExperts), and block 0
+// also stores them, which saves a launch between the scan and the scatter.
 __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const int32_t* counts, int64_t blocks,
-                                    const int32_t* offsets, int32_t* gather) {
+                                    const int32_t* m_sizes, int32_t* offsets, int32_t* gather) {
   extern __shared__ int32_t next_row[];
   const int lane = threadIdx.x;
-  for (int e = lane; e < E; e += 32) next_row[e] = offsets[e] + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
+  int32_t carry = 0;  // rows of the experts before this round's 32
+  for (int e0 = 0; e0 < E; e0 += 32) {
+    const int e = e0 + lane;
+    const int32_t size = e < E ? m_sizes[e] : 0;
+    int32_t incl = size;
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+      const int32_t o = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += o;
+    }
+    if (e < E) {
+      const int32_t first = carry + incl - size;
+      next_row[e] = first + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
+      if (blockIdx.x == 0) offsets[e] = first;
+    }
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  if (blockIdx.x == 0 && lane == 0) offsets[E] = carry;
   __syncwarp();
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
   for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32) {
@@ -215,7 +227,7 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
 }
 
 void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor& m_sizes, const Tensor& offsets,
-                    Stream s) {
+                    const Tensor& scratch, Stream s) {
   check_experts("sort_by_expert", E);
   const cudaStream_t stream = stream_of(s);
   const int64_t M = ids.numel();
@@ -225,17 +237,18 @@ void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor
     check_cuda(cudaMemsetAsync(offsets.data, 0, sizeof(int32_t) * (E + 1), stream), "cudaMemsetAsync");
     return;
   }
-  Scratch counts(static_cast<size_t>(blocks) * E * sizeof(int32_t), stream);
+  // The caller's scratch where it gives one (the block's forward workspace), else the pool's: the allocation
+  // and its free are host calls in front of GEMM1, which waits for them at small T.
+  Scratch own(scratch.defined() ? 0 : static_cast<size_t>(sort_scratch_elements(M, E)) * sizeof(int32_t), stream);
+  int32_t* counts = scratch.defined() ? scratch.ptr<int32_t>() : own.as<int32_t>();
   const size_t smem = sizeof(int32_t) * E;
-  sort_count_kernel<<<static_cast<unsigned>(blocks), 32, smem, stream>>>(ids.ptr<const int32_t>(), M, E,
-                                                                           counts.as<int32_t>(), blocks);
+  sort_count_kernel<<<static_cast<unsigned>(blocks), 32, smem, stream>>>(ids.ptr<const int32_t>(), M, E, counts,
+                                                                           blocks);
   check_launch("sort_count_kernel");
-  sort_scan_blocks_kernel<<<E, 1024, 0, stream>>>(counts.as<int32_t>(), blocks, m_sizes.ptr<int32_t>());
+  sort_scan_blocks_kernel<<<E, 1024, 0, stream>>>(counts, blocks, m_sizes.ptr<int32_t>());
   check_launch("sort_scan_blocks_kernel");
-  sort_offsets_kernel<<<1, 32, 0, stream>>>(m_sizes.ptr<const int32_t>(), E, offsets.ptr<int32_t>());
-  check_launch("sort_offsets_kernel");
   sort_scatter_kernel<<<static_cast<unsigned>(blocks), 32, smem, stream>>>(
-      ids.ptr<const int32_t>(), M, E, counts.as<const int32_t>(), blocks, offsets.ptr<const int32_t>(),
+      ids.ptr<const int32_t>(), M, E, counts, blocks, m_sizes.ptr<const int32_t>(), offsets.ptr<int32_t>(),
       gather.ptr<int32_t>());
   check_launch("sort_scatter_kernel");
 }
