@@ -16,9 +16,8 @@ enum class RowMap : uint8_t {
 
 // sort_by_expert's scratch: per-chunk expert counts, a chunk being kSortChunk slots.
 constexpr int64_t kSortChunk = 256;
-inline int64_t sort_scratch_elements(int64_t slots, int64_t num_experts) {
-  return (slots + kSortChunk - 1) / kSortChunk * num_experts;
-}
+inline int64_t sort_chunks(int64_t slots) { return (slots + kSortChunk - 1) / kSortChunk; }
+inline int64_t sort_scratch_elements(int64_t slots, int64_t num_experts) { return sort_chunks(slots) * num_experts; }
 
 struct Routing {
   Tensor expert_offsets;  // [E+1] int32

@@ -64,6 +64,17 @@ void allow_dynamic_smem(size_t bytes) {
   if (cached) done[device].store(true, std::memory_order_release);
 }
 
+// Inclusive prefix sum over the warp's 32 lanes in lane order (every lane must take part).
+template <class V>
+__device__ __forceinline__ V warp_inclusive_sum(V v, int lane) {
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const V o = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += o;
+  }
+  return v;
+}
+
 // True when environment variable `name` is set to `value` (the backend's debugging and tuning switches).
 inline bool env_equals(const char* name, const char* value) {
   const char* v = std::getenv(name);

@@ -107,12 +107,7 @@ __device__ __forceinline__ bool find_group_tile(const DeviceRouting& rt, int64_t
         const int64_t m = rt.offset(e + 1) - rt.offset(e);
         tiles = m > 0 ? (m + kBM - 1) / kBM : 0;
       }
-      int64_t incl = tiles;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int64_t v = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += v;
-      }
+      const int64_t incl = warp_inclusive_sum(tiles, lane);
       const int64_t lo = base + incl - tiles;
       const bool mine = tiles > 0 && tile >= lo && tile < base + incl;
       const unsigned hit = __ballot_sync(0xffffffffu, mine);

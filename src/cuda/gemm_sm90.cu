@@ -377,12 +377,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         int tiles = 0;  // work units: m-tiles, taken kCluster at a time
         if (e < rt.num_experts)
           tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM * kCluster - 1) / (kBM * kCluster));
-        int incl = tiles;
-#pragma unroll
-        for (int d = 1; d < 32; d <<= 1) {
-          const int v = __shfl_up_sync(0xffffffffu, incl, d);
-          if (lane >= d) incl += v;
-        }
+        const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
         running += __shfl_sync(0xffffffffu, incl, 31);
       }

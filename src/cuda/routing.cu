@@ -116,12 +116,7 @@ __global__ void sort_scan_blocks_kernel(int32_t* counts, int64_t blocks, int32_t
   for (int64_t b0 = 0; b0 < blocks; b0 += blockDim.x) {
     const int64_t b = b0 + threadIdx.x;
     const int32_t v = b < blocks ? row[b] : 0;
-    int32_t incl = v;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int32_t o = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += o;
-    }
+    const int32_t incl = warp_inclusive_sum(v, lane);
     if (lane == 31) warp_totals[warp] = incl;
     __syncthreads();
     int32_t before = 0, total = 0;
@@ -147,12 +142,7 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
   for (int e0 = 0; e0 < E; e0 += 32) {
     const int e = e0 + lane;
     const int32_t size = e < E ? m_sizes[e] : 0;
-    int32_t incl = size;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int32_t o = __shfl_up_sync(0xffffffffu, incl, d);
-      if (lane >= d) incl += o;
-    }
+    const int32_t incl = warp_inclusive_sum(size, lane);
     if (e < E) {
       const int32_t first = carry + incl - size;
       next_row[e] = first + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
@@ -231,7 +221,7 @@ void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor
   check_experts("sort_by_expert", E);
   const cudaStream_t stream = stream_of(s);
   const int64_t M = ids.numel();
-  const int64_t blocks = (M + kSortChunk - 1) / kSortChunk;
+  const int64_t blocks = sort_chunks(M);
   if (M == 0) {
     check_cuda(cudaMemsetAsync(m_sizes.data, 0, sizeof(int32_t) * E, stream), "cudaMemsetAsync");
     check_cuda(cudaMemsetAsync(offsets.data, 0, sizeof(int32_t) * (E + 1), stream), "cudaMemsetAsync");
