@@ -36,7 +36,6 @@
 #include <cuda.h>          // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
-#include <type_traits>
 #include <utility>
 
 #include "../activation.hpp"
@@ -47,7 +46,7 @@ namespace fusedmoe::detail::cuda {
 namespace sm90 {
 namespace {
 
-constexpr int kBM = 128;      // output rows per tile: two consumer warpgroups × 64 (ping-pong: 64, one warpgroup)
+constexpr int kBM = 128;      // output rows per tile: two consumer warpgroups × 64
 constexpr int kBK = 64;       // reduction depth per stage: one 128-byte row of 16-bit elements
 constexpr int kThreads = 384;
 constexpr int kPanelBytes = 64 * 128;  // an MN-major panel: 64 reduction rows × 128 bytes
@@ -67,11 +66,10 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 #define FUSEDMOE_SM90_STAGES256 4
 #endif
 
-// BM: 128 (both consumer warpgroups on one tile) or 64 (ping-pong: each consumer on its own tiles).
-template <int BN, int BM = kBM>
+template <int BN>
 struct Config {
-  static constexpr int kStages = BM == 128 ? (BN == 256 ? FUSEDMOE_SM90_STAGES256 : 6) : (BN == 256 ? 5 : 8);
-  static constexpr int kABytes = BM * kBK * 2;
+  static constexpr int kStages = BN == 256 ? FUSEDMOE_SM90_STAGES256 : 6;
+  static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr size_t smem_bytes(int groups) {
@@ -81,8 +79,7 @@ struct Config {
 };
 
 constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
-static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem &&
-                  Config<128, 64>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256, 64>::smem_bytes(kMaxGroups) <= kMaxSmem,
+static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem,
               "the pipeline stages and group tables must fit in shared memory");
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -299,7 +296,7 @@ struct Tile {
 // Work unit t of the persistent loop -> this CTA's tile. nt/nn: a unit is a pair of neighbouring m-tiles of
 // one group (CTA `rank` of the cluster takes m-tile 2·pair + rank; past the group's rows it computes an
 // empty tile, so both CTAs step through the same k-tiles) × an n-tile; s_prefix counts units per group.
-template <GemmKind kKind, int BN, bool kGated, int kCluster, int BM = kBM, class T, class OutT>
+template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t, uint32_t rank) {
   const DeviceRouting& rt = p.routing;
@@ -321,7 +318,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.group = lo;
     m_tile = (mt - s_prefix[lo]) * kCluster + rank;
   }
-  tile.m0 = m_tile * BM;
+  tile.m0 = m_tile * kBM;
   tile.n0 = (t % n_tiles) * tile_width<BN, kGated>();
   tile.row_begin = s_offsets[tile.group];
   tile.rows = s_offsets[tile.group + 1] - tile.row_begin;
@@ -335,18 +332,13 @@ enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
 // b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
-// kPingPong (nt/nn): 64-row tiles, the two consumer warpgroups taking the CTA's tiles in turn, so that one
-// runs its epilogue while the other runs its mainloop (see the consumers).
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster, bool kPingPong = false>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
                      int variant, int tn_tma) {
-  constexpr int BM = kPingPong ? 64 : kBM;  // rows of a tile
-  using Cfg = Config<BN, BM>;
+  using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
-  static_assert(!kPingPong || kKind != GemmKind::tn, "ping-pong tiles are for nt/nn");
-  constexpr int kConsumerWarps = kPingPong ? 4 : 8;  // warps that consume each stage
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
@@ -357,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t stages = smem_u32(smem);
   // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;
-  const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (its consumer warps in each CTA of the cluster)
+  const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
@@ -371,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 128 producer cp.async arrivals and one expect-tx arrival (nt/nn: the weight tile by TMA; tn: the TMA
       // operand's bytes, or none on k-steps that copy both operands with cp.async).
       mbar_init(full_bar + 8 * s, 128 + 1);
-      mbar_init(empty_bar + 8 * s, kConsumerWarps * kCluster);
+      mbar_init(empty_bar + 8 * s, 8 * kCluster);
     }
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -384,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int e = e0 + lane;
         int tiles = 0;  // work units: m-tiles, taken kCluster at a time
         if (e < rt.num_experts)
-          tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + BM * kCluster - 1) / (BM * kCluster));
+          tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM * kCluster - 1) / (kBM * kCluster));
         const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
         running += __shfl_sync(0xffffffffu, incl, 31);
@@ -413,12 +405,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     // A tile's routed rows (nt/nn: A's rows; tn: the first chunk of gather entries) are looked up while
     // the CTA's previous tile is still being copied, so a tile switch waits on no global load.
-    int64_t a_off[BM / 16];                // nt/nn: element offsets of this thread's A rows
+    int64_t a_off[kBM / 16];               // nt/nn: element offsets of this thread's A rows
     int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
     auto lookup_rows = [&](const Tile& tl) {
 #pragma unroll
-      for (int i = 0; i < BM / 16; ++i) {
+      for (int i = 0; i < kBM / 16; ++i) {
         const int64_t m = tl.m0 + tid / 8 + 16 * i;
         a_off[i] = m < tl.rows ? rt.row(p.a_map, tl.row_begin + m) * p.lda : -1;
       }
@@ -432,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster, BM>(p, s_prefix, s_offsets, t, rank);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
@@ -448,11 +440,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       while (global_ns() - start < wait_ns) __nanosleep(500);
     }
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster, BM>(p, s_prefix, s_offsets, t, rank);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       if constexpr (kKind != GemmKind::tn) {
-        int64_t rows_now[BM / 16];
+        int64_t rows_now[kBM / 16];
 #pragma unroll
-        for (int i = 0; i < BM / 16; ++i) rows_now[i] = a_off[i];
+        for (int i = 0; i < kBM / 16; ++i) rows_now[i] = a_off[i];
         first_lookup(t + unit_stride);  // lands while this tile's stages are copied
         const int group = tile.group, n0 = static_cast<int>(tile.n0);
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
@@ -480,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 }
               }
             }
-            if (!(variant & kDiagNoA)) load_k_major<BM>(a_dst, tid, p.A, rows_now, k0, p.K);
+            if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
           });
         }
       } else {
@@ -537,13 +529,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ---- consumers ----
-    // Cooperative: consumer c owns output rows c·64 … +63 of every tile. Ping-pong: consumer c takes the CTA's
-    // tiles c, c+2, … whole (64 rows), the two in turn through named barriers 4 and 5: a consumer starts a
-    // mainloop only after the other has waited on all stages of its previous tile, so its epilogue overlaps
-    // the other's mainloop and the tensor cores stay busy. (The turn also keeps the stage barriers' parity
-    // waits sound: no consumer waits for a stage's fill while the fill before it is still outstanding.)
-    const int consumer = warpgroup - 1;
-    const int row_base = kPingPong ? 0 : consumer * 64;  // the consumer's first row in a tile
+    const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
     const int warp = tid / 32, lane = tid % 32;
     constexpr int kTransA = kKind == GemmKind::tn ? 1 : 0;
     constexpr int kTransB = kKind == GemmKind::nt ? 0 : 1;
@@ -561,26 +547,15 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
-    // Ping-pong: the other consumer's tile goes by; its stages (nt/nn tiles all have the same k-steps) are
-    // skipped in the ring.
-    auto skip_stages = [&](int64_t k_tiles) {
-      const int64_t next = stage + k_tiles;
-      stage = static_cast<int>(next % S);
-      phase ^= static_cast<uint32_t>((next / S) & 1);
-    };
-    const int64_t own_stride = kPingPong ? 2 * unit_stride : unit_stride;
-    const int64_t own_first = kPingPong ? first_unit + consumer * unit_stride : first_unit;
-    if (kPingPong && consumer == 1 && first_unit < total_tiles)
-      skip_stages(decode_tile<kKind, BN, kGated, kCluster, BM>(p, s_prefix, s_offsets, first_unit, rank).k_tiles);
-    for (int64_t t = own_first; t < total_tiles; t += own_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster, BM>(p, s_prefix, s_offsets, t, rank);
+    for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
       float row_scale[2] = {1.f, 1.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t m = tile.m0 + row_base + warp * 16 + lane / 4 + 8 * h;
+        const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
         if constexpr (kKind == GemmKind::tn) {
           if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
         } else if (m < tile.rows) {
@@ -594,8 +569,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       // previous epilogue to this point, which keeps the tile switch from spilling them.
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-      // Every tile but the CTA's first waits for its turn (bar.sync of 256 threads: the other consumer's arrival).
-      if (kPingPong && t != first_unit) asm volatile("bar.sync %0, 256;\n" ::"r"(4 + consumer) : "memory");
       for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
@@ -605,7 +578,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int k16 = 0; k16 < kBK / 16; ++k16) {
           // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
           const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                      : smem_desc(a + row_base * 128 + k16 * 32, 16, 1024);
+                                      : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
           const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
           Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
         }
@@ -614,14 +587,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (kt > 0) release(prev_stage);
         prev_stage = stage;
         if (++stage == S) stage = 0, phase ^= 1;
-      }
-      if constexpr (kPingPong) {
-        // This tile's stages are all waited on: the other consumer may start the next tile, whose stages
-        // this one skips.
-        if (t + unit_stride < total_tiles) {
-          asm volatile("bar.arrive %0, 256;\n" ::"r"(5 - consumer) : "memory");
-          skip_stages(decode_tile<kKind, BN, kGated, kCluster, BM>(p, s_prefix, s_offsets, t + unit_stride, rank).k_tiles);
-        }
       }
       wgmma_wait<0>();
       pin_registers(acc);
@@ -673,9 +638,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       // their output slices there and hand the stage back afterwards. The producer meanwhile fills the
       // other stages with the next tile. (No k-steps, an empty reduction: zeros, stored without staging.)
       using Sl = Slice<OutT>;
-      static_assert(4 * Sl::kBytes <= 64 * 128, "a warpgroup's staging fits its 64 rows of the A tile");
+      static_assert(4 * Sl::kBytes <= (kBM / 2) * 128, "a warpgroup's staging fits its half of the A tile");
       uint8_t* staging = nullptr;
-      if (tile.k_tiles > 0) staging = smem + prev_stage * Cfg::kStageBytes + row_base * 128 + warp * Sl::kBytes;
+      if (tile.k_tiles > 0)
+        staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -792,11 +758,10 @@ bool tn_tma_off() {
 }
 
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster, bool kPingPong = false>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
-  constexpr int BM = kPingPong ? 64 : kBM;
-  using Cfg = Config<BN, BM>;
-  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster, kPingPong>;
+  using Cfg = Config<BN>;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>;
   const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
   cudaLaunchConfig_t config{};
   cudaLaunchAttribute cluster{};
@@ -807,7 +772,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster, kPingPong>>(Cfg::smem_bytes(kMaxGroups));
+  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>>(Cfg::smem_bytes(kMaxGroups));
   // Work units run at once: one per SM, or for pairs the clusters that fit (some SMs may be left over
   // where a GPC's SM count is odd).
   int resident = sms;
@@ -828,7 +793,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   if constexpr (kKind == GemmKind::tn)
     units = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
   else
-    units = ((M_total + BM - 1) / BM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
+    units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
   if (units == 0) return true;
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
   // tn: TMA for an operand read in expert order, the wider one (B) where both are (FUSEDMOE_SM90_TN_TMA=0: none).
@@ -847,25 +812,19 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   return true;
 }
 
-// The instantiation for a runtime tile width (128 or 256), cluster size (1 or 2; tn: 1) and schedule
-// (nt/nn: ping-pong or cooperative).
+// The instantiation for a runtime tile width (128 or 256) and cluster size (1 or 2; tn: 1).
 template <class T, class OutT, GemmKind kKind, bool kGated>
-bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, bool ping_pong, int64_t groups, int64_t M_total,
-                 int sms, cudaStream_t stream) {
+bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t groups, int64_t M_total, int sms,
+                 cudaStream_t stream) {
   if constexpr (kKind == GemmKind::tn) {
     return block_n == 256 ? launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream)
                           : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   } else {
-    auto with = [&](auto bn, auto pp) {
-      return cluster == 2 ? launch<T, OutT, decltype(bn)::value, kKind, kGated, 2, decltype(pp)::value>(p, groups, M_total, sms, stream)
-                          : launch<T, OutT, decltype(bn)::value, kKind, kGated, 1, decltype(pp)::value>(p, groups, M_total, sms, stream);
-    };
-    using W256 = std::integral_constant<int, 256>;
-    using W128 = std::integral_constant<int, 128>;
-    using PP = std::true_type;
-    using Coop = std::false_type;
-    if (block_n == 256) return ping_pong ? with(W256{}, PP{}) : with(W256{}, Coop{});
-    return ping_pong ? with(W128{}, PP{}) : with(W128{}, Coop{});
+    if (block_n == 256)
+      return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                          : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+    return cluster == 2 ? launch<T, OutT, 128, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                        : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   }
 }
 
@@ -901,15 +860,14 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   // m-tile is often empty). FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=2 change the heuristic.
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
   static const bool pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "2");
-  static const bool ping_pong = env_equals("FUSEDMOE_SM90_PINGPONG", "1");
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
   const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
   switch (kind) {
     case GemmKind::nt:
-      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, ping_pong, groups, M_total, sms, stream)
-                              : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, ping_pong, groups, M_total, sms, stream);
-    case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, ping_pong, groups, M_total, sms, stream);
+      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
+                              : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, groups, M_total, sms, stream);
+    case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, groups, M_total, sms, stream);
     case GemmKind::tn:
       if constexpr (sizeof(OutT) == 2) {
         // dW1 (A in expert order, B gathered): computed transposed, Cᵀ = Bᵀ·A, so that the operand read in expert
@@ -918,10 +876,10 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
           Problem<T, OutT> t = p;
           std::swap(t.A, t.B), std::swap(t.lda, t.ldb), std::swap(t.a_map, t.b_map), std::swap(t.M, t.N);
           t.c_transposed = true;
-          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), 1, false, groups, M_total, sms, stream);
+          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), 1, groups, M_total, sms, stream);
         }
       }
-      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, false, groups, M_total, sms, stream);
+      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
   }
   return false;
 }
