@@ -328,18 +328,14 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
 }
 
 // tn: which operand, read in expert order (RowMap::identity), comes by TMA on a group's full k-steps.
-// nt/nn: A comes by TMA (kTmaA) where its rows are read in expert order (GEMM2's act, dX's dY1): a tile's
-// 128 rows are then one box, and rows past the group's end belong to other groups, which only reach output
-// rows the epilogue does not store.
-enum TmaOperand : int { kTmaNone = 0, kTmaA = 1, kTmaB = 2 };
+enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
-// a_tensor / b_tensor: the tensor maps of the operands that come by TMA: nt/nn the weight (B) always and A
-// where tma_operand is kTmaA; tn the operand tma_operand (if any).
+// b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
-    gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap a_tensor,
-                     const __grid_constant__ CUtensorMap b_tensor, int variant, int tma_operand) {
+    gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
+                     int variant, int tn_tma) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
@@ -458,27 +454,25 @@ __global__ void __launch_bounds__(kThreads, 1)
               // The weight tile comes in two halves; in a pair each CTA loads one into both CTAs. The stage is
               // full with all BN rows. (Rows or columns past the group's weight read as zeros or as other rows
               // of the weight: they only reach output columns the epilogue does not store.)
-              const bool a_by_tma = tma_operand == kTmaA;
-              mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes + (a_by_tma ? Cfg::kABytes : 0));
+              mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes);
               const uint32_t bar = full_bar + 8 * stage;
-              if (a_by_tma) tma_load<1>(a_dst, &a_tensor, bar, k0, static_cast<int>(tile.row_begin + tile.m0), 0);
 #pragma unroll
               for (int half = static_cast<int>(rank) * 2 / kCluster; half < (static_cast<int>(rank) + 1) * 2 / kCluster; ++half) {
                 if constexpr (kKind == GemmKind::nt) {
                   // K-major: BN/2 rows. Gated: the gate rows n0… and the up rows I + n0….
                   const int row0 = kGated ? (half == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + half * (BN / 2);
-                  tma_load<kCluster>(b_dst + half * (BN / 2) * 128, &b_tensor, bar, k0, row0, group);
+                  tma_load<kCluster>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
                 } else {
                   // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per half.
 #pragma unroll
                   for (int q = 0; q < BN / 128; ++q) {
                     const int panel = half * (BN / 128) + q;
-                    tma_load<kCluster>(b_dst + panel * kPanelBytes, &b_tensor, bar, n0 + 64 * panel, k0, group);
+                    tma_load<kCluster>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
                   }
                 }
               }
             }
-            if (tma_operand != kTmaA && !(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
+            if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
           });
         }
       } else {
@@ -509,24 +503,23 @@ __global__ void __launch_bounds__(kThreads, 1)
           // A k-step of 64 of the group's rows (not its tail) reads the operand in expert order as one box
           // per 64-column panel by TMA; rows past the group's end (tail k-steps) must read as zeros, which only
           // the cp.async path's zero-fill gives, so the tail copies both operands.
-          const int tma = (kt + 1) * kBK <= tile.rows ? tma_operand : kTmaNone;
+          const int tma = (kt + 1) * kBK <= tile.rows ? tn_tma : kTnTmaNone;
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             if (tid == 0) {
               const uint32_t bar = full_bar + 8 * stage;
-              const int panels = tma == kTmaA ? kBM / 64 : tma == kTmaB ? BN / 64 : 0;
+              const int panels = tma == kTnTmaA ? kBM / 64 : tma == kTnTmaB ? BN / 64 : 0;
               mbar_arrive_expect_tx(bar, panels * kPanelBytes);
-              const int col0 = static_cast<int>(tma == kTmaA ? tile.m0 : tile.n0);
+              const int col0 = static_cast<int>(tma == kTnTmaA ? tile.m0 : tile.n0);
               const int row0 = static_cast<int>(tile.row_begin + kt * kBK);
               for (int q = 0; q < panels; ++q)
-                tma_load<1>(tma == kTmaA ? a_dst + q * kPanelBytes : b_dst + q * kPanelBytes,
-                            tma == kTmaA ? &a_tensor : &b_tensor, bar, col0 + 64 * q, row0, 0);
+                tma_load<1>((tma == kTnTmaA ? a_dst : b_dst) + q * kPanelBytes, &b_map, bar, col0 + 64 * q, row0, 0);
             }
             int64_t off[kMnRowsPerThread];
-            if (tma != kTmaA) {
+            if (tma != kTnTmaA) {
               offsets(0, off);
               if (!(variant & kDiagNoA)) load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
             }
-            if (tma != kTmaB) {
+            if (tma != kTnTmaB) {
               offsets(1, off);
               load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
             }
@@ -748,26 +741,19 @@ CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t 
   return encode_tensor_map(p.B, dims, strides, box, "sm90 gemm weight");
 }
 
-// An operand read in expert order as a tensor (columns, routed rows, 1: three dimensions, as the kernel's one
-// TMA load instruction takes), boxes of 64 columns × box_rows: tn one 64-row MN-major panel, nt/nn a whole
-// K-major A tile.
+// tn: the operand read in expert order as a tensor (columns, routed rows, 1: three dimensions, as the kernel's
+// one TMA load instruction takes), boxes of one 64-row × 64-column panel (the MN-major layout).
 template <class T>
-CUtensorMap routed_rows_tensor_map(const T* base, int64_t cols, int64_t ld, int64_t rows, int box_rows) {
+CUtensorMap routed_rows_tensor_map(const T* base, int64_t cols, int64_t ld, int64_t rows) {
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows), 1};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(ld) * sizeof(T), static_cast<cuuint64_t>(ld * rows) * sizeof(T)};
-  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1};
-  return encode_tensor_map(base, dims, strides, box, "sm90 gemm routed rows");
+  const cuuint32_t box[3] = {64, 64, 1};
+  return encode_tensor_map(base, dims, strides, box, "sm90 gemm dW operand");
 }
 
 // FUSEDMOE_SM90_TN_TMA=0: the dW GEMMs copy both operands with cp.async (and compute dW1 untransposed).
 bool tn_tma_off() {
   static const bool off = env_equals("FUSEDMOE_SM90_TN_TMA", "0");
-  return off;
-}
-
-// FUSEDMOE_SM90_A_TMA=0: the nt/nn GEMMs copy A with cp.async also where its rows are read in expert order.
-bool a_tma_off() {
-  static const bool off = env_equals("FUSEDMOE_SM90_A_TMA", "0");
   return off;
 }
 
@@ -810,28 +796,19 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
     units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
   if (units == 0) return true;
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
+  // tn: TMA for an operand read in expert order, the wider one (B) where both are (FUSEDMOE_SM90_TN_TMA=0: none).
+  int tn_tma = kTnTmaNone;
+  if (kKind == GemmKind::tn && !tn_tma_off())
+    tn_tma = p.b_map == RowMap::identity ? kTnTmaB : p.a_map == RowMap::identity ? kTnTmaA : kTnTmaNone;
+  CUtensorMap b_map{};
+  if constexpr (kKind != GemmKind::tn) b_map = weight_tensor_map(p, kKind, groups, BN);
+  else if (tn_tma == kTnTmaA) b_map = routed_rows_tensor_map(p.A, p.M, p.lda, M_total);
+  else if (tn_tma == kTnTmaB) b_map = routed_rows_tensor_map(p.B, p.N, p.ldb, M_total);
   static const int variant = [] {
     const char* v = std::getenv("FUSEDMOE_SM90_VARIANT");
     return v ? std::atoi(v) : 0;
   }();
-  // TMA for an operand read in expert order: tn the wider one (B) where both are (FUSEDMOE_SM90_TN_TMA=0: none);
-  // nt/nn A (FUSEDMOE_SM90_A_TMA=0: none), whose rows a TMA coordinate (int32) must reach.
-  int tma_operand = kTmaNone;
-  if (kKind == GemmKind::tn && !tn_tma_off())
-    tma_operand = p.b_map == RowMap::identity ? kTmaB : p.a_map == RowMap::identity ? kTmaA : kTmaNone;
-  if (kKind != GemmKind::tn && p.a_map == RowMap::identity && !a_tma_off() && M_total < (int64_t{1} << 31) &&
-      !(variant & kDiagNoA))
-    tma_operand = kTmaA;
-  CUtensorMap a_tensor{}, b_tensor{};
-  if constexpr (kKind != GemmKind::tn) {
-    b_tensor = weight_tensor_map(p, kKind, groups, BN);
-    if (tma_operand == kTmaA) a_tensor = routed_rows_tensor_map(p.A, p.K, p.lda, M_total, kBM);
-  } else if (tma_operand == kTmaA) {
-    a_tensor = routed_rows_tensor_map(p.A, p.M, p.lda, M_total, 64);
-  } else if (tma_operand == kTmaB) {
-    b_tensor = routed_rows_tensor_map(p.B, p.N, p.ldb, M_total, 64);
-  }
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, a_tensor, b_tensor, variant, tma_operand), "gemm_sm90_kernel");
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, variant, tn_tma), "gemm_sm90_kernel");
   return true;
 }
 
