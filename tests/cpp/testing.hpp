@@ -117,6 +117,16 @@ inline double rel_err(const std::vector<double>& a, const std::vector<double>& b
   return std::sqrt(num / den);
 }
 
+// ‖a − b‖ / ‖scale‖: the error against the size of the terms that produced b, where b itself may cancel.
+inline double err_against(const std::vector<double>& a, const std::vector<double>& b, const std::vector<double>& scale) {
+  const double ab = rel_err(a, b);  // NaN and size checks
+  if (std::isnan(ab) || std::isinf(ab)) return ab;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += scale[i] * scale[i];
+  if (den == 0) return num == 0 ? 0 : INFINITY;
+  return std::sqrt(num / den);
+}
+
 inline double tolerance(DType dt) {
   switch (dt) {
     case DType::f64: return 1e-12;
@@ -203,20 +213,25 @@ inline RefForward ref_forward(const RefProblem& p, const RefRouting& r) {
   return f;
 }
 
-struct RefGrads { std::vector<double> dx, dgate, dw1, dw2; };
+// dgate_terms: dgate with every term taken by magnitude (the weight gradients' dot products ⟨dout, y2⟩, the
+// renormalisation and the softmax backward p·(dp − Σ p·dp)): the scale of the rounding errors in dgate, which
+// cancellation can make far larger than dgate itself.
+struct RefGrads { std::vector<double> dx, dgate, dw1, dw2, dgate_terms; };
 
 inline RefGrads ref_backward(const RefProblem& p, const RefRouting& r, const RefForward& f,
                              const std::vector<double>& dout) {
   const int64_t T = p.T, H = p.H, I = p.I, E = p.E, k = p.k;
   RefGrads gr;
   gr.dx.assign(T * H, 0), gr.dgate.assign(E * H, 0), gr.dw1.assign(E * 2 * I * H, 0), gr.dw2.assign(E * H * I, 0);
-  std::vector<double> dlogits(T * E, 0);
+  gr.dgate_terms.assign(E * H, 0);
+  std::vector<double> dlogits(T * E, 0), dlogit_terms(T * E, 0);
   for (int64_t t = 0; t < T; ++t) {
-    std::vector<double> dw(k, 0);
+    std::vector<double> dw(k, 0), dw_terms(k, 0);
     for (int64_t j = 0; j < k; ++j) {
       const int64_t s = t * k + j, e = r.ids[s];
       const double w = r.weights[s];
-      for (int64_t h = 0; h < H; ++h) dw[j] += dout[t * H + h] * f.y2[s][h];
+      for (int64_t h = 0; h < H; ++h)
+        dw[j] += dout[t * H + h] * f.y2[s][h], dw_terms[j] += std::abs(dout[t * H + h] * f.y2[s][h]);
       std::vector<double> da(I, 0);
       for (int64_t c = 0; c < I; ++c) {
         const double a = f.g[s][c] * sigmoid(f.g[s][c]) * f.u[s][c];
@@ -236,19 +251,26 @@ inline RefGrads ref_backward(const RefProblem& p, const RefRouting& r, const Ref
       }
     }
     // Router: back through renormalisation and softmax.
-    std::vector<double> dp(E, 0);
-    double s = 0, dot = 0;
+    std::vector<double> dp(E, 0), dp_terms(E, 0);
+    double s = 0, dot = 0, dot_terms = 0;
     for (int64_t j = 0; j < k; ++j) s += r.probs[t * E + r.ids[t * k + j]];
-    for (int64_t j = 0; j < k; ++j) dot += dw[j] * r.weights[t * k + j];
-    for (int64_t j = 0; j < k; ++j) dp[r.ids[t * k + j]] = p.norm ? (dw[j] - dot) / s : dw[j];
-    double pdp = 0;
-    for (int64_t e = 0; e < E; ++e) pdp += r.probs[t * E + e] * dp[e];
-    for (int64_t e = 0; e < E; ++e) dlogits[t * E + e] = r.probs[t * E + e] * (dp[e] - pdp);
+    for (int64_t j = 0; j < k; ++j) dot += dw[j] * r.weights[t * k + j], dot_terms += dw_terms[j] * r.weights[t * k + j];
+    for (int64_t j = 0; j < k; ++j) {
+      dp[r.ids[t * k + j]] = p.norm ? (dw[j] - dot) / s : dw[j];
+      dp_terms[r.ids[t * k + j]] = p.norm ? (dw_terms[j] + dot_terms) / s : dw_terms[j];
+    }
+    double pdp = 0, pdp_terms = 0;
+    for (int64_t e = 0; e < E; ++e) pdp += r.probs[t * E + e] * dp[e], pdp_terms += r.probs[t * E + e] * dp_terms[e];
+    for (int64_t e = 0; e < E; ++e) {
+      dlogits[t * E + e] = r.probs[t * E + e] * (dp[e] - pdp);
+      dlogit_terms[t * E + e] = r.probs[t * E + e] * (dp_terms[e] + pdp_terms);
+    }
   }
   for (int64_t t = 0; t < T; ++t)
     for (int64_t e = 0; e < E; ++e)
       for (int64_t h = 0; h < H; ++h) {
         gr.dgate[e * H + h] += dlogits[t * E + e] * p.x[t * H + h];
+        gr.dgate_terms[e * H + h] += dlogit_terms[t * E + e] * std::abs(p.x[t * H + h]);
         gr.dx[t * H + h] += dlogits[t * E + e] * p.gate[e * H + h];
       }
   return gr;
@@ -423,12 +445,12 @@ inline void expect_block_matches_reference(const BlockTensors& b, const HostTens
   const RefForward f = ref_forward(p, r);
   EXPECT_CLOSE(res.out.values(), f.out, tolerance(c.dtype));
   const RefGrads g = ref_backward(p, r, f, dout.values());
-  // Router gradients pass through the softmax Jacobian with cancellation: a looser bound in 16-bit. (Both
-  // backends reach 2.2% on some draws of OneExpert, whose positive x and one dominant expert cancel most:
-  // --gtest_repeat=15 showed it on the CPU oracle and on the GPU alike, so the bound is 3%.)
-  const double router_tol = (c.dtype == DType::bf16 || c.dtype == DType::f16) ? 3e-2 : tolerance(c.dtype) * 10;
+  // Router gradients pass through the softmax Jacobian, whose terms cancel (most with one token, or one
+  // dominant expert and positive x): dgate's error is judged against the size of those terms. Judged against
+  // dgate itself, 16-bit draws of T=1 reached 4% on the CPU oracle and on the GPU alike (3 in 400).
   EXPECT_CLOSE(res.dx.values(), g.dx, tolerance(c.dtype));
-  EXPECT_CLOSE(res.dgate.values(), g.dgate, router_tol);
+  EXPECT_LE(::fmt::err_against(res.dgate.values(), g.dgate, g.dgate_terms), tolerance(c.dtype))
+      << "dgate: error against the size of its softmax-backward terms";
   EXPECT_CLOSE(res.dw1.values(), g.dw1, tolerance(c.dtype));
   EXPECT_CLOSE(res.dw2.values(), g.dw2, tolerance(c.dtype));
 }
