@@ -214,16 +214,36 @@ __device__ __forceinline__ void load_mn_major(uint32_t dst, int tid, const T* ba
 
 // The epilogue writes through shared memory so that global stores are whole 128-byte rows: a warp stages an
 // 8-row × 128-byte slice of its accumulator fragment (rows lane/4, column pairs (lane%4)·2 of each 8-column
-// group), then each lane stores 16 bytes of it, four full rows per instruction. Storing the fragment
-// directly gave 4-byte stores touching 8 rows each, four times the store instructions and L2 requests.
-// The row pitch is padded (16 bytes for 16-bit outputs, 32 for float) so the fragment writes hit 32
-// distinct banks.
+// group; 16-bit outputs by stmatrix), then each lane stores 16 bytes of it, four full rows per instruction.
+// Storing the fragment directly gave 4-byte stores touching 8 rows each, four times the store instructions
+// and L2 requests. The row pitch is padded (16 bytes for 16-bit outputs, 32 for float) so the staging
+// writes hit 32 distinct banks.
 template <class OutT>
 struct Slice {
   static constexpr int kCols = 128 / static_cast<int>(sizeof(OutT));  // output columns per slice
   static constexpr int kPitch = 128 + (sizeof(OutT) == 2 ? 16 : 32);
   static constexpr int kBytes = 8 * kPitch;                            // one warp's staging area
 };
+
+// Four 8 × 8 matrices of 16-bit values into shared memory, each lane holding one row pair (row lane/4, columns
+// (lane%4)·2, +1: the mma fragment layout) of each; lane t gives the address of row t%8 of matrix t/8, 16
+// contiguous bytes. kTrans stores each matrix transposed (its column i becomes the row at lane i's address).
+// One instruction per lane for 8 values, against one 4-byte (or with kTrans 2-byte) store per 2 (or 1).
+template <bool kTrans>
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  if constexpr (kTrans)
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3) : "memory");
+  else
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3) : "memory");
+}
+
+template <class OutT>
+__device__ __forceinline__ uint32_t pack2(float x, float y) {
+  OutT pair[2] = {from_f32<OutT>(x), from_f32<OutT>(y)};
+  return *reinterpret_cast<const uint32_t*>(pair);
+}
 
 template <class OutT>
 __device__ __forceinline__ uint4 add_vec16(uint4 a, uint4 b) {
@@ -242,16 +262,23 @@ __device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Valu
                                             int64_t col0, int64_t cols, bool accumulate) {
   using S = Slice<OutT>;
   if (stage != nullptr) {
-    uint8_t* row = stage + (lane / 4) * S::kPitch + (lane % 4) * 2 * sizeof(OutT);
+    if constexpr (sizeof(OutT) == 2) {
+      // The slice's 8 column groups are 8 matrices of 8 rows × 16 bytes: two stmatrix.x4 per lane.
+      const uint32_t row = smem_u32(stage) + (lane % 8) * S::kPitch;
 #pragma unroll
-    for (int jj = 0; jj < S::kCols / 8; ++jj) {
-      const float2 v = value(jj);
-      if constexpr (std::is_same_v<OutT, float>) {
-        *reinterpret_cast<float2*>(row + jj * 8 * sizeof(OutT)) = v;
-      } else {
-        OutT pair[2] = {from_f32<OutT>(v.x), from_f32<OutT>(v.y)};
-        *reinterpret_cast<uint32_t*>(row + jj * 8 * sizeof(OutT)) = *reinterpret_cast<const uint32_t*>(pair);
+      for (int half = 0; half < 2; ++half) {
+        uint32_t r[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 v = value(half * 4 + i);
+          r[i] = pack2<OutT>(v.x, v.y);
+        }
+        stmatrix_x4<false>(row + (half * 4 + lane / 8) * 16, r[0], r[1], r[2], r[3]);
       }
+    } else {
+      float* row = reinterpret_cast<float*>(stage + (lane / 4) * S::kPitch) + (lane % 4) * 2;
+#pragma unroll
+      for (int jj = 0; jj < S::kCols / 8; ++jj) *reinterpret_cast<float2*>(row + jj * 8) = value(jj);
     }
     __syncwarp();
   } else if (accumulate) {
@@ -598,7 +625,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (p.c_transposed) {
           // C[e] holds the tile transposed: output row n is 64 of this warpgroup's m values. Per 64-column
           // slice the warpgroup writes its accumulators transposed into its dead A panel (64 n-rows of 128
-          // bytes; 16-byte chunk c of row n at c ^ (n mod 8), so a warp's 2-byte writes hit distinct words),
+          // bytes; 16-byte chunk c of row n at c ^ (n mod 8), so a stmatrix's eight rows hit distinct banks),
           // then stores whole 128-byte rows. Named barrier 2 + consumer: this warpgroup only.
           uint8_t* block = tile.k_tiles > 0 ? smem + prev_stage * Cfg::kStageBytes + consumer * kPanelBytes : nullptr;
           const int64_t m_base = tile.m0 + consumer * 64;
@@ -607,16 +634,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int q = 0; q < BN / 64; ++q) {
             if (block != nullptr) {
               asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");  // the previous slice is read
+              // The warp's 16 m × 64 n are 16 matrices of 8 × 8 (column group j8, row half h), stored transposed:
+              // matrix (j8, h) becomes n-rows j8·8 … +7, each 16 bytes of m = 16·warp + 8·h …, chunk 2·warp + h.
 #pragma unroll
-              for (int j8 = 0; j8 < 8; ++j8)
+              for (int j2 = 0; j2 < 4; ++j2) {
+                uint32_t r[4];
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
-#pragma unroll
-                  for (int e = 0; e < 2; ++e) {
-                    const int m = warp * 16 + lane / 4 + 8 * h, n = j8 * 8 + 2 * (lane % 4) + e;
-                    *reinterpret_cast<OutT*>(block + n * 128 + (((m / 8) ^ (n % 8)) << 4) + (m % 8) * 2) =
-                        from_f32<OutT>(acc[(q * 8 + j8) * 4 + h * 2 + e]);
-                  }
+                for (int i = 0; i < 4; ++i) {
+                  const int j8 = 2 * j2 + i / 2, h = i % 2, a = (q * 8 + j8) * 4 + h * 2;
+                  r[i] = pack2<OutT>(acc[a], acc[a + 1]);
+                }
+                const int mi = lane / 8, n = (2 * j2 + mi / 2) * 8 + lane % 8, chunk = 2 * warp + mi % 2;
+                stmatrix_x4<true>(smem_u32(block) + n * 128 + ((chunk ^ (n % 8)) << 4), r[0], r[1], r[2], r[3]);
+              }
               asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");  // the slice is staged
             }
 #pragma unroll
