@@ -51,17 +51,15 @@ constexpr int kBK = 64;       // reduction depth per stage: one 128-byte row of 
 constexpr int kThreads = 384;
 constexpr int kPanelBytes = 64 * 128;  // an MN-major panel: 64 reduction rows × 128 bytes
 constexpr int kMaxGroups = 1024;       // per-group tables (m-tile prefix, offsets) live in shared memory
-// A consumer's epilogue staging: tn transposed 64 n-rows × 128 bytes, else its four warps' slices (< 8 KB).
-constexpr int kEpilogueBytes = 64 * 128;
 // tn: the producer stages the row offsets of the next kChunkStages k-steps in shared memory, a chunk at a
 // time (double-buffered; the gather entries are fetched a chunk ahead), so a k-step neither waits on a
 // lookup nor recomputes row addresses.
-constexpr int kChunkStages = 4;
+constexpr int kChunkStages = 8;
 constexpr int kSlotChunk = kChunkStages * kBK;
 // Kernel variants for A/B measurements (FUSEDMOE_SM90_VARIANT, a bit set): two diagnostics that compute wrong
 // results on purpose (no epilogue stores; no A-operand loads) to show what each costs, and the CTA start
 // stagger switched off.
-constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8, kStageEpilogue = 16;
+constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -76,8 +74,7 @@ struct Config {
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr size_t smem_bytes(int groups) {
     return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 4 * kSlotChunk * 8 +
-           2 * (groups + 1) * 4 +  // s_row_off, s_prefix and s_offsets
-           16 + 2 * kEpilogueBytes;  // each consumer's epilogue staging (16-byte aligned)
+           2 * (groups + 1) * 4;  // s_row_off, s_prefix and s_offsets
   }
 };
 
@@ -384,8 +381,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
-  // The consumers' epilogue staging, after the group tables (16-byte aligned).
-  uint8_t* s_epilogue = smem + ((reinterpret_cast<uint8_t*>(s_offsets + p.routing.num_experts + 1) - smem + 15) & ~15);
   const DeviceRouting& rt = p.routing;
   // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
   for (int e = threadIdx.x; e <= rt.num_experts; e += blockDim.x) s_offsets[e] = static_cast<int32_t>(rt.offset(e));
@@ -622,12 +617,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_wait<0>();
       pin_registers(acc);
-      // The epilogue stages through this consumer's own buffer, so the last stage goes back now and the producer
-      // fills every stage for the next tile meanwhile (kStageEpilogue: through the dead stage, released after).
-      const bool stage_epilogue = variant & kStageEpilogue;
-      if (tile.k_tiles > 0 && !stage_epilogue) release(prev_stage);
       if (variant & kDiagNoStore) {
-        if (tile.k_tiles > 0 && stage_epilogue) release(prev_stage);
+        if (tile.k_tiles > 0) release(prev_stage);
         continue;
       }
       if constexpr (kKind == GemmKind::tn && sizeof(OutT) == 2) {
@@ -636,9 +627,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // slice the warpgroup writes its accumulators transposed into its dead A panel (64 n-rows of 128
           // bytes; 16-byte chunk c of row n at c ^ (n mod 8), so a stmatrix's eight rows hit distinct banks),
           // then stores whole 128-byte rows. Named barrier 2 + consumer: this warpgroup only.
-          uint8_t* block = tile.k_tiles == 0 ? nullptr
-                           : stage_epilogue ? smem + prev_stage * Cfg::kStageBytes + consumer * kPanelBytes
-                                            : s_epilogue + consumer * kEpilogueBytes;
+          uint8_t* block = tile.k_tiles > 0 ? smem + prev_stage * Cfg::kStageBytes + consumer * kPanelBytes : nullptr;
           const int64_t m_base = tile.m0 + consumer * 64;
           OutT* c_group = p.C + tile.group * p.c_group_stride;
 #pragma unroll
@@ -671,7 +660,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
           }
-          if (tile.k_tiles > 0 && stage_epilogue) release(prev_stage);
+          if (tile.k_tiles > 0) release(prev_stage);
           continue;
         }
       }
@@ -681,10 +670,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       using Sl = Slice<OutT>;
       static_assert(4 * Sl::kBytes <= (kBM / 2) * 128, "a warpgroup's staging fits its half of the A tile");
       uint8_t* staging = nullptr;
-      static_assert(4 * Sl::kBytes <= kEpilogueBytes, "a warpgroup's staging fits its epilogue buffer");
       if (tile.k_tiles > 0)
-        staging = (stage_epilogue ? smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128
-                                  : s_epilogue + consumer * kEpilogueBytes) + warp * Sl::kBytes;
+        staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -719,7 +706,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      if (tile.k_tiles > 0 && stage_epilogue) release(prev_stage);
+      if (tile.k_tiles > 0) release(prev_stage);
     }
   }
   // The peer still arrives on this CTA's barriers until its last stage is released: neither CTA may exit first.
