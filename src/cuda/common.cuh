@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <string>
 
 #include "../backend.hpp"
@@ -24,6 +25,10 @@ inline void check_launch(const char* kernel) { check_cuda(cudaGetLastError(), ke
 inline cudaStream_t stream_of(Stream s) { return static_cast<cudaStream_t>(s.handle); }
 
 inline unsigned blocks_for(int64_t n, int per_block) { return static_cast<unsigned>((n + per_block - 1) / per_block); }
+
+// Per-device caches (device info, shared-memory opt-ins, scratch pools) cover device ordinals below this;
+// higher ones still work, uncached.
+constexpr int kCachedDevices = 64;
 
 // The current device's SM count and whether it is sm_90 (the wgmma kernels' target), queried once per device.
 struct DeviceInfo {
@@ -42,10 +47,10 @@ inline DeviceInfo current_device_info() {
     info.sm90 = major == 9 && minor == 0;
     return info;
   };
-  constexpr int kCached = 64;
-  static DeviceInfo cached[kCached];
-  if (device < 0 || device >= kCached) return query();
-  if (cached[device].sms == 0) cached[device] = query();
+  static DeviceInfo cached[kCachedDevices];
+  static std::once_flag queried[kCachedDevices];
+  if (device < 0 || device >= kCachedDevices) return query();
+  std::call_once(queried[device], [&] { cached[device] = query(); });
   return cached[device];
 }
 
@@ -53,11 +58,10 @@ inline DeviceInfo current_device_info() {
 // costs microseconds of host time, which sat in front of short kernels when it ran on every launch.
 template <auto kKernel>
 void allow_dynamic_smem(size_t bytes) {
-  constexpr int kDevices = 64;
-  static std::atomic<bool> done[kDevices] = {};
+  static std::atomic<bool> done[kCachedDevices] = {};
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  const bool cached = device >= 0 && device < kDevices;
+  const bool cached = device >= 0 && device < kCachedDevices;
   if (cached && done[device].load(std::memory_order_acquire)) return;
   check_cuda(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "cudaFuncSetAttribute");

@@ -8,9 +8,8 @@ namespace fusedmoe {
 namespace detail::cuda {
 namespace {
 
-constexpr int kMaxDevices = 64;
 std::mutex pools_mutex;
-cudaMemPool_t pools[kMaxDevices] = {};
+cudaMemPool_t pools[kCachedDevices] = {};
 
 cudaMemPool_t pool_of(int device) {
   std::lock_guard<std::mutex> lock(pools_mutex);
@@ -38,7 +37,7 @@ void* scratch_alloc(size_t bytes, cudaStream_t stream) {
   check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (capture != cudaStreamCaptureStatusNone || device < 0 || device >= kMaxDevices) {
+  if (capture != cudaStreamCaptureStatusNone || device < 0 || device >= kCachedDevices) {
     check_cuda(cudaMallocAsync(&ptr, bytes, stream), "cudaMallocAsync (scratch)");
   } else {
     check_cuda(cudaMallocFromPoolAsync(&ptr, bytes, pool_of(device), stream), "cudaMallocFromPoolAsync (scratch)");
