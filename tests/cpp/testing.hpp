@@ -104,28 +104,21 @@ inline std::vector<double> values_of(const Tensor& t) {
   return view.values();
 }
 
-// ‖a − b‖ / ‖b‖ (NaN anywhere gives NaN, which fails every comparison).
-inline double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
+// ‖a − b‖ / ‖scale‖ (NaN anywhere gives NaN, which fails every comparison): with scale = b the relative
+// error; with the size of the terms that produced b, the error where b itself may cancel.
+inline double err_against(const std::vector<double>& a, const std::vector<double>& b, const std::vector<double>& scale) {
   double num = 0, den = 0;
-  if (a.size() != b.size()) return INFINITY;
+  if (a.size() != b.size() || scale.size() != b.size()) return INFINITY;
   for (size_t i = 0; i < a.size(); ++i) {
     if (std::isnan(a[i]) || std::isnan(b[i])) return NAN;
     num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
+    den += scale[i] * scale[i];
   }
   if (den == 0) return num == 0 ? 0 : INFINITY;
   return std::sqrt(num / den);
 }
 
-// ‖a − b‖ / ‖scale‖: the error against the size of the terms that produced b, where b itself may cancel.
-inline double err_against(const std::vector<double>& a, const std::vector<double>& b, const std::vector<double>& scale) {
-  const double ab = rel_err(a, b);  // NaN and size checks
-  if (std::isnan(ab) || std::isinf(ab)) return ab;
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) num += (a[i] - b[i]) * (a[i] - b[i]), den += scale[i] * scale[i];
-  if (den == 0) return num == 0 ? 0 : INFINITY;
-  return std::sqrt(num / den);
-}
+inline double rel_err(const std::vector<double>& a, const std::vector<double>& b) { return err_against(a, b, b); }
 
 inline double tolerance(DType dt) {
   switch (dt) {
