@@ -7,7 +7,10 @@ the two (the GPU waiting for launches) shows. --fwdbwd times forward+backward st
 block's forward and backward also record CUDA events where they start and end, which shows without a
 profiler's overhead where in a synchronised step the GPU waits for the host.
 --launches lists the profiled step's host-side CUDA calls next to the kernels' GPU times.
-    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [--launches] [T ...]"""
+--marks prints, for synchronised steps as the bench times them and for back-to-back ones, the host clock at
+marks inside the block's Python path (its forward, the ops' config, allocations, DLPack conversion and the
+extension call) and the GPU-side time at which the stream reaches the first extension call.
+    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [--launches] [--marks] [T ...]"""
 import cProfile
 import pstats
 import statistics
@@ -160,6 +163,73 @@ class Timeline:
         return ", ".join(f"{n} {g:.3f} (host {h:.3f})" for n, g, h in zip(names, gpu, host))
 
 
+class HostMarks:
+    """Host-clock marks inside the block's Python path (patched in): where a step's host time goes before the
+    extension launches its kernels, for steps after a synchronisation (as the bench runs them) and back to back."""
+
+    def __init__(self, block):
+        self.t, self.event = [], None
+        ops = fusedmoe._ops
+        for name in ("_config", "_forward_outputs", "_backward_outputs", "_scratch"):
+            setattr(ops, name, self.wrapped(getattr(ops, name), name))
+        block.forward = self.wrapped(block.forward, "block.forward")
+        block.kernels_for = self.wrapped(block.kernels_for, "kernels_for")
+        ext, marks = ops._ext, self
+
+        class Ext:
+            def __getattr__(self, name):
+                fn = getattr(fusedmoe._C, name)
+
+                def call(*args):
+                    marks.mark(f"{name}: dlpack")
+                    caps = [torch.utils.dlpack.to_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args]
+                    if marks.event is None:
+                        marks.event = torch.cuda.Event(enable_timing=True)
+                        marks.event.record()
+                    marks.mark(f"{name}: C++ call")
+                    out = fn(*caps)
+                    marks.mark(f"{name}: C++ returned")
+                    return out
+                return call
+        ops._ext = Ext()
+
+    def wrapped(self, fn, name):
+        def call(*args, **kw):
+            self.mark(name + " >")
+            out = fn(*args, **kw)
+            self.mark(name + " <")
+            return out
+        return call
+
+    def mark(self, name):
+        self.t.append((name, time.perf_counter()))
+
+    def measure(self, step, synchronised, n=30):
+        rows, gpu = [], []
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        for _ in range(n):
+            start = torch.cuda.Event(enable_timing=True)
+            self.t, self.event = [], None
+            start.record()
+            t0 = time.perf_counter()
+            step()
+            self.mark("step returned")
+            if synchronised:
+                torch.cuda.synchronize()
+                gpu.append(start.elapsed_time(self.event) * 1e3)
+            rows.append([(name, (t - t0) * 1e6) for name, t in self.t])
+        if not synchronised:
+            torch.cuda.synchronize()
+        names = [name for name, _ in rows[0]]
+        med = [statistics.median(r[i][1] for r in rows) for i in range(len(names))]
+        lines = [f"    {m:8.1f} µs  {name}" for name, m in zip(names, med)]
+        if gpu:
+            lines.append(f"    GPU reaches the first extension call {statistics.median(gpu):.1f} µs after the step's start")
+        return "\n".join(lines)
+
+
 def cprofile(step):
     for _ in range(5):
         step()
@@ -176,7 +246,7 @@ def cprofile(step):
 def main():
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("--")}
-    unknown = flags - {"--cprofile", "--fwdbwd", "--grouped-mm", "--launches"}
+    unknown = flags - {"--cprofile", "--fwdbwd", "--grouped-mm", "--launches", "--marks"}
     if unknown:
         sys.exit(f"unknown option(s) {sorted(unknown)}; usage: {__doc__.splitlines()[-1].strip()}")
     Ts = [int(a) for a in args if not a.startswith("--")] or [2048, 16384]
@@ -184,13 +254,22 @@ def main():
     dev, dt = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
     impls, shape = make_impls(dev, dt, gen, False, "--grouped-mm" in flags)
-    timeline = Timeline() if backward else None
+    timeline = Timeline() if backward and "--marks" not in flags else None
+    marks = None
     for T in Ts[:1] if "--cprofile" in flags else Ts:
         x = torch.randn(T, shape.H, device=dev, dtype=dt, generator=gen)
         for name, fn in impls.items():
             step = step_of(fn, x, backward)
             if "--cprofile" in flags:
                 cprofile(step)
+                continue
+            if "--marks" in flags:
+                if name == "fusedmoe":
+                    marks = marks or HostMarks(fn.block)
+                    for synced in (True, False):
+                        print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'} host marks (median µs from the step's "
+                              f"start), {'synchronised steps' if synced else 'back to back'}:")
+                        print(marks.measure(step, synced))
                 continue
             host, events, busy, span, per_name, gaps, prof = timings(step)
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "

@@ -36,6 +36,13 @@ DType dtype_of(const nb::dlpack::dtype& d, const char* name) {
               ", " + std::to_string(d.bits) + " bits)");
 }
 
+Device device_of(const Array& a, const char* name) {
+  if (a.device_type() == nb::device::cpu::value) return Device::cpu();
+  if (a.device_type() == nb::device::cuda::value) return Device::cuda(a.device_id());
+  throw Error(std::string("argument '") + name + "' is on an unsupported device type " +
+              std::to_string(a.device_type()));
+}
+
 Tensor view(const Array& a, const char* name) {
   if (a.ndim() > static_cast<size_t>(kMaxDims))
     throw Error(std::string("argument '") + name + "' has " + std::to_string(a.ndim()) + " dimensions; at most 4");
@@ -47,13 +54,7 @@ Tensor view(const Array& a, const char* name) {
     t.shape[d] = static_cast<int64_t>(a.shape(d));
     t.strides[d] = static_cast<int64_t>(a.stride(d));
   }
-  if (a.device_type() == nb::device::cpu::value)
-    t.device = Device::cpu();
-  else if (a.device_type() == nb::device::cuda::value)
-    t.device = Device::cuda(a.device_id());
-  else
-    throw Error(std::string("argument '") + name + "' is on an unsupported device type " +
-                std::to_string(a.device_type()));
+  t.device = device_of(a, name);
   return t;
 }
 Tensor view(const OptArray& a, const char* name) { return a ? view(*a, name) : Tensor{}; }
@@ -86,6 +87,18 @@ MoeSaved saved_of(const OptArray& topk_weights, const OptArray& topk_ids, const 
   s.gate_up_out = view(y1, "gate_up_out");
   return s;
 }
+
+// The saved state as one uint8 buffer (Python's eager path: one allocation and one argument in place of six),
+// carved by moe_saved_views after 256-byte alignment. `extra` bytes after it: the forward's workspace where
+// the caller passes none of its own (a call that keeps no state for backward: one allocation for both).
+MoeSaved saved_in(const MoeConfig& c, int64_t T, const Array& buf, size_t extra, void** after) {
+  const size_t bytes = moe_saved_bytes(c, T);
+  void* base = aligned_region(buf, bytes + extra, "saved");
+  if (after != nullptr) *after = static_cast<char*>(base) + bytes;
+  return moe_saved_views(c, T, base, device_of(buf, "saved"));
+}
+
+int64_t tokens_of(const Tensor& x) { return x.ndim ? x.shape[0] : 0; }
 
 DType parse_dtype(const std::string& s) {
   if (s == "bfloat16") return DType::bf16;
@@ -235,7 +248,7 @@ NB_MODULE(_C, m) {
                           const Array& gather, const Array& m_sizes, const Array& offsets, const Array& y1,
                           const Array& ws, uintptr_t s) {
     const Tensor xv = view(x, "x");
-    const size_t need = moe_forward_workspace_bytes(c, xv.ndim ? xv.shape[0] : 0);
+    const size_t need = moe_forward_workspace_bytes(c, tokens_of(xv));
     nb::gil_scoped_release g;
     moe_forward(c, xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")}, view(out, "out"),
                 view(logits, "router_logits"), saved_of(tw, ids, gather, m_sizes, offsets, y1), workspace_of(ws, need),
@@ -248,7 +261,7 @@ NB_MODULE(_C, m) {
                            const Array& ws, uintptr_t s) {
     const MoeGrads grads{view(dx, "dx"), view(dgate, "d_gate"), view(dw1, "d_gate_up_proj"), view(dw2, "d_down_proj")};
     const Tensor xv = view(x, "x");
-    const size_t need = moe_backward_workspace_bytes(c, xv.ndim ? xv.shape[0] : 0, grads);
+    const size_t need = moe_backward_workspace_bytes(c, tokens_of(xv), grads);
     nb::gil_scoped_release g;
     moe_backward(c, view(dout, "d_out"), xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")},
                  view(logits, "router_logits"), saved_of(tw, ids, gather, m_sizes, offsets, y1), grads,
@@ -258,12 +271,41 @@ NB_MODULE(_C, m) {
      nb::arg("m_sizes"), nb::arg("expert_offsets"), nb::arg("gate_up_out"), nb::arg("dx").none(),
      nb::arg("d_gate").none(), nb::arg("d_gate_up_proj").none(), nb::arg("d_down_proj").none(), nb::arg("workspace"),
      nb::arg("stream"));
+  m.def("moe_forward_packed", [](const MoeConfig& c, const Array& x, const Array& gate, const Array& w1,
+                                 const Array& w2, const Array& out, const Array& logits, const Array& saved,
+                                 const OptArray& ws, uintptr_t s) {
+    const Tensor xv = view(x, "x");
+    const int64_t T = tokens_of(xv);
+    const size_t need = moe_forward_workspace_bytes(c, T);
+    void* after = nullptr;
+    const MoeSaved state = saved_in(c, T, saved, ws ? 0 : need, &after);
+    const Workspace work = ws ? workspace_of(*ws, need) : Workspace{after, need};
+    nb::gil_scoped_release g;
+    moe_forward(c, xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")}, view(out, "out"),
+                view(logits, "router_logits"), state, work, stream_of(s));
+  }, nb::arg("cfg"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"), nb::arg("out"),
+     nb::arg("router_logits"), nb::arg("saved"), nb::arg("workspace").none(), nb::arg("stream"));
+  m.def("moe_backward_packed", [](const MoeConfig& c, const Array& dout, const Array& x, const Array& gate,
+                                  const Array& w1, const Array& w2, const Array& logits, const Array& saved,
+                                  const OptArray& dx, const OptArray& dgate, const OptArray& dw1, const OptArray& dw2,
+                                  const Array& ws, uintptr_t s) {
+    const MoeGrads grads{view(dx, "dx"), view(dgate, "d_gate"), view(dw1, "d_gate_up_proj"), view(dw2, "d_down_proj")};
+    const Tensor xv = view(x, "x");
+    const int64_t T = tokens_of(xv);
+    const MoeSaved state = saved_in(c, T, saved, 0, nullptr);
+    const size_t need = moe_backward_workspace_bytes(c, T, grads);
+    nb::gil_scoped_release g;
+    moe_backward(c, view(dout, "d_out"), xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")},
+                 view(logits, "router_logits"), state, grads, workspace_of(ws, need), stream_of(s));
+  }, nb::arg("cfg"), nb::arg("d_out"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"),
+     nb::arg("router_logits"), nb::arg("saved"), nb::arg("dx").none(), nb::arg("d_gate").none(),
+     nb::arg("d_gate_up_proj").none(), nb::arg("d_down_proj").none(), nb::arg("workspace"), nb::arg("stream"));
   m.def("moe_experts_forward", [](const MoeConfig& c, const Array& x, const Array& tw, const Array& ids,
                                   const Array& w1, const Array& w2, const Array& out, const Array& gather,
                                   const Array& m_sizes, const Array& offsets, const Array& y1, const Array& ws,
                                   uintptr_t s) {
     const Tensor xv = view(x, "x");
-    const size_t need = moe_forward_workspace_bytes(c, xv.ndim ? xv.shape[0] : 0);
+    const size_t need = moe_forward_workspace_bytes(c, tokens_of(xv));
     nb::gil_scoped_release g;
     moe_experts_forward(c, xv, view(tw, "topk_weights"), view(ids, "topk_ids"),
                         {Tensor{}, view(w1, "gate_up_proj"), view(w2, "down_proj")}, view(out, "out"),
@@ -277,7 +319,7 @@ NB_MODULE(_C, m) {
     const MoeExpertGrads grads{view(dx, "dx"), view(dtw, "d_topk_weights"), view(dw1, "d_gate_up_proj"),
                                view(dw2, "d_down_proj")};
     const Tensor xv = view(x, "x");
-    const size_t need = moe_experts_backward_workspace_bytes(c, xv.ndim ? xv.shape[0] : 0, grads);
+    const size_t need = moe_experts_backward_workspace_bytes(c, tokens_of(xv), grads);
     nb::gil_scoped_release g;
     moe_experts_backward(c, view(dout, "d_out"), xv, view(tw, "topk_weights"),
                          {Tensor{}, view(w1, "gate_up_proj"), view(w2, "down_proj")},

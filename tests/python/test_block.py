@@ -245,19 +245,21 @@ def test_eager_path_matches_the_custom_op(device, grad):
     params = (ours.gate, ours.gate_up_proj, ours.down_proj)
     x = torch.randn(19, 48, device=device, dtype=dtype)
     d_out = torch.randn_like(x)
+    d_logits = torch.randn(19, 8, device=device)  # the router logits feed a loss too (both gradient paths)
     results = []
     for call in (fusedmoe._ops.moe_block, torch.ops.fusedmoe.moe_forward):
         xg = x.clone().requires_grad_(grad)
         for p in params:
             p.grad = None
         with torch.set_grad_enabled(grad):
-            outs = call(xg, *params, 2, True, [])
+            outs = call(xg, *params, 2, True, [])[:2]  # out, router_logits (the op also returns its saved state)
         assert outs[0].requires_grad == grad
         got = list(outs)
         if grad:
-            (outs[0] * d_out).sum().backward()
+            ((outs[0] * d_out).sum() + (outs[1].float() * d_logits).sum()).backward()
             got += [xg.grad] + [p.grad for p in params]
         results.append(got)
+    assert len(results[0]) == len(results[1]) == (6 if grad else 2)
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
