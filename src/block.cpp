@@ -88,7 +88,9 @@ struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act; };
 ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv) {
   const int64_t M = T * c.top_k, I = c.intermediate_size;
   ExpertsScratch s;
-  if (p.d_act_raw) s.d_act_raw = cv.take(acc_dtype(c), {M, I});
+  // dA_raw (a GEMM output, fp32-accumulated) is stored in the activation dtype like Y1, A and dY1: it is the
+  // dA GEMM's largest write and routed_silu_backward's largest read, and dw sums its products in float32.
+  if (p.d_act_raw) s.d_act_raw = cv.take(c.dtype, {M, I});
   if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
   if (p.act) s.act = cv.take(c.dtype, {M, I});
   return s;

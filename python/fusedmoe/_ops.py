@@ -220,17 +220,25 @@ def _block_grads(need, grads, d_logits, x, gate) -> tuple:
 torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, setup_context=_moe_setup_context)
 
 
+_forward_sizes: dict = {}  # (config, T) -> (saved bytes, forward workspace bytes)
+
+
 def _moe_block_eager(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels, keep_state):
     """(out, router_logits, saved): the block's forward with the state for backward in one buffer (`saved`);
     without keep_state that buffer also holds the workspace (nothing is kept)."""
     cfg = _config(x, gate_up_proj, top_k, norm_topk_prob, kernels)
     T = x.shape[0]
     out, logits = x.new_empty(x.shape), x.new_empty((T, gate.shape[0]))
-    saved_bytes = _C.moe_saved_bytes(cfg, T)
+    sizes = _forward_sizes.get((cfg, T))
+    if sizes is None:
+        if len(_forward_sizes) >= 256:  # many distinct token counts: start over rather than grow without bound
+            _forward_sizes.clear()
+        sizes = _forward_sizes[(cfg, T)] = (_C.moe_saved_bytes(cfg, T), _C.moe_forward_workspace_bytes(cfg, T))
+    saved_bytes, ws_bytes = sizes
     if keep_state:
-        saved, ws = _scratch(saved_bytes, x.device), _scratch(_C.moe_forward_workspace_bytes(cfg, T), x.device)
+        saved, ws = _scratch(saved_bytes, x.device), _scratch(ws_bytes, x.device)
     else:
-        saved, ws = _scratch(saved_bytes + _C.moe_forward_workspace_bytes(cfg, T), x.device), None
+        saved, ws = _scratch(saved_bytes + ws_bytes, x.device), None
     _ext.moe_forward_packed(cfg, x, gate, gate_up_proj, down_proj, out, logits, saved, ws, _stream(x))
     return out, logits, saved
 

@@ -95,15 +95,16 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
                 f"permute_x={self.permute_x}, permute_y={self.permute_y}")
 
     def forward(self, hidden_states: Tensor):
+        gate = self.gate  # (each parameter looked up once: a module attribute costs microseconds of host time)
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"fusedmoe: hidden_states must be [B, S, {self.hidden_size}], got "
                              f"{tuple(hidden_states.shape)}")
-        if hidden_states.device != self.gate.device:
+        if hidden_states.device != gate.device:
             raise ValueError(f"fusedmoe: hidden_states are on {hidden_states.device}, the block's parameters on "
-                             f"{self.gate.device}; move one of them")
-        if hidden_states.dtype != self.gate.dtype:
+                             f"{gate.device}; move one of them")
+        if hidden_states.dtype != gate.dtype:
             raise ValueError(f"fusedmoe: hidden_states dtype {hidden_states.dtype} does not match the block's "
-                             f"parameters ({self.gate.dtype}); cast one of them")
+                             f"parameters ({gate.dtype}); cast one of them")
         B, S, H = hidden_states.shape
         x = hidden_states.reshape(B * S, H).contiguous()
         if self.dW_only:
@@ -112,8 +113,8 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         if self.dX_only:
             w1, w2 = w1.detach(), w2.detach()
         if self.permute_x and self.permute_y:
-            kernels = self.kernels_for(x, self.gate, w1, w2)
-            out, logits = _ops.moe_block(x, self.gate, w1, w2, self.top_k, self.norm_topk_prob, kernels)[:2]
+            kernels = self.kernels_for(x, gate, w1, w2)
+            out, logits = _ops.moe_block(x, gate, w1, w2, self.top_k, self.norm_topk_prob, kernels)
         else:
             out, logits = self._unfused(x, w1, w2)
         return out.view(B, S, H), logits
