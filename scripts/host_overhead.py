@@ -121,8 +121,9 @@ class Timeline:
 
     def __init__(self):
         self.events, self.host = {}, {}
-        F = fusedmoe._ops._MoeBlockFunction
-        fwd, bwd = F.forward, F.backward
+        ops = fusedmoe._ops
+        F = ops._MoeBlockFunction
+        fwd, bwd = ops._moe_block_eager, F.backward  # (the eager forward launches its kernels before the Function)
 
         def forward(*args):
             self.mark("fwd start")
@@ -136,7 +137,7 @@ class Timeline:
             self.mark("bwd end")
             return out
 
-        F.forward, F.backward = staticmethod(forward), staticmethod(backward)
+        ops._moe_block_eager, F.backward = forward, staticmethod(backward)
 
     def mark(self, name):
         e = torch.cuda.Event(enable_timing=True)

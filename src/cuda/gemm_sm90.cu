@@ -59,7 +59,7 @@ constexpr int kSlotChunk = kChunkStages * kBK;
 // Kernel variants for A/B measurements (FUSEDMOE_SM90_VARIANT, a bit set): two diagnostics that compute wrong
 // results on purpose (no epilogue stores; no A-operand loads) to show what each costs, and the CTA start
 // stagger switched off.
-constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8, kSkipIdle = 16;
+constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -591,16 +591,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           if constexpr (kGated) act_off[h] = i * p.ld_act;
           if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
         }
-      }
-      if (kKind != GemmKind::tn && (variant & kSkipIdle) && tile.m0 + consumer * 64 >= tile.rows) {
-        // All 64 of this consumer's rows lie past the group's end (a group's last, partial m-tile): nothing to
-        // compute or store; it hands each stage back as soon as it is full.
-        for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
-          mbar_wait(full_bar + 8 * stage, phase);
-          release(stage);
-          if (++stage == S) stage = 0, phase ^= 1;
-        }
-        continue;
       }
       // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
       // previous epilogue to this point, which keeps the tile switch from spilling them.
