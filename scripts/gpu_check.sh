@@ -16,6 +16,12 @@ export PATH="/usr/local/cuda/bin:$PATH"
 gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)
 note "card" "$gpu"
 
+# The Python package builds in the background while the C++ tree builds (each compiles the CUDA sources).
+if [ -f pyproject.toml ]; then
+  ( $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/pip.log" 2>&1; echo $? >"$OUT/pip.rc" ) &
+  pip_job=$!
+fi
+
 t0=$(date +%s)
 if cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON >"$OUT/build.log" 2>&1 &&
    cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1; then
@@ -51,7 +57,8 @@ fi
 
 # Python package and its GPU tests, when the package exists.
 if [ -f pyproject.toml ]; then
-  if $PY -m pip install --no-build-isolation --no-deps -q . >"$OUT/pip.log" 2>&1; then
+  wait "$pip_job"
+  if [ "$(cat "$OUT/pip.rc")" = 0 ]; then
     note "python package build" "ok"
     $PY -m pytest -q -x tests/python >"$OUT/pytest.log" 2>&1
     note "Python tests (CPU + GPU)" "$(tail -1 "$OUT/pytest.log")"
