@@ -36,6 +36,8 @@
 #include <cuda.h>          // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
+#include <cstdio>
+#include <cstdlib>
 #include <utility>
 
 #include "../activation.hpp"
@@ -91,6 +93,41 @@ __device__ __forceinline__ uint64_t global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+
+// Diagnostic build (-DFUSEDMOE_SM90_TIMELINE): where a tile's time goes, in SM clock cycles summed over the
+// kernels of one family (GemmKind, gated, output size, tile width, transposed C) and printed at process exit:
+// the consumers' wait for a tile's first stage, its mainloop and its epilogue, and the producer's waits for
+// free stages. Thread 0 of each warpgroup measures; the default build compiles none of it.
+#ifdef FUSEDMOE_SM90_TIMELINE
+constexpr int kTimelineSlots = 64;
+enum TimelineField { kTlTiles, kTlKSteps, kTlFirstWait, kTlMainloop, kTlEpilogue, kTlProducerWait, kTlFields };
+__device__ unsigned long long g_timeline[kTimelineSlots][kTlFields];
+#endif
+struct TileClock {
+#ifdef FUSEDMOE_SM90_TIMELINE
+  // 32-bit sums (a CTA's share of one kernel stays far below 2^32 cycles): fewer registers held in the loop.
+  unsigned sum[kTlFields] = {};
+  unsigned t = 0;
+  bool on = false;
+  __device__ void start(bool record) { on = record; if (on) t = static_cast<unsigned>(clock()); }
+  __device__ void lap(int field) {
+    if (on) { const unsigned now = static_cast<unsigned>(clock()); sum[field] += now - t; t = now; }
+  }
+  __device__ void add(int field, unsigned v) { if (on) sum[field] += v; }
+  __device__ void flush(int slot) {
+    if (on)
+      for (int f = 0; f < kTlFields; ++f) atomicAdd(&g_timeline[slot][f], static_cast<unsigned long long>(sum[f]));
+  }
+#else
+  __device__ void start(bool) {}
+  __device__ void lap(int) {}
+  __device__ void add(int, unsigned) {}
+  __device__ void flush(int) {}
+#endif
+};
+#ifndef FUSEDMOE_SM90_TIMELINE
+enum TimelineField { kTlTiles, kTlKSteps, kTlFirstWait, kTlMainloop, kTlEpilogue, kTlProducerWait, kTlFields };
+#endif
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -416,6 +453,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
 
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int timeline_slot = static_cast<int>(kKind) * 16 + (kGated ? 8 : 0) + (sizeof(OutT) == 4 ? 4 : 0) +
+                            (BN == 128 ? 2 : 0) + (p.c_transposed ? 1 : 0);
+  TileClock clock;
+  clock.start(tid == 0);
   if (warpgroup == 0) {
     // ---- producer ----
     // Each thread's copies signal the stage's full barrier when they land (noinc: the 128 arrivals are the
@@ -424,7 +465,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     uint32_t chunk_count = 0;  // tn: slot chunks staged so far
     auto next_stage = [&](const auto& issue) {
+      clock.start(tid == 0);
       mbar_wait(empty_bar + 8 * stage, phase ^ 1);
+      clock.lap(kTlProducerWait);
       const uint32_t a_dst = stages + stage * Cfg::kStageBytes;
       issue(a_dst, a_dst + Cfg::kABytes);
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_bar + 8 * stage) : "memory");
@@ -596,8 +639,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       // previous epilogue to this point, which keeps the tile switch from spilling them.
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
+      clock.start(tid == 0);
+      clock.add(kTlTiles, 1);
+      clock.add(kTlKSteps, static_cast<unsigned>(tile.k_tiles));
       for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
+        if (kt == 0) clock.lap(kTlFirstWait);
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
         wgmma_fence();
@@ -617,6 +664,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_wait<0>();
       pin_registers(acc);
+      clock.lap(kTlMainloop);
       if (variant & kDiagNoStore) {
         if (tile.k_tiles > 0) release(prev_stage);
         continue;
@@ -660,6 +708,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
           }
+          clock.lap(kTlEpilogue);
           if (tile.k_tiles > 0) release(prev_stage);
           continue;
         }
@@ -706,12 +755,40 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
+      clock.lap(kTlEpilogue);
       if (tile.k_tiles > 0) release(prev_stage);
     }
   }
+  clock.flush(timeline_slot);
   // The peer still arrives on this CTA's barriers until its last stage is released: neither CTA may exit first.
   if constexpr (kCluster > 1) cluster_sync();
 }
+
+#ifdef FUSEDMOE_SM90_TIMELINE
+// Prints the diagnostic timeline at process exit (registered at the first launch, so before the CUDA runtime's
+// own teardown): per kernel family, the tiles, k-steps per tile and cycles per tile of each phase.
+void report_timeline() {
+  static unsigned long long h[kTimelineSlots][kTlFields];
+  if (cudaMemcpyFromSymbol(h, g_timeline, sizeof(h)) != cudaSuccess) return;
+  static const char* kinds[] = {"nt", "nn", "tn"};
+  std::fprintf(stderr, "sm90 timeline (cycles per tile; consumer warpgroups, producer thread 0):\n");
+  for (int slot = 0; slot < kTimelineSlots; ++slot) {
+    const unsigned long long* v = h[slot];
+    if (v[kTlTiles] == 0) continue;
+    const double n = static_cast<double>(v[kTlTiles]);
+    std::fprintf(stderr, "  %s%s out%d BN%d%s: tiles %llu, k-steps/tile %.2f, first-stage wait %.0f, mainloop %.0f "
+                 "(%.0f per k-step), epilogue %.0f; producer free-stage waits %.0f per tile\n",
+                 kinds[slot / 16], slot & 8 ? " gated" : "", slot & 4 ? 32 : 16, slot & 2 ? 128 : 256,
+                 slot & 1 ? " Ct" : "", v[kTlTiles], v[kTlKSteps] / n, v[kTlFirstWait] / n, v[kTlMainloop] / n,
+                 v[kTlMainloop] / static_cast<double>(v[kTlKSteps] ? v[kTlKSteps] : 1), v[kTlEpilogue] / n,
+                 v[kTlProducerWait] / (n / 2));
+  }
+}
+void register_timeline_report() {
+  static const bool registered = [] { return std::atexit(report_timeline) == 0; }();
+  (void)registered;
+}
+#endif
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
@@ -838,6 +915,9 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
     const char* v = std::getenv("FUSEDMOE_SM90_VARIANT");
     return v ? std::atoi(v) : 0;
   }();
+#ifdef FUSEDMOE_SM90_TIMELINE
+  register_timeline_report();
+#endif
   check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, variant, tn_tma), "gemm_sm90_kernel");
   return true;
 }
