@@ -62,6 +62,9 @@ constexpr int kSlotChunk = kChunkStages * kBK;
 // results on purpose (no epilogue stores; no A-operand loads) to show what each costs, and the CTA start
 // stagger switched off.
 constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
+// With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
+// GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
+constexpr int kDiagTnOnly = 32;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -918,7 +921,9 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
 #ifdef FUSEDMOE_SM90_TIMELINE
   register_timeline_report();
 #endif
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, variant, tn_tma), "gemm_sm90_kernel");
+  const int kernel_variant =
+      (variant & kDiagTnOnly) && kKind != GemmKind::tn ? variant & ~(kDiagNoStore | kDiagNoA) : variant;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, kernel_variant, tn_tma), "gemm_sm90_kernel");
   return true;
 }
 
