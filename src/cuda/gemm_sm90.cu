@@ -604,7 +604,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     // ---- consumers ----
     const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
     const int warp = tid / 32, lane = tid % 32;
+#ifndef FUSEDMOE_SM90_DIAG_TN_KMAJOR_A
     constexpr int kTransA = kKind == GemmKind::tn ? 1 : 0;
+#else
+    // Diagnostic build (wrong dW results on purpose): the dW consumers read their MN-major A tile as if it were
+    // K-major (the same shared-memory bytes), to time the wgmma with one MN-major operand against two.
+    constexpr int kTransA = 0;
+#endif
     constexpr int kTransB = kKind == GemmKind::nt ? 0 : 1;
     auto release = [&](int s) {
       __syncwarp();
