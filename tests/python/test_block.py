@@ -186,6 +186,32 @@ def test_bad_inputs_raise_clear_errors(device):
             fusedmoe.route(x, hf.gate.weight, 2, True)
 
 
+def test_packed_state_buffer_is_checked(device):
+    # The eager path's state buffer (the saved tensors in one allocation) is sized by moe_saved_bytes; one too
+    # small is refused with the argument's name, before any kernel runs, in forward and backward.
+    from fusedmoe import _C, _ops
+    dtype = dtype_for(device)
+    T, H, I, E, k = 5, 32, 16, 4, 2
+    x = torch.randn(T, H, device=device, dtype=dtype)
+    gate = torch.randn(E, H, device=device, dtype=dtype) * 0.02
+    w1 = torch.randn(E, 2 * I, H, device=device, dtype=dtype)
+    w2 = torch.randn(E, H, I, device=device, dtype=dtype)
+    cfg = _ops._config(x, w1, k, True)
+    out, logits = torch.empty_like(x), torch.empty(T, E, device=device, dtype=dtype)
+    stream = _ops._stream(x)
+    small = _ops._scratch(_C.moe_saved_bytes(cfg, T) - 512, x.device)
+    ws = _ops._scratch(_C.moe_forward_workspace_bytes(cfg, T), x.device)
+    with pytest.raises(ValueError, match="argument 'saved' needs"):
+        _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, small, ws, stream)
+    with pytest.raises(ValueError, match="argument 'saved' needs"):  # the workspace is to follow the state
+        _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, _ops._scratch(_C.moe_saved_bytes(cfg, T), x.device),
+                              None, stream)
+    bwd_ws = _ops._scratch(_C.moe_backward_workspace_bytes(cfg, T, True, True, True, True), x.device)
+    with pytest.raises(ValueError, match="argument 'saved' needs"):
+        _C.moe_backward_packed(cfg, torch.randn_like(x), x, gate, w1, w2, logits, small, torch.empty_like(x),
+                               torch.empty_like(gate), torch.empty_like(w1), torch.empty_like(w2), bwd_ws, stream)
+
+
 def test_torch_compile_fullgraph_matches_eager(device):
     dtype = dtype_for(device)
     hf = hf_block(32, 16, 6, 2, True, dtype, device)
