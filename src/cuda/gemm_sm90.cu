@@ -101,9 +101,9 @@ __device__ __forceinline__ uint64_t global_ns() {
 // kernels of one family (GemmKind, gated, output size, tile width, transposed C) and printed at process exit:
 // the consumers' wait for a tile's first stage, its mainloop and its epilogue, and the producer's waits for
 // free stages. Thread 0 of each warpgroup measures; the default build compiles none of it.
+enum TimelineField { kTlTiles, kTlKSteps, kTlFirstWait, kTlMainloop, kTlEpilogue, kTlProducerWait, kTlFields };
 #ifdef FUSEDMOE_SM90_TIMELINE
 constexpr int kTimelineSlots = 64;
-enum TimelineField { kTlTiles, kTlKSteps, kTlFirstWait, kTlMainloop, kTlEpilogue, kTlProducerWait, kTlFields };
 __device__ unsigned long long g_timeline[kTimelineSlots][kTlFields];
 #endif
 struct TileClock {
@@ -128,9 +128,6 @@ struct TileClock {
   __device__ void flush(int) {}
 #endif
 };
-#ifndef FUSEDMOE_SM90_TIMELINE
-enum TimelineField { kTlTiles, kTlKSteps, kTlFirstWait, kTlMainloop, kTlEpilogue, kTlProducerWait, kTlFields };
-#endif
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
@@ -458,8 +455,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int timeline_slot = static_cast<int>(kKind) * 16 + (kGated ? 8 : 0) + (sizeof(OutT) == 4 ? 4 : 0) +
                             (BN == 128 ? 2 : 0) + (p.c_transposed ? 1 : 0);
-  TileClock clock;
-  clock.start(tid == 0);
+  TileClock tile_clock;
+  tile_clock.start(tid == 0);
   if (warpgroup == 0) {
     // ---- producer ----
     // Each thread's copies signal the stage's full barrier when they land (noinc: the 128 arrivals are the
@@ -468,9 +465,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     uint32_t chunk_count = 0;  // tn: slot chunks staged so far
     auto next_stage = [&](const auto& issue) {
-      clock.start(tid == 0);
+      tile_clock.start(tid == 0);
       mbar_wait(empty_bar + 8 * stage, phase ^ 1);
-      clock.lap(kTlProducerWait);
+      tile_clock.lap(kTlProducerWait);
       const uint32_t a_dst = stages + stage * Cfg::kStageBytes;
       issue(a_dst, a_dst + Cfg::kABytes);
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_bar + 8 * stage) : "memory");
@@ -648,12 +645,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       // previous epilogue to this point, which keeps the tile switch from spilling them.
 #pragma unroll
       for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
-      clock.start(tid == 0);
-      clock.add(kTlTiles, 1);
-      clock.add(kTlKSteps, static_cast<unsigned>(tile.k_tiles));
+      tile_clock.start(tid == 0);
+      tile_clock.add(kTlTiles, 1);
+      tile_clock.add(kTlKSteps, static_cast<unsigned>(tile.k_tiles));
       for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
-        if (kt == 0) clock.lap(kTlFirstWait);
+        if (kt == 0) tile_clock.lap(kTlFirstWait);
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
         wgmma_fence();
@@ -673,7 +670,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       wgmma_wait<0>();
       pin_registers(acc);
-      clock.lap(kTlMainloop);
+      tile_clock.lap(kTlMainloop);
       if (variant & kDiagNoStore) {
         if (tile.k_tiles > 0) release(prev_stage);
         continue;
@@ -717,7 +714,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
           }
-          clock.lap(kTlEpilogue);
+          tile_clock.lap(kTlEpilogue);
           if (tile.k_tiles > 0) release(prev_stage);
           continue;
         }
@@ -764,11 +761,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      clock.lap(kTlEpilogue);
+      tile_clock.lap(kTlEpilogue);
       if (tile.k_tiles > 0) release(prev_stage);
     }
   }
-  clock.flush(timeline_slot);
+  tile_clock.flush(timeline_slot);
   // The peer still arrives on this CTA's barriers until its last stage is released: neither CTA may exit first.
   if constexpr (kCluster > 1) cluster_sync();
 }
