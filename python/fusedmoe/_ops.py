@@ -64,12 +64,22 @@ def _eager_function(name: str, setup_context, backward):
     return type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), backward=staticmethod(backward_)))
 
 
+def _needs_grad(tensors) -> bool:
+    """Whether autograd must record a call on these differentiable inputs."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t.requires_grad:
+            return True
+    return False
+
+
 def _run(op, function, impl, args, differentiable):
     """The custom op under torch.compile; else, where a gradient may be needed, the implementation and then the
     autograd.Function recording its outputs; else the implementation alone."""
     if compiling():
         return op(*args)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+    if _needs_grad(differentiable):
         return function.apply(*args, impl(*args))
     return impl(*args)
 
@@ -278,8 +288,7 @@ def moe_block(x: Tensor, gate: Tensor, gate_up_proj: Tensor, down_proj: Tensor, 
     args = (x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels)
     if compiling():
         return moe_forward(*args)[:2]
-    if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad or gate_up_proj.requires_grad
-                                    or down_proj.requires_grad):
+    if _needs_grad(args[:4]):
         return _MoeBlockFunction.apply(*args, _moe_block_eager(*args, True))[:2]
     return _moe_block_eager(*args, False)[:2]
 

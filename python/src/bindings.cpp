@@ -59,6 +59,11 @@ Tensor view(const Array& a, const char* name) {
 }
 Tensor view(const OptArray& a, const char* name) { return a ? view(*a, name) : Tensor{}; }
 
+// The block's weights (the experts alone take no router: gate = nullptr).
+MoeWeights weights_of(const Array* gate, const Array& w1, const Array& w2) {
+  return {gate ? view(*gate, "gate") : Tensor{}, view(w1, "gate_up_proj"), view(w2, "down_proj")};
+}
+
 Stream stream_of(uintptr_t s) { return Stream{reinterpret_cast<void*>(s)}; }
 
 // A 256-byte-aligned region of at least `needed` bytes inside a uint8 buffer (allocated with 256 spare).
@@ -250,7 +255,7 @@ NB_MODULE(_C, m) {
     const Tensor xv = view(x, "x");
     const size_t need = moe_forward_workspace_bytes(c, tokens_of(xv));
     nb::gil_scoped_release g;
-    moe_forward(c, xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")}, view(out, "out"),
+    moe_forward(c, xv, weights_of(&gate, w1, w2), view(out, "out"),
                 view(logits, "router_logits"), saved_of(tw, ids, gather, m_sizes, offsets, y1), workspace_of(ws, need),
                 stream_of(s));
   });
@@ -263,7 +268,7 @@ NB_MODULE(_C, m) {
     const Tensor xv = view(x, "x");
     const size_t need = moe_backward_workspace_bytes(c, tokens_of(xv), grads);
     nb::gil_scoped_release g;
-    moe_backward(c, view(dout, "d_out"), xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")},
+    moe_backward(c, view(dout, "d_out"), xv, weights_of(&gate, w1, w2),
                  view(logits, "router_logits"), saved_of(tw, ids, gather, m_sizes, offsets, y1), grads,
                  workspace_of(ws, need), stream_of(s));
   }, nb::arg("cfg"), nb::arg("d_out"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"),
@@ -281,7 +286,7 @@ NB_MODULE(_C, m) {
     const MoeSaved state = saved_in(c, T, saved, ws ? 0 : need, &after);
     const Workspace work = ws ? workspace_of(*ws, need) : Workspace{after, need};
     nb::gil_scoped_release g;
-    moe_forward(c, xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")}, view(out, "out"),
+    moe_forward(c, xv, weights_of(&gate, w1, w2), view(out, "out"),
                 view(logits, "router_logits"), state, work, stream_of(s));
   }, nb::arg("cfg"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"), nb::arg("out"),
      nb::arg("router_logits"), nb::arg("saved"), nb::arg("workspace").none(), nb::arg("stream"));
@@ -295,7 +300,7 @@ NB_MODULE(_C, m) {
     const MoeSaved state = saved_in(c, T, saved, 0, nullptr);
     const size_t need = moe_backward_workspace_bytes(c, T, grads);
     nb::gil_scoped_release g;
-    moe_backward(c, view(dout, "d_out"), xv, {view(gate, "gate"), view(w1, "gate_up_proj"), view(w2, "down_proj")},
+    moe_backward(c, view(dout, "d_out"), xv, weights_of(&gate, w1, w2),
                  view(logits, "router_logits"), state, grads, workspace_of(ws, need), stream_of(s));
   }, nb::arg("cfg"), nb::arg("d_out"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"),
      nb::arg("router_logits"), nb::arg("saved"), nb::arg("dx").none(), nb::arg("d_gate").none(),
@@ -308,7 +313,7 @@ NB_MODULE(_C, m) {
     const size_t need = moe_forward_workspace_bytes(c, tokens_of(xv));
     nb::gil_scoped_release g;
     moe_experts_forward(c, xv, view(tw, "topk_weights"), view(ids, "topk_ids"),
-                        {Tensor{}, view(w1, "gate_up_proj"), view(w2, "down_proj")}, view(out, "out"),
+                        weights_of(nullptr, w1, w2), view(out, "out"),
                         saved_of(std::nullopt, std::nullopt, gather, m_sizes, offsets, y1), workspace_of(ws, need),
                         stream_of(s));
   });
@@ -322,7 +327,7 @@ NB_MODULE(_C, m) {
     const size_t need = moe_experts_backward_workspace_bytes(c, tokens_of(xv), grads);
     nb::gil_scoped_release g;
     moe_experts_backward(c, view(dout, "d_out"), xv, view(tw, "topk_weights"),
-                         {Tensor{}, view(w1, "gate_up_proj"), view(w2, "down_proj")},
+                         weights_of(nullptr, w1, w2),
                          saved_of(std::nullopt, std::nullopt, gather, m_sizes, offsets, y1), grads,
                          workspace_of(ws, need), stream_of(s));
   }, nb::arg("cfg"), nb::arg("d_out"), nb::arg("x"), nb::arg("topk_weights"), nb::arg("gate_up_proj"),
