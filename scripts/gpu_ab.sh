@@ -4,6 +4,7 @@
 # and profiles its GEMM kernels with ncu (time, L2 and tensor-pipe use). Logs go to $OUT.
 #   AB_VARIANTS="A=ENV=VAL,ENV2=VAL B=..."  (default: the sm90 weight multicast on and off)
 #   AB_TOKENS="2048 16384"   AB_NCU=0 skips the profile.   AB_TEST_REPEAT=N repeats the GPU tests N times.
+#   AB_UNTESTED="name …": variants timed without the GPU tests (kernels the default build already tested).
 # $OUT gets three files (the GPU machine returns only a few): ab.txt, ncu_summary.txt and the build log;
 # the full logs stay in build/ab.
 set -uo pipefail
@@ -25,7 +26,7 @@ for v in $variants; do
   IFS=',' read -ra kv <<<"$envs"
   ( export "${kv[@]}"
     # Variants named diag* compute wrong results on purpose (kernel diagnostics): timings only.
-    [[ $name == diag* ]] || ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" \
+    [[ $name == diag* || " ${AB_UNTESTED:-} " == *" $name "* ]] || ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" \
       --gtest_repeat="${AB_TEST_REPEAT:-1}" >"$LOGS/tests_$name.log" 2>&1
     echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/tests_$name.log" | sort | uniq -c | tr '\n' ' ')" >>"$table"
     grep -E -B2 -A12 '^\[  FAILED  \]|Failure' "$LOGS/tests_$name.log" | head -60 >>"$table"
