@@ -396,16 +396,13 @@ enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
 // b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
-// kPingPong (nt/nn, single CTAs): the consumers take turns on whole tiles instead of sharing each tile.
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster, bool kPingPong>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
                      int variant, int tn_tma) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
-  static_assert(!kPingPong || (kKind != GemmKind::tn && kCluster == 1 && BN == 128),
-                "ping-pong: nt/nn single CTAs, 128 × 128 tiles (a consumer holds all 128 rows' accumulators)");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
@@ -416,9 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t stages = smem_u32(smem);
   // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;
-  // S barriers: stage consumed (by the consumer warps of every CTA of the cluster: 8 each, or 4 in ping-pong,
-  // where one consumer reads a stage)
-  const uint32_t empty_bar = full_bar + S * 8;
+  const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
@@ -432,7 +427,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // 128 producer cp.async arrivals and one expect-tx arrival (nt/nn: the weight tile by TMA; tn: the TMA
       // operand's bytes, or none on k-steps that copy both operands with cp.async).
       mbar_init(full_bar + 8 * s, 128 + 1);
-      mbar_init(empty_bar + 8 * s, (kPingPong ? 4 : 8) * kCluster);
+      mbar_init(empty_bar + 8 * s, 8 * kCluster);
     }
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -459,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int timeline_slot = static_cast<int>(kKind) * 16 + (kGated ? 8 : 0) + (sizeof(OutT) == 4 ? 4 : 0) +
-                            (BN == 128 ? 2 : 0) + (p.c_transposed || kPingPong ? 1 : 0);  // (tn / nt, nn)
+                            (BN == 128 ? 2 : 0) + (p.c_transposed ? 1 : 0);
   TileClock tile_clock;
   tile_clock.start(tid == 0);
   if (warpgroup == 0) {
@@ -604,10 +599,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   } else {
     // ---- consumers ----
-    // Cooperative: both consumers work on every tile, each on 64 of its 128 rows. Ping-pong: each consumer
-    // takes every other tile of the CTA and computes all 128 rows (two m64nBN accumulators), and the two
-    // take turns in the mainloop, so one's epilogue runs while the other's wgmmas keep the tensor cores busy.
-    const int consumer = warpgroup - 1;
+    const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
     const int warp = tid / 32, lane = tid % 32;
 #ifndef FUSEDMOE_SM90_DIAG_TN_KMAJOR_A
     constexpr int kTransA = kKind == GemmKind::tn ? 1 : 0;
@@ -617,7 +609,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     constexpr int kTransA = 0;
 #endif
     constexpr int kTransB = kKind == GemmKind::nt ? 0 : 1;
-    constexpr int kHalves = kPingPong ? 2 : 1;  // 64-row halves of the tile this consumer computes
     auto release = [&](int s) {
       __syncwarp();
       if (lane == 0) {
@@ -629,85 +620,47 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     };
-    float acc[kHalves][BN / 2];
+    float acc[BN / 2];
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
-    // Ping-pong: the stages of the other consumer's tiles are skipped in ring order (every nt/nn tile has the
-    // same k-steps), and the consumers pass the turn through named barriers 4 and 5: a consumer waits on its
-    // tile's first stage only after the other has waited on all of its tile's stages. That keeps the mainloops
-    // in tile order and the parity waits sound (no consumer runs a full ring ahead of the barrier's phase).
-    auto skip_stages = [&](int64_t n) {
-      for (int64_t i = 0; i < n; ++i)
-        if (++stage == S) stage = 0, phase ^= 1;
-    };
-    constexpr int kTurnBarrier = 4;  // + the consumer that waits
-    const int64_t tile_step = kPingPong ? 2 * unit_stride : unit_stride;
-    int64_t t = first_unit;
-    if constexpr (kPingPong) {
-      if (consumer == 1 && t < total_tiles) {
-        skip_stages(decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank).k_tiles);
-        t += unit_stride;
-      }
-    }
-    for (; t < total_tiles; t += tile_step) {
+    for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
       const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
-      // Ping-pong: this consumer's turn ends with its last stage; the other consumer's next tile follows.
-      const bool hand_over = kPingPong && t + unit_stride < total_tiles;
-      // The epilogue's destination rows in 64-row half `row_half` of the tile: element offsets of the thread's two
-      // output rows in C (< 0: not stored), gated also in act, and the rows' scales.
-      struct OutRows {
-        int64_t c[2] = {-1, -1}, act[2] = {0, 0};
-        float scale[2] = {1.f, 1.f};
-      };
-      auto out_rows = [&](int row_half) {
-        OutRows o;
+      // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
+      int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
+      int64_t act_off[2] = {0, 0};    // gated: and in act
+      float row_scale[2] = {1.f, 1.f};
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t m = tile.m0 + row_half * 64 + warp * 16 + lane / 4 + 8 * h;
-          if constexpr (kKind == GemmKind::tn) {
-            if (m < p.M) o.c[h] = tile.group * p.c_group_stride + m * p.ldc;
-          } else if (m < tile.rows) {
-            const int64_t i = tile.row_begin + m;
-            o.c[h] = rt.row(p.c_map, i) * p.ldc;
-            if constexpr (kGated) o.act[h] = i * p.ld_act;
-            if (p.row_scale) o.scale[h] = to_f32(p.row_scale[rt.slot(i)]);
-          }
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+        if constexpr (kKind == GemmKind::tn) {
+          if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
+        } else if (m < tile.rows) {
+          const int64_t i = tile.row_begin + m;
+          out_off[h] = rt.row(p.c_map, i) * p.ldc;
+          if constexpr (kGated) act_off[h] = i * p.ld_act;
+          if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
         }
-        return o;
-      };
-      // Cooperative: looked up now, so the loads land during the mainloop. Ping-pong: in the epilogue, which the
-      // other consumer's mainloop hides, so the offsets hold no registers next to two accumulator sets.
-      OutRows rows_now;
-      if constexpr (!kPingPong) rows_now = out_rows(consumer);
+      }
       // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
       // previous epilogue to this point, which keeps the tile switch from spilling them.
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh)
-#pragma unroll
-        for (int i = 0; i < BN / 2; ++i) acc[hh][i] = 0.f;
+      for (int i = 0; i < BN / 2; ++i) acc[i] = 0.f;
       tile_clock.start(tid == 0);
       tile_clock.add(kTlTiles, 1);
       tile_clock.add(kTlKSteps, static_cast<unsigned>(tile.k_tiles));
-      if (kPingPong && t != first_unit) asm volatile("bar.sync %0, 256;\n" ::"r"(kTurnBarrier + consumer) : "memory");
       for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
         if (kt == 0) tile_clock.lap(kTlFirstWait);
-        if (hand_over && kt == tile.k_tiles - 1)
-          asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier + 1 - consumer) : "memory");
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
         wgmma_fence();
 #pragma unroll
         for (int k16 = 0; k16 < kBK / 16; ++k16) {
           // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
+          const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                      : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
           const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
-#pragma unroll
-          for (int hh = 0; hh < kHalves; ++hh) {
-            const int row_half = kPingPong ? hh : consumer;
-            const uint64_t da = kTransA ? smem_desc(a + row_half * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                        : smem_desc(a + row_half * 64 * 128 + k16 * 32, 16, 1024);
-            Wgmma<T, BN>::template mma<kTransA, kTransB>(acc[hh], da, db);
-          }
+          Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
         }
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
@@ -715,12 +668,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         prev_stage = stage;
         if (++stage == S) stage = 0, phase ^= 1;
       }
-      if (hand_over && tile.k_tiles == 0) asm volatile("bar.arrive %0, 256;\n" ::"r"(kTurnBarrier + 1 - consumer) : "memory");
       wgmma_wait<0>();
-#pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) pin_registers(acc[hh]);
+      pin_registers(acc);
       tile_clock.lap(kTlMainloop);
-      if (hand_over) skip_stages(tile.k_tiles);  // the other consumer's next tile (same k-steps)
       if (variant & kDiagNoStore) {
         if (tile.k_tiles > 0) release(prev_stage);
         continue;
@@ -746,7 +696,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                   const int j8 = 2 * j2 + i / 2, h = i % 2, a = (q * 8 + j8) * 4 + h * 2;
-                  r[i] = pack2<OutT>(acc[0][a], acc[0][a + 1]);
+                  r[i] = pack2<OutT>(acc[a], acc[a + 1]);
                 }
                 const int mi = lane / 8, n = (2 * j2 + mi / 2) * 8 + lane % 8, chunk = 2 * warp + mi % 2;
                 stmatrix_x4<true>(smem_u32(block) + n * 128 + ((chunk ^ (n % 8)) << 4), r[0], r[1], r[2], r[3]);
@@ -769,50 +719,45 @@ __global__ void __launch_bounds__(kThreads, 1)
           continue;
         }
       }
-      // The A tile's rows of this consumer in the last stage are dead (its wgmmas are complete): the warps stage
-      // their output slices there and hand the stage back afterwards. The producer meanwhile fills the other
-      // stages with the next tile. (No k-steps, an empty reduction: zeros, stored without staging.)
+      // This consumer's half of the last stage's A tile is dead (its wgmmas are complete): the warps stage
+      // their output slices there and hand the stage back afterwards. The producer meanwhile fills the
+      // other stages with the next tile. (No k-steps, an empty reduction: zeros, stored without staging.)
       using Sl = Slice<OutT>;
-      static_assert(4 * Sl::kBytes <= (kBM / 2) * 128, "a warpgroup's staging fits its 64 rows of the A tile");
+      static_assert(4 * Sl::kBytes <= (kBM / 2) * 128, "a warpgroup's staging fits its half of the A tile");
+      uint8_t* staging = nullptr;
+      if (tile.k_tiles > 0)
+        staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
 #pragma unroll
-      for (int hh = 0; hh < kHalves; ++hh) {
-        const int row_half = kPingPong ? hh : consumer;
-        const OutRows rows = kPingPong ? out_rows(row_half) : rows_now;
-        uint8_t* staging = nullptr;
-        if (tile.k_tiles > 0)
-          staging = smem + prev_stage * Cfg::kStageBytes + row_half * (kBM / 2) * 128 + warp * Sl::kBytes;
+      for (int h = 0; h < 2; ++h) {
+        auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
+        if constexpr (kKind == GemmKind::nt && kGated) {
+          // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values.
+          const int64_t I = p.N / 2;
+          const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          auto pair = [&](int j) { return make_float2(acc[hh][j * 4 + h * 2], acc[hh][j * 4 + h * 2 + 1]); };
-          if constexpr (kKind == GemmKind::nt && kGated) {
-            // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values.
-            const int64_t I = p.N / 2;
-            const int64_t act_row = rows.c[h] < 0 ? -1 : rows.act[h];
+          for (int q = 0; q < (BN / 2) / Sl::kCols; ++q) {
+            const int64_t col0 = tile.n0 + q * Sl::kCols;
+            auto gate = [&](int jj) { return pair(q * G + jj); };
+            auto up = [&](int jj) { return pair(q * G + jj + BN / 16); };
+            auto act = [&](int jj) {
+              const float2 g = gate(jj), u = up(jj);
+              return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
+                                 act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
+            };
+            store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
+            store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
+            store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
+          }
+        } else {
+          const float scale = row_scale[h];
 #pragma unroll
-            for (int q = 0; q < (BN / 2) / Sl::kCols; ++q) {
-              const int64_t col0 = tile.n0 + q * Sl::kCols;
-              auto gate = [&](int jj) { return pair(q * G + jj); };
-              auto up = [&](int jj) { return pair(q * G + jj + BN / 16); };
-              auto act = [&](int jj) {
-                const float2 g = gate(jj), u = up(jj);
-                return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
-                                   act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
-              };
-              store_slice<OutT>(staging, lane, gate, rows.c[h], p.C, col0, I, false);
-              store_slice<OutT>(staging, lane, up, rows.c[h], p.C + I, col0, I, false);
-              store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
-            }
-          } else {
-            const float scale = rows.scale[h];
-#pragma unroll
-            for (int q = 0; q < BN / Sl::kCols; ++q) {
-              auto scaled = [&](int jj) {
-                const float2 v = pair(q * G + jj);
-                return make_float2(v.x * scale, v.y * scale);
-              };
-              store_slice<OutT>(staging, lane, scaled, rows.c[h], p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
-            }
+          for (int q = 0; q < BN / Sl::kCols; ++q) {
+            auto scaled = [&](int jj) {
+              const float2 v = pair(q * G + jj);
+              return make_float2(v.x * scale, v.y * scale);
+            };
+            store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
           }
         }
       }
@@ -840,7 +785,7 @@ void report_timeline() {
     std::fprintf(stderr, "  %s%s out%d BN%d%s: tiles %llu, k-steps/tile %.2f, first-stage wait %.0f, mainloop %.0f "
                  "(%.0f per k-step), epilogue %.0f; producer free-stage waits %.0f per tile\n",
                  kinds[slot / 16], slot & 8 ? " gated" : "", slot & 4 ? 32 : 16, slot & 2 ? 128 : 256,
-                 slot & 1 ? (slot / 16 == 2 ? " Ct" : " ping-pong") : "", v[kTlTiles], v[kTlKSteps] / n, v[kTlFirstWait] / n, v[kTlMainloop] / n,
+                 slot & 1 ? " Ct" : "", v[kTlTiles], v[kTlKSteps] / n, v[kTlFirstWait] / n, v[kTlMainloop] / n,
                  v[kTlMainloop] / static_cast<double>(v[kTlKSteps] ? v[kTlKSteps] : 1), v[kTlEpilogue] / n,
                  v[kTlProducerWait] / (n / 2));
   }
@@ -926,10 +871,10 @@ bool tn_tma_off() {
 }
 
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster, bool kPingPong = false>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
   using Cfg = Config<BN>;
-  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster, kPingPong>;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>;
   const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
   cudaLaunchConfig_t config{};
   cudaLaunchAttribute cluster{};
@@ -940,7 +885,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster, kPingPong>>(Cfg::smem_bytes(kMaxGroups));
+  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>>(Cfg::smem_bytes(kMaxGroups));
   // Work units run at once: one per SM, or for pairs the clusters that fit (some SMs may be left over
   // where a GPC's SM count is odd).
   int resident = sms;
@@ -985,16 +930,14 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   return true;
 }
 
-// The instantiation for a runtime tile width (128 or 256), cluster size (1 or 2; tn: 1) and schedule (ping-pong:
-// nt/nn single CTAs with 128 × 128 tiles; block_n is then 128).
+// The instantiation for a runtime tile width (128 or 256) and cluster size (1 or 2; tn: 1).
 template <class T, class OutT, GemmKind kKind, bool kGated>
-bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, bool pingpong, int64_t groups, int64_t M_total,
-                 int sms, cudaStream_t stream) {
+bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t groups, int64_t M_total, int sms,
+                 cudaStream_t stream) {
   if constexpr (kKind == GemmKind::tn) {
     return block_n == 256 ? launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream)
                           : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   } else {
-    if (pingpong) return launch<T, OutT, 128, kKind, kGated, 1, true>(p, groups, M_total, sms, stream);
     if (block_n == 256)
       return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
                           : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
@@ -1038,15 +981,11 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
   const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
-  static const bool pingpong_env = env_equals("FUSEDMOE_SM90_SCHEDULE", "pingpong");
-  const bool pingpong = pingpong_env && cluster == 1;
   switch (kind) {
     case GemmKind::nt:
-      return p.act != nullptr
-                 ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, pingpong, groups, M_total, sms, stream)
-                 : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, pingpong, groups, M_total, sms, stream);
-    case GemmKind::nn:
-      return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, pingpong, groups, M_total, sms, stream);
+      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
+                              : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, groups, M_total, sms, stream);
+    case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, groups, M_total, sms, stream);
     case GemmKind::tn:
       if constexpr (sizeof(OutT) == 2) {
         // dW1 (A in expert order, B gathered): computed transposed, Cᵀ = Bᵀ·A, so that the operand read in expert
@@ -1055,10 +994,10 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
           Problem<T, OutT> t = p;
           std::swap(t.A, t.B), std::swap(t.lda, t.ldb), std::swap(t.a_map, t.b_map), std::swap(t.M, t.N);
           t.c_transposed = true;
-          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), 1, false, groups, M_total, sms, stream);
+          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), 1, groups, M_total, sms, stream);
         }
       }
-      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, false, groups, M_total, sms, stream);
+      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
   }
   return false;
 }
