@@ -30,11 +30,16 @@ struct Routing {
 
 // Y[y_map(i)] = s(i) · X[x_map(i)] · W[e(i)]ᵀ,  W [E,N,K];  s(i) = slot_scale[gather[i]] when defined.
 // With act defined ([M, N/2], y_map identity, no slot_scale): also act = silu(Y[:, :N/2]) · Y[:, N/2:] from
-// the Y values as stored (GEMM1 with SiLU·mul fused where the backend can).
+// the Y values as stored (GEMM1 with SiLU·mul fused where the backend can); Y may then be undefined (act only:
+// Y is not written, or lives in the backend's scratch where SiLU·mul is a separate pass).
 struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; Tensor act = {}; GemmTiling tiling = {}; };
 // dX[dx_map(i)] (=, or += with accumulate) dY[dy_map(i)] · W[e(i)]; dx_map = token sums a token's k slots
-// in slot order (deterministic).
-struct GemmNN { Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {}; };
+// in slot order (deterministic). slot_scratch: room the caller lends for those k-slot products ([M, K] of dX's
+// dtype, 16-byte aligned), which a backend that stages them in dX's dtype uses instead of allocating its own.
+struct GemmNN {
+  Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {};
+  Tensor slot_scratch = {};
+};
 // dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
 struct GemmTN { Tensor dY; RowMap dy_map; Tensor X; RowMap x_map; Tensor dW; GemmTiling tiling = {}; };
 

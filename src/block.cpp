@@ -1,6 +1,7 @@
 // The whole MoE block as a sequence of backend ops (DESIGN.md §3, §4).
 #include "fusedmoe/block.hpp"
 
+#include <algorithm>
 #include <vector>
 
 #include "contract.hpp"
@@ -38,6 +39,13 @@ class Carver {
     used_ += align_up(t.nbytes());
     return t;
   }
+  // A tensor over the bytes from offset `from` (an earlier used() value), which may already hold tensors whose
+  // lifetime ends before this one's begins; the layout grows where it is the longer.
+  Tensor overlay(size_t from, DType dtype, std::initializer_list<int64_t> shape) {
+    Tensor t = Tensor::contiguous(base_ ? base_ + from : nullptr, dtype, shape, device_);
+    used_ = std::max(used_, from + align_up(t.nbytes()));
+    return t;
+  }
   size_t used() const { return used_; }
 
  private:
@@ -46,7 +54,7 @@ class Carver {
   size_t used_ = 0;
 };
 
-MoeSaved carve_saved(const MoeConfig& c, int64_t T, Carver& cv) {
+MoeSaved carve_saved(const MoeConfig& c, int64_t T, bool keep_gate_up, Carver& cv) {
   const int64_t M = T * c.top_k;
   MoeSaved s;
   s.topk_weights = cv.take(c.dtype, {T, c.top_k});
@@ -54,7 +62,7 @@ MoeSaved carve_saved(const MoeConfig& c, int64_t T, Carver& cv) {
   s.gather_indices = cv.take(DType::i32, {M});
   s.m_sizes = cv.take(DType::i32, {c.num_experts});
   s.expert_offsets = cv.take(DType::i32, {c.num_experts + 1});
-  s.gate_up_out = cv.take(c.dtype, {M, 2 * c.intermediate_size});
+  if (keep_gate_up) s.gate_up_out = cv.take(c.dtype, {M, 2 * c.intermediate_size});
   return s;
 }
 
@@ -71,6 +79,7 @@ struct ExpertsPlan {
   bool d_gate_up;  // dY1: needed for dx and d_gate_up_proj
   bool act;        // w·A materialised: needed for d_down_proj
   bool d_act_raw;  // dA_raw = dOut·W2: needed for dw and dY1
+  bool dx;         // dx: its k-slot products need [M, H] of scratch
 };
 ExpertsPlan plan_experts(const MoeExpertGrads& g) {
   ExpertsPlan p{};
@@ -78,21 +87,26 @@ ExpertsPlan plan_experts(const MoeExpertGrads& g) {
   p.d_gate_up = g.dx.defined() || g.d_gate_up_proj.defined();
   p.act = g.d_down_proj.defined();
   p.d_act_raw = p.d_weights || p.d_gate_up;
+  p.dx = g.dx.defined();
   return p;
 }
 
 // Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
 DType acc_dtype(const MoeConfig& c) { return c.dtype == DType::f64 ? DType::f64 : DType::f32; }
 
-struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act; };
+struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act, dx_slots; };
 ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv) {
   const int64_t M = T * c.top_k, I = c.intermediate_size;
   ExpertsScratch s;
+  if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
   // dA_raw (a GEMM output, fp32-accumulated) is stored in the activation dtype like Y1, A and dY1: it is the
   // dA GEMM's largest write and routed_silu_backward's largest read, and dw sums its products in float32.
+  const size_t dead_by_dx = cv.used();
   if (p.d_act_raw) s.d_act_raw = cv.take(c.dtype, {M, I});
-  if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
   if (p.act) s.act = cv.take(c.dtype, {M, I});
+  // dX's k-slot products ([M, H]) are written after dW2 and routed_silu_backward have read dA_raw and w·A for
+  // the last time: they reuse that region (grown to M·H where 2I < H) rather than a pool allocation besides it.
+  if (p.dx) s.dx_slots = cv.overlay(dead_by_dx, c.dtype, {M, c.hidden_size});
   return s;
 }
 
@@ -124,19 +138,19 @@ Routing routing_of(const MoeConfig& c, int64_t T, const MoeSaved& s) {
 
 }  // namespace
 
-size_t moe_saved_bytes(const MoeConfig& cfg, int64_t tokens) {
+size_t moe_saved_bytes(const MoeConfig& cfg, int64_t tokens, bool keep_gate_up) {
   check_config(cfg);
   Carver cv(nullptr, {});
-  carve_saved(cfg, tokens, cv);
+  carve_saved(cfg, tokens, keep_gate_up, cv);
   return cv.used();
 }
 
-MoeSaved moe_saved_views(const MoeConfig& cfg, int64_t tokens, void* memory, Device device) {
+MoeSaved moe_saved_views(const MoeConfig& cfg, int64_t tokens, void* memory, Device device, bool keep_gate_up) {
   check_config(cfg);
   if (memory == nullptr) fail("moe_saved_views", "argument 'memory' is null");
   if (reinterpret_cast<uintptr_t>(memory) % kAlign != 0) fail("moe_saved_views", "argument 'memory' must be 256-byte aligned");
   Carver cv(memory, device);
-  return carve_saved(cfg, tokens, cv);
+  return carve_saved(cfg, tokens, keep_gate_up, cv);
 }
 
 size_t moe_forward_workspace_bytes(const MoeConfig& cfg, int64_t tokens) {
@@ -179,7 +193,8 @@ void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Ten
   FUSEDMOE_DISPATCH(dev, sort_by_expert, topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
                     saved.expert_offsets, tmp.sort_counts, s);
   // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order), and
-  // A = silu(gate)·up of Y1 (fused into the GEMM's epilogue where the backend can).
+  // A = silu(gate)·up of Y1 (fused into the GEMM's epilogue where the backend can). Without saved.gate_up_out
+  // (inference) only A is produced.
   FUSEDMOE_DISPATCH(dev, gemm_nt, r,
                     GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}, tmp.act,
                            cfg.kernels.forward}, s);
@@ -213,7 +228,7 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
                                               cfg.kernels.backward_dw}, s);
   if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
     FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token, false,
-                                              cfg.kernels.backward_dx}, s);
+                                              cfg.kernels.backward_dx, tmp.dx_slots}, s);
 }
 
 void check_expert_grads(const char* op, const MoeConfig& c, int64_t T, const MoeExpertGrads& g, const Device& dev) {
@@ -240,7 +255,7 @@ void moe_experts_forward(const MoeConfig& cfg, const Tensor& x, const Tensor& to
   check_routing(op, cfg, T, topk_weights, topk_ids, dev);
   check_weights(op, cfg, w, dev, false);
   check_tensor(op, "out", out, {T, cfg.hidden_size}, mask(cfg.dtype), &dev);
-  check_expert_saved(op, cfg, T, saved, dev);
+  check_expert_saved(op, cfg, T, saved, dev, false);
   check_workspace(op, ws, moe_forward_workspace_bytes(cfg, T));
   experts_forward(cfg, T, x, topk_weights, topk_ids, w, out, saved, ws, s);
 }
@@ -254,7 +269,7 @@ void moe_experts_backward(const MoeConfig& cfg, const Tensor& d_out, const Tenso
   check_tensor(op, "d_out", d_out, {T, cfg.hidden_size}, mask(cfg.dtype), &dev);
   check_tensor(op, "topk_weights", topk_weights, {T, cfg.top_k}, kFloat, &dev);
   check_weights(op, cfg, w, dev, false);
-  check_expert_saved(op, cfg, T, saved, dev);
+  check_expert_saved(op, cfg, T, saved, dev, true);
   check_expert_grads(op, cfg, T, g, dev);
   check_workspace(op, ws, moe_experts_backward_workspace_bytes(cfg, T, g));
   check_routing_values(op, saved.expert_offsets, &saved.gather_indices, T * cfg.top_k);
@@ -270,7 +285,7 @@ void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, con
   check_weights(op, cfg, w, dev, true);
   check_tensor(op, "out", out, {T, cfg.hidden_size}, dt, &dev);
   check_tensor(op, "router_logits", logits, {T, cfg.num_experts}, dt, &dev);
-  check_saved(op, cfg, T, saved, dev);
+  check_saved(op, cfg, T, saved, dev, false);
   check_workspace(op, ws, moe_forward_workspace_bytes(cfg, T));
   FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, s);
   FUSEDMOE_DISPATCH(dev, route_topk, logits, cfg.top_k, cfg.norm_topk_prob, saved.topk_weights, saved.topk_ids, s);
@@ -286,7 +301,7 @@ void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, co
   check_tensor(op, "d_out", d_out, {T, cfg.hidden_size}, dt, &dev);
   check_weights(op, cfg, w, dev, true);
   check_tensor(op, "router_logits", logits, {T, cfg.num_experts}, dt, &dev);
-  check_saved(op, cfg, T, saved, dev);
+  check_saved(op, cfg, T, saved, dev, true);
   if (g.d_gate.defined()) check_tensor(op, "grads.d_gate", g.d_gate, {cfg.num_experts, cfg.hidden_size}, dt, &dev);
   check_expert_grads(op, cfg, T, {g.dx, {}, g.d_gate_up_proj, g.d_down_proj}, dev);
   check_workspace(op, ws, moe_backward_workspace_bytes(cfg, T, g));

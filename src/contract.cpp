@@ -214,18 +214,23 @@ void check_weights(const char* op, const MoeConfig& c, const MoeWeights& w, cons
   check_tensor(op, "down_proj", w.down_proj, {E, H, I}, dt, &dev);
 }
 
-void check_expert_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
+void check_expert_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev,
+                        bool backward) {
   const int64_t M = T * c.top_k;
   check_tensor(op, "saved.gather_indices", s.gather_indices, {M}, kInt32, &dev);
   check_tensor(op, "saved.m_sizes", s.m_sizes, {c.num_experts}, kInt32, &dev);
   check_tensor(op, "saved.expert_offsets", s.expert_offsets, {c.num_experts + 1}, kInt32, &dev);
-  check_tensor(op, "saved.gate_up_out", s.gate_up_out, {M, 2 * c.intermediate_size}, mask(c.dtype), &dev);
+  if (backward && !s.gate_up_out.defined())
+    fail(op, "argument 'saved.gate_up_out' is required: the forward must keep it for backward "
+             "(moe_saved_views with keep_gate_up = true), got none");
+  if (s.gate_up_out.defined())  // optional in forward (inference)
+    check_tensor(op, "saved.gate_up_out", s.gate_up_out, {M, 2 * c.intermediate_size}, mask(c.dtype), &dev);
 }
 
-void check_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev) {
+void check_saved(const char* op, const MoeConfig& c, int64_t T, const MoeSaved& s, const Device& dev, bool backward) {
   check_tensor(op, "saved.topk_weights", s.topk_weights, {T, c.top_k}, mask(c.dtype), &dev);
   check_tensor(op, "saved.topk_ids", s.topk_ids, {T, c.top_k}, kInt32, &dev);
-  check_expert_saved(op, c, T, s, dev);
+  check_expert_saved(op, c, T, s, dev, backward);
 }
 
 void check_workspace(const char* op, const Workspace& ws, size_t needed) {

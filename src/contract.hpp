@@ -50,11 +50,13 @@ void check_config(const MoeConfig& cfg);
 // A kernel choice; `what` names it in the error. multicast: the family may use cluster_m = 2 (nt / nn).
 void check_tiling(const char* what, const GemmTiling& t, bool multicast);
 // The block's arguments: the config and x (returns T), the weights (the router's too when with_gate),
-// the saved state (all of it, or the experts' part alone).
+// the saved state (all of it, or the experts' part alone; gate_up_out is optional in forward, needed in backward).
 int64_t check_tokens(const char* op, const MoeConfig& cfg, const Tensor& x);
 void check_weights(const char* op, const MoeConfig& cfg, const MoeWeights& w, const Device& dev, bool with_gate);
-void check_saved(const char* op, const MoeConfig& cfg, int64_t T, const MoeSaved& saved, const Device& dev);
-void check_expert_saved(const char* op, const MoeConfig& cfg, int64_t T, const MoeSaved& saved, const Device& dev);
+void check_saved(const char* op, const MoeConfig& cfg, int64_t T, const MoeSaved& saved, const Device& dev,
+                 bool backward);
+void check_expert_saved(const char* op, const MoeConfig& cfg, int64_t T, const MoeSaved& saved, const Device& dev,
+                        bool backward);
 void check_workspace(const char* op, const Workspace& ws, size_t needed);
 
 }  // namespace fusedmoe::detail

@@ -38,7 +38,9 @@ struct MoeWeights {
   Tensor down_proj;     // [E,H,I]
 };
 
-// What forward saves for backward: routing metadata and the first GEMM's output.
+// What forward saves for backward: routing metadata and the first GEMM's output. A forward that no backward
+// will follow (inference) may leave gate_up_out undefined: Y1 is then neither kept nor written, which saves its
+// T·k·2I elements and two thirds of the first GEMM's output stores; moe_backward needs it.
 struct MoeSaved {
   Tensor topk_weights;    // [T,k]    cfg.dtype
   Tensor topk_ids;        // [T,k]    int32
@@ -48,9 +50,10 @@ struct MoeSaved {
   Tensor gate_up_out;     // [T·k,2I] cfg.dtype, expert order (Y1)
 };
 
-size_t moe_saved_bytes(const MoeConfig& cfg, int64_t tokens);
+// keep_gate_up = false: the state of an inference forward (no gate_up_out).
+size_t moe_saved_bytes(const MoeConfig& cfg, int64_t tokens, bool keep_gate_up = true);
 // Carves the MoeSaved views out of `memory` (moe_saved_bytes() bytes on `device`, 256-byte aligned).
-MoeSaved moe_saved_views(const MoeConfig& cfg, int64_t tokens, void* memory, Device device);
+MoeSaved moe_saved_views(const MoeConfig& cfg, int64_t tokens, void* memory, Device device, bool keep_gate_up = true);
 
 size_t moe_forward_workspace_bytes(const MoeConfig& cfg, int64_t tokens);
 

@@ -74,14 +74,15 @@ def _needs_grad(tensors) -> bool:
     return False
 
 
-def _run(op, function, impl, args, differentiable):
+def _run(op, function, impl, args, differentiable, inference=None):
     """The custom op under torch.compile; else, where a gradient may be needed, the implementation and then the
-    autograd.Function recording its outputs; else the implementation alone."""
+    autograd.Function recording its outputs; else the implementation alone (or `inference`, which keeps nothing for
+    a backward)."""
     if compiling():
         return op(*args)
     if _needs_grad(differentiable):
         return function.apply(*args, impl(*args))
-    return impl(*args)
+    return (inference or impl)(*args)
 
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32", torch.float64: "float64"}
@@ -233,12 +234,13 @@ def _block_grads(need, grads, d_logits, x, gate) -> tuple:
 torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, setup_context=_moe_setup_context)
 
 
-_forward_sizes: dict = {}  # (config, T) -> (saved bytes, forward workspace bytes)
+_forward_sizes: dict = {}  # (config, T) -> (saved bytes, inference state bytes, forward workspace bytes)
 
 
 def _moe_block_eager(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels, keep_state):
     """(out, router_logits, saved): the block's forward with the state for backward in one buffer (`saved`);
-    without keep_state that buffer also holds the workspace (nothing is kept)."""
+    without keep_state (inference) that buffer also holds the workspace, and the first GEMM's output (Y1) is
+    neither kept nor written."""
     cfg = _config(x, gate_up_proj, top_k, norm_topk_prob, kernels)
     T = x.shape[0]
     out, logits = x.new_empty(x.shape), x.new_empty((T, gate.shape[0]))
@@ -246,13 +248,14 @@ def _moe_block_eager(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, ke
     if sizes is None:
         if len(_forward_sizes) >= 256:  # many distinct token counts: start over rather than grow without bound
             _forward_sizes.clear()
-        sizes = _forward_sizes[(cfg, T)] = (_C.moe_saved_bytes(cfg, T), _C.moe_forward_workspace_bytes(cfg, T))
-    saved_bytes, ws_bytes = sizes
+        sizes = _forward_sizes[(cfg, T)] = (_C.moe_saved_bytes(cfg, T), _C.moe_saved_bytes(cfg, T, False),
+                                            _C.moe_forward_workspace_bytes(cfg, T))
+    saved_bytes, inference_bytes, ws_bytes = sizes
     if keep_state:
         saved, ws = _scratch(saved_bytes, x.device), _scratch(ws_bytes, x.device)
     else:
-        saved, ws = _scratch(saved_bytes + ws_bytes, x.device), None
-    _ext.moe_forward_packed(cfg, x, gate, gate_up_proj, down_proj, out, logits, saved, ws, _stream(x))
+        saved, ws = _scratch(inference_bytes + ws_bytes, x.device), None
+    _ext.moe_forward_packed(cfg, x, gate, gate_up_proj, down_proj, out, logits, saved, ws, _stream(x), keep_state)
     return out, logits, saved
 
 
@@ -303,21 +306,22 @@ def experts_forward(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, gate_up_p
     return _experts_forward_impl(x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels)
 
 
-def _experts_forward_impl(x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels):
+def _experts_forward_impl(x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels, keep_state=True):
+    """experts_forward; without keep_state (inference) gate_up_out is neither kept nor written: None."""
     cfg = _config(x, gate_up_proj, topk_ids.shape[1], False, kernels)
-    out, gather, m_sizes, offsets, y1 = _experts_outputs(x, topk_ids, gate_up_proj)
+    out, gather, m_sizes, offsets, y1 = _experts_outputs(x, topk_ids, gate_up_proj, keep_state)
     ws = _scratch(_C.moe_forward_workspace_bytes(cfg, x.shape[0]), x.device)
     _ext.moe_experts_forward(cfg, x, topk_weights, topk_ids, gate_up_proj, down_proj, out, gather, m_sizes, offsets, y1,
                            ws, _stream(x))
     return out, gather, m_sizes, offsets, y1
 
 
-def _experts_outputs(x, topk_ids, gate_up_proj):
+def _experts_outputs(x, topk_ids, gate_up_proj, keep_state=True):
     M = topk_ids.numel()
     E = gate_up_proj.shape[0]
     i32 = dict(dtype=torch.int32, device=x.device)
     return (x.new_empty(x.shape), torch.empty((M,), **i32), torch.empty((E,), **i32), torch.empty((E + 1,), **i32),
-            x.new_empty((M, gate_up_proj.shape[1])))
+            x.new_empty((M, gate_up_proj.shape[1])) if keep_state else None)
 
 
 @experts_forward.register_fake
@@ -396,10 +400,12 @@ _ExpertsFunction = _eager_function("_ExpertsFunction", _experts_setup_context,
 
 def experts(x: Tensor, topk_weights: Tensor, topk_ids: Tensor, gate_up_proj: Tensor, down_proj: Tensor,
             kernels: list[int]) -> tuple:
-    """experts_forward's outputs: the custom op under torch.compile, else the eager path."""
+    """experts_forward's outputs: the custom op under torch.compile, else the eager path (without a gradient to
+    compute: gate_up_out None, not written)."""
     return _run(experts_forward, _ExpertsFunction, _experts_forward_impl,
                 (x, topk_weights, topk_ids, gate_up_proj, down_proj, kernels),
-                (x, topk_weights, gate_up_proj, down_proj))
+                (x, topk_weights, gate_up_proj, down_proj),
+                inference=lambda *args: _experts_forward_impl(*args, keep_state=False))
 
 
 # ---------------------------------------------------------------- routing

@@ -82,7 +82,7 @@ Workspace workspace_of(const Array& buf, size_t needed) {
 }
 
 MoeSaved saved_of(const OptArray& topk_weights, const OptArray& topk_ids, const Array& gather, const Array& m_sizes,
-                  const Array& offsets, const Array& y1) {
+                  const Array& offsets, const OptArray& y1) {
   MoeSaved s;
   s.topk_weights = view(topk_weights, "topk_weights");
   s.topk_ids = view(topk_ids, "topk_ids");
@@ -95,12 +95,13 @@ MoeSaved saved_of(const OptArray& topk_weights, const OptArray& topk_ids, const 
 
 // The saved state as one uint8 buffer (Python's eager path: one allocation and one argument in place of six),
 // carved by moe_saved_views after 256-byte alignment. `extra` bytes after it: the forward's workspace where
-// the caller passes none of its own (a call that keeps no state for backward: one allocation for both).
-MoeSaved saved_in(const MoeConfig& c, int64_t T, const Array& buf, size_t extra, void** after) {
-  const size_t bytes = moe_saved_bytes(c, T);
+// the caller passes none of its own (a call that keeps no state for backward: one allocation for both, and
+// no Y1 when keep_gate_up is false).
+MoeSaved saved_in(const MoeConfig& c, int64_t T, const Array& buf, size_t extra, void** after, bool keep_gate_up) {
+  const size_t bytes = moe_saved_bytes(c, T, keep_gate_up);
   void* base = aligned_region(buf, bytes + extra, "saved");
   if (after != nullptr) *after = static_cast<char*>(base) + bytes;
-  return moe_saved_views(c, T, base, device_of(buf, "saved"));
+  return moe_saved_views(c, T, base, device_of(buf, "saved"), keep_gate_up);
 }
 
 int64_t tokens_of(const Tensor& x) { return x.ndim ? x.shape[0] : 0; }
@@ -239,7 +240,7 @@ NB_MODULE(_C, m) {
   });
 
   // ---- the block ----
-  m.def("moe_saved_bytes", &moe_saved_bytes);
+  m.def("moe_saved_bytes", &moe_saved_bytes, nb::arg("cfg"), nb::arg("tokens"), nb::arg("keep_gate_up") = true);
   m.def("moe_forward_workspace_bytes", &moe_forward_workspace_bytes);
   m.def("moe_backward_workspace_bytes", [](const MoeConfig& c, int64_t T, bool dx, bool dgate, bool dw1, bool dw2) {
     return moe_backward_workspace_bytes(c, T, MoeGrads{wanted(dx), wanted(dgate), wanted(dw1), wanted(dw2)});
@@ -278,18 +279,19 @@ NB_MODULE(_C, m) {
      nb::arg("stream"));
   m.def("moe_forward_packed", [](const MoeConfig& c, const Array& x, const Array& gate, const Array& w1,
                                  const Array& w2, const Array& out, const Array& logits, const Array& saved,
-                                 const OptArray& ws, uintptr_t s) {
+                                 const OptArray& ws, uintptr_t s, bool keep_gate_up) {
     const Tensor xv = view(x, "x");
     const int64_t T = tokens_of(xv);
     const size_t need = moe_forward_workspace_bytes(c, T);
     void* after = nullptr;
-    const MoeSaved state = saved_in(c, T, saved, ws ? 0 : need, &after);
+    const MoeSaved state = saved_in(c, T, saved, ws ? 0 : need, &after, keep_gate_up);
     const Workspace work = ws ? workspace_of(*ws, need) : Workspace{after, need};
     nb::gil_scoped_release g;
     moe_forward(c, xv, weights_of(&gate, w1, w2), view(out, "out"),
                 view(logits, "router_logits"), state, work, stream_of(s));
   }, nb::arg("cfg"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"), nb::arg("out"),
-     nb::arg("router_logits"), nb::arg("saved"), nb::arg("workspace").none(), nb::arg("stream"));
+     nb::arg("router_logits"), nb::arg("saved"), nb::arg("workspace").none(), nb::arg("stream"),
+     nb::arg("keep_gate_up") = true);
   m.def("moe_backward_packed", [](const MoeConfig& c, const Array& dout, const Array& x, const Array& gate,
                                   const Array& w1, const Array& w2, const Array& logits, const Array& saved,
                                   const OptArray& dx, const OptArray& dgate, const OptArray& dw1, const OptArray& dw2,
@@ -297,7 +299,7 @@ NB_MODULE(_C, m) {
     const MoeGrads grads{view(dx, "dx"), view(dgate, "d_gate"), view(dw1, "d_gate_up_proj"), view(dw2, "d_down_proj")};
     const Tensor xv = view(x, "x");
     const int64_t T = tokens_of(xv);
-    const MoeSaved state = saved_in(c, T, saved, 0, nullptr);
+    const MoeSaved state = saved_in(c, T, saved, 0, nullptr, true);
     const size_t need = moe_backward_workspace_bytes(c, T, grads);
     nb::gil_scoped_release g;
     moe_backward(c, view(dout, "d_out"), xv, weights_of(&gate, w1, w2),
@@ -307,7 +309,7 @@ NB_MODULE(_C, m) {
      nb::arg("d_gate_up_proj").none(), nb::arg("d_down_proj").none(), nb::arg("workspace"), nb::arg("stream"));
   m.def("moe_experts_forward", [](const MoeConfig& c, const Array& x, const Array& tw, const Array& ids,
                                   const Array& w1, const Array& w2, const Array& out, const Array& gather,
-                                  const Array& m_sizes, const Array& offsets, const Array& y1, const Array& ws,
+                                  const Array& m_sizes, const Array& offsets, const OptArray& y1, const Array& ws,
                                   uintptr_t s) {
     const Tensor xv = view(x, "x");
     const size_t need = moe_forward_workspace_bytes(c, tokens_of(xv));
@@ -316,7 +318,9 @@ NB_MODULE(_C, m) {
                         weights_of(nullptr, w1, w2), view(out, "out"),
                         saved_of(std::nullopt, std::nullopt, gather, m_sizes, offsets, y1), workspace_of(ws, need),
                         stream_of(s));
-  });
+  }, nb::arg("cfg"), nb::arg("x"), nb::arg("topk_weights"), nb::arg("topk_ids"), nb::arg("gate_up_proj"),
+     nb::arg("down_proj"), nb::arg("out"), nb::arg("gather_indices"), nb::arg("m_sizes"), nb::arg("expert_offsets"),
+     nb::arg("gate_up_out").none(), nb::arg("workspace"), nb::arg("stream"));
   m.def("moe_experts_backward", [](const MoeConfig& c, const Array& dout, const Array& x, const Array& tw,
                                    const Array& w1, const Array& w2, const Array& gather, const Array& m_sizes,
                                    const Array& offsets, const Array& y1, const OptArray& dx, const OptArray& dtw,

@@ -45,8 +45,15 @@ bool any_f64(std::initializer_list<const Tensor*> ts) {
 
 }  // namespace
 
-void gemm_nt(const Routing& r, const GemmNT& g, Stream) {
-  const int64_t N = g.W.shape[1], K = g.W.shape[2];
+void gemm_nt(const Routing& r, const GemmNT& g_in, Stream) {
+  const int64_t N = g_in.W.shape[1], K = g_in.W.shape[2];
+  // act only (no Y): Y goes to scratch, as SiLU·mul reads it afterwards.
+  std::vector<char> y_scratch;
+  GemmNT g = g_in;
+  if (!g.Y.defined()) {
+    y_scratch.resize(static_cast<size_t>(r.M * N) * dtype_size(g.act.dtype));
+    g.Y = Tensor::contiguous(y_scratch.data(), g.act.dtype, {r.M, N});
+  }
   const int32_t* offs = r.expert_offsets.ptr<const int32_t>();
   const auto x_rows = routed_row_offsets(r, g.x_map, K);
   const auto y_rows = routed_row_offsets(r, g.y_map, N);

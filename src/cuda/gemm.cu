@@ -353,14 +353,15 @@ void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
   if (g.slot_scale.defined() && g.slot_scale.dtype != g.X.dtype)
     throw Error(std::string("grouped_gemm: argument 'row_weights' on CUDA must have the dtype of X (") +
                 dtype_name(g.X.dtype) + "), got " + g.slot_scale.describe());
-  with_types("grouped_gemm", g.X, g.Y, [&](auto t_tag, auto o_tag) {
+  const Tensor& out = g.Y.defined() ? g.Y : g.act;  // act only: act's dtype
+  with_types("grouped_gemm", g.X, out, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
     Problem<T, O> p{g.X.ptr<const T>(), K, g.x_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
-                    g.Y.ptr<O>(), N, 0, g.y_map,
+                    g.Y.defined() ? g.Y.ptr<O>() : nullptr, N, 0, g.y_map,
                     g.slot_scale.defined() ? g.slot_scale.ptr<const T>() : nullptr, false, device_routing(r), 0, N, K};
     if (g.act.defined()) {
-      if (g.act.dtype != g.Y.dtype)
+      if (g.Y.defined() && g.act.dtype != g.Y.dtype)
         throw Error("grouped_gemm: the fused activation output must have Y's dtype, got " + g.act.describe());
       Problem<T, O> gated = p;
       gated.act = g.act.ptr<O>();
@@ -368,8 +369,15 @@ void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
       if (g.tiling.kernel != GemmKernel::portable && launch_sm90(gated, GemmKind::nt, r.num_experts, r.M, g.tiling, stream_of(s)))
         return;
     }
+    // SiLU·mul not fused on this path: it reads Y, from scratch where the caller keeps none.
+    Scratch y_scratch(g.Y.defined() ? 0 : static_cast<size_t>(r.M * N) * sizeof(O), stream_of(s));
+    Tensor y = g.Y;
+    if (!y.defined()) {
+      y = Tensor::contiguous(y_scratch.as<O>(), g.act.dtype, {r.M, N}, g.act.device);
+      p.C = y_scratch.as<O>();
+    }
     launch<T, O, true, true, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream_of(s));
-    if (g.act.defined()) silu_mul(g.Y, g.act, s);  // not fused on this path
+    if (g.act.defined()) silu_mul(y, g.act, s);
   });
 }
 
@@ -377,23 +385,31 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
   const int64_t N = g.W.shape[1], K = g.W.shape[2];  // reduction over N, output columns K
   const cudaStream_t stream = stream_of(s);
   const bool sum_slots = g.dx_map == RowMap::token;
-  // A token's k slot products land in scratch rows of dX's type, then add up in a fixed order.
-  Scratch slots(sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0, stream);
+  // A token's k slot products land in scratch rows of dX's type, then add up in a fixed order: in the caller's
+  // slot_scratch where it lends one, else in the backend's pool.
+  const size_t slot_bytes = sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0;
+  const bool lent = sum_slots && g.slot_scratch.defined();
+  if (lent && (g.slot_scratch.dtype != g.dX.dtype || g.slot_scratch.nbytes() < slot_bytes ||
+               reinterpret_cast<uintptr_t>(g.slot_scratch.data) % 16 != 0))
+    throw Error("grouped_gemm_dX: the lent slot scratch must hold [M, K] 16-byte-aligned elements of dX's dtype, got " +
+                g.slot_scratch.describe());
+  Scratch pooled(lent ? 0 : slot_bytes, stream);
+  void* slots = lent ? g.slot_scratch.data : pooled.as<void>();
   with_types("grouped_gemm_dX", g.dY, g.dX, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
     if (sum_slots) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
-                      slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
+                      static_cast<O*>(slots), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
       if (r.T * K > 0) {
         constexpr int kVec = 16 / sizeof(O);
         if (K % kVec == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
           sum_slots_kernel<kVec, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              slots.as<O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
+              static_cast<const O*>(slots), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         else
           sum_slots_kernel<1, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              slots.as<O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
+              static_cast<const O*>(slots), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         check_launch("sum_slots_kernel");
       }
     } else {

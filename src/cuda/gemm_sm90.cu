@@ -745,8 +745,10 @@ __global__ void __launch_bounds__(kThreads, 1)
               return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
                                  act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
             };
-            store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
-            store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
+            if (p.C != nullptr) {  // null: act only (an inference forward keeps no Y1)
+              store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
+              store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
+            }
             store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
           }
         } else {

@@ -134,6 +134,11 @@ TEST(Block, DeterministicBitwise) {
   EXPECT_TRUE(bw.dw1.bitwise_equal(dw1));
 }
 
+TEST(Block, InferenceForwardKeepsNoGateUpAndMatches) {
+  expect_inference_forward_matches(MoeConfig{48, 24, 6, 2, true, DType::bf16}, 29, Device::cpu());
+  expect_inference_forward_matches(MoeConfig{40, 20, 5, 3, false, DType::f32}, 17, Device::cpu());
+}
+
 TEST(Block, ZeroTokens) {
   MoeConfig cfg{16, 8, 4, 2, true, DType::f32};
   BlockTensors b(cfg, 0);

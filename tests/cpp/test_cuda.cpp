@@ -201,6 +201,17 @@ TEST(CudaBlock, EveryKernelChoiceMatchesReference) {
 
 // Intermediate sizes of 256 and more (the 256-wide tiles of every nt/nn GEMM) that are no multiple of the tile
 // or of 128, fp16 too, with and without renormalised routing weights.
+// Inference forward (no Y1): the wgmma GEMM1 skips Y1's stores; the portable one computes Y1 into scratch for
+// its separate SiLU·mul pass. Both give the training forward's output bitwise.
+TEST(CudaBlock, InferenceForwardKeepsNoGateUpAndMatches) {
+  REQUIRE_GPU();
+  MoeConfig cfg{256, 192, 8, 2, true, DType::bf16};
+  expect_inference_forward_matches(cfg, 1000, kGpu);
+  cfg.kernels.forward.kernel = GemmKernel::portable;
+  expect_inference_forward_matches(cfg, 1000, kGpu);
+  expect_inference_forward_matches(MoeConfig{61, 27, 7, 3, true, DType::bf16}, 21, kGpu);  // unaligned rows
+}
+
 TEST(CudaBlock, WideIntermediateMatchesReference) {
   REQUIRE_GPU();
   for (const auto& [dtype, I, norm] : {std::tuple{DType::bf16, 320, true}, std::tuple{DType::f16, 256, false},

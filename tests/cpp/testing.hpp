@@ -397,6 +397,30 @@ struct DeviceBlock {
   }
 };
 
+// An inference forward on `dev` (a state without gate_up_out: Y1 neither kept nor written) gives the training
+// forward's out and router_logits bitwise, in a smaller state; a backward from it is refused, naming the view.
+inline void expect_inference_forward_matches(const MoeConfig& c, int64_t T, const Device& dev) {
+  BlockTensors b(c, T);
+  const HostTensor dout = random_dout(b);
+  DeviceBlock d(b, dout, dev);
+  d.forward();
+  EXPECT_LT(moe_saved_bytes(c, T, false), moe_saved_bytes(c, T));
+  Buffer state(moe_saved_bytes(c, T, false), dev);
+  poison_bytes(state.data(), state.bytes(), dev);
+  const MoeSaved inference = moe_saved_views(c, T, state.data(), dev, false);
+  ASSERT_FALSE(inference.gate_up_out.defined());
+  DeviceCopy out(b.out, dev, false), logits(b.logits, dev, false);
+  moe_forward(c, d.x.t, d.weights(), out.t, logits.t, inference, {d.fws.data(), d.fws.bytes()});
+  EXPECT_TRUE(out.download().bitwise_equal(d.out.download()));
+  EXPECT_TRUE(logits.download().bitwise_equal(d.logits.download()));
+  try {
+    moe_backward(c, d.dO.t, d.x.t, d.weights(), logits.t, inference, d.grads(), {d.bws.data(), d.bws.bytes()});
+    ADD_FAILURE() << "expected fusedmoe::Error for a backward from an inference forward's state";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("saved.gate_up_out"), std::string::npos) << e.what();
+  }
+}
+
 // Runs moe_forward then moe_backward (all gradients) on `dev` with every output poisoned first.
 inline BlockResult run_block(const BlockTensors& b, const HostTensor& dout, const Device& dev) {
   DeviceBlock d(b, dout, dev);

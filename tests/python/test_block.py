@@ -206,7 +206,15 @@ def test_packed_state_buffer_is_checked(device):
     with pytest.raises(ValueError, match="argument 'saved' needs"):  # the workspace is to follow the state
         _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, _ops._scratch(_C.moe_saved_bytes(cfg, T), x.device),
                               None, stream)
+    # An inference state (keep_gate_up=False: no Y1) is smaller; the backward's full state cannot be carved from it.
+    inference = _C.moe_saved_bytes(cfg, T, False)
+    assert inference < _C.moe_saved_bytes(cfg, T)
+    _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, _ops._scratch(inference, x.device), ws, stream, False)
     bwd_ws = _ops._scratch(_C.moe_backward_workspace_bytes(cfg, T, True, True, True, True), x.device)
+    with pytest.raises(ValueError, match="argument 'saved' needs"):
+        _C.moe_backward_packed(cfg, torch.randn_like(x), x, gate, w1, w2, logits, _ops._scratch(inference, x.device),
+                               torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w1),
+                               torch.empty_like(w2), bwd_ws, stream)
     with pytest.raises(ValueError, match="argument 'saved' needs"):
         _C.moe_backward_packed(cfg, torch.randn_like(x), x, gate, w1, w2, logits, small, torch.empty_like(x),
                                torch.empty_like(gate), torch.empty_like(w1), torch.empty_like(w2), bwd_ws, stream)
@@ -257,6 +265,9 @@ def test_eager_experts_path_matches_the_custom_op(device, grad):
             (outs[0] * d_out).sum().backward()
             got += [xg.grad, wg.grad, w1.grad, w2.grad]
         results.append(got)
+    if not grad:  # without a gradient to compute, the eager path neither keeps nor writes gate_up_out (Y1)
+        assert results[0][4] is None and results[1][4] is not None
+        del results[0][4], results[1][4]
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
@@ -264,7 +275,8 @@ def test_eager_experts_path_matches_the_custom_op(device, grad):
 @pytest.mark.parametrize("grad", [True, False])
 def test_eager_path_matches_the_custom_op(device, grad):
     # Outside torch.compile the block skips the dispatcher (an autograd.Function, or the implementation itself
-    # without gradients); the registered op must compute exactly the same outputs and gradients.
+    # without gradients, which then keeps no Y1); the registered op must compute exactly the same outputs and
+    # gradients.
     dtype = dtype_for(device)
     hf = hf_block(48, 24, 8, 2, True, dtype, device)
     ours = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock.from_hf(copy.deepcopy(hf), autotune=False)
