@@ -419,6 +419,9 @@ def run_one(fn, x, mode, timer, warmup, repeats, device, shape):
                 p.grad = None
             xg.grad = None
     if device.type == "cuda":
+        # The peak is a steady step's: the first call, which may run the autotune search (it times kernel choices
+        # on buffers of its own), comes before the reset.
+        step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
