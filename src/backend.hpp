@@ -2,6 +2,9 @@
 // The op list lives in backend_ops.inc and is declared once per backend namespace.
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
+
 #include "fusedmoe/tensor.hpp"
 #include "fusedmoe/tiling.hpp"
 
@@ -40,8 +43,14 @@ struct GemmNN {
   Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {};
   Tensor slot_scratch = {};
 };
-// dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros.
-struct GemmTN { Tensor dY; RowMap dy_map; Tensor X; RowMap x_map; Tensor dW; GemmTiling tiling = {}; };
+// dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros. A backend may split
+// one long reduction (a single group of M rows: the router's dgate) into at most max_split_k(M) row chunks, whose
+// float32 partial sums ([chunks, N, K]) go to split_scratch where the caller lends it, else to its own scratch.
+inline int64_t max_split_k(int64_t rows) { return std::min<int64_t>(32, rows / 512); }
+struct GemmTN {
+  Tensor dY; RowMap dy_map; Tensor X; RowMap x_map; Tensor dW; GemmTiling tiling = {};
+  Tensor split_scratch = {};
+};
 
 namespace cpu {
 #include "backend_ops.inc"

@@ -110,16 +110,23 @@ ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const Exper
   return s;
 }
 
-// The block's backward: the router's scratch, then the experts' scratch.
+// The block's backward: the router's scratch, then the experts' scratch. The router's logit gradient is kept in
+// the activation dtype for 16-bit configs, the dtype its GEMMs run in on tensor cores. Its dgate reduction may be
+// split into row chunks whose float32 partials ([max_split_k(T), E, H]) reuse the experts' scratch, dead by then.
 struct RouterScratch { Tensor d_weights, d_logits; };
 bool wants_router(const MoeGrads& g) { return g.dx.defined() || g.d_gate.defined(); }
 RouterScratch carve_router_backward(const MoeConfig& c, int64_t T, bool router, Carver& cv) {
   RouterScratch s;
   if (router) {
     s.d_weights = cv.take(acc_dtype(c), {T, c.top_k});
-    s.d_logits = cv.take(acc_dtype(c), {T, c.num_experts});
+    const bool half = c.dtype == DType::bf16 || c.dtype == DType::f16;
+    s.d_logits = cv.take(half ? c.dtype : acc_dtype(c), {T, c.num_experts});
   }
   return s;
+}
+Tensor dgate_split_scratch(const MoeConfig& c, int64_t T, bool d_gate, Carver& cv) {
+  const int64_t chunks = max_split_k(T);
+  return d_gate && chunks > 1 ? cv.take(DType::f32, {chunks, c.num_experts, c.hidden_size}) : Tensor{};
 }
 MoeExpertGrads expert_grads_of(const MoeGrads& g, const Tensor& d_weights) {
   return {g.dx, d_weights, g.d_gate_up_proj, g.d_down_proj};
@@ -171,7 +178,10 @@ size_t moe_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const 
   check_config(cfg);
   Carver cv(nullptr, {});
   const RouterScratch r = carve_router_backward(cfg, tokens, wants_router(wanted), cv);
-  return cv.used() + moe_experts_backward_workspace_bytes(cfg, tokens, expert_grads_of(wanted, r.d_weights));
+  Carver split(nullptr, {});
+  dgate_split_scratch(cfg, tokens, wanted.d_gate.defined(), split);
+  return cv.used() +
+         std::max(moe_experts_backward_workspace_bytes(cfg, tokens, expert_grads_of(wanted, r.d_weights)), split.used());
 }
 
 namespace {
@@ -310,12 +320,14 @@ void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, co
   const bool router = wants_router(g);
   Carver cv(ws.data, dev);
   const RouterScratch rs = carve_router_backward(cfg, T, router, cv);
-  experts_backward(cfg, T, d_out, x, saved.topk_weights, w, saved, expert_grads_of(g, rs.d_weights),
-                   after(ws, cv.used()), s);
+  const Workspace experts_ws = after(ws, cv.used());
+  experts_backward(cfg, T, d_out, x, saved.topk_weights, w, saved, expert_grads_of(g, rs.d_weights), experts_ws, s);
   if (router) {
     FUSEDMOE_DISPATCH(dev, route_topk_backward, logits, saved.topk_ids, rs.d_weights, cfg.norm_topk_prob,
                       rs.d_logits, s);
-    FUSEDMOE_DISPATCH(dev, router_logits_backward, rs.d_logits, x, w.gate, g.dx, g.d_gate, /*accumulate_dx=*/true, s);
+    Carver split(experts_ws.data, dev);  // over the experts' scratch: their kernels precede on the stream
+    FUSEDMOE_DISPATCH(dev, router_logits_backward, rs.d_logits, x, w.gate, g.dx, g.d_gate, /*accumulate_dx=*/true,
+                      dgate_split_scratch(cfg, T, g.d_gate.defined(), split), s);
   }
 }
 

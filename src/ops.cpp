@@ -150,7 +150,7 @@ void router_logits_backward(const Tensor& d_logits, const Tensor& x, const Tenso
   check_router_logits(x, gate, d_logits);
   if (dx.defined()) check_tensor(op, "dx", dx, {x.shape[0], x.shape[1]}, kFloat, &x.device);
   if (dgate.defined()) check_tensor(op, "dgate", dgate, {gate.shape[0], gate.shape[1]}, kFloat, &x.device);
-  FUSEDMOE_DISPATCH(x.device, router_logits_backward, d_logits, x, gate, dx, dgate, accumulate_dx, s);
+  FUSEDMOE_DISPATCH(x.device, router_logits_backward, d_logits, x, gate, dx, dgate, accumulate_dx, Tensor{}, s);
 }
 
 }  // namespace fusedmoe

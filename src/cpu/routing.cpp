@@ -135,7 +135,8 @@ void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& 
 }
 
 void router_logits_backward(const Tensor& d_logits, const Tensor& x, const Tensor& gate, const Tensor& dx,
-                            const Tensor& dgate, bool accumulate_dx, Stream) {
+                            const Tensor& dgate, bool accumulate_dx, const Tensor& /*split_scratch: no split here*/,
+                            Stream) {
   const int64_t T = x.shape[0], H = x.shape[1], E = gate.shape[0];
   const bool f64 = any_f64({&d_logits, &x, &gate, &dx, &dgate});
   const auto unit_e = strided_offsets(E, 1), unit_h = strided_offsets(H, 1);

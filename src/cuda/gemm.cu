@@ -443,9 +443,16 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
   if (!r.expert_offsets.defined() && r.num_experts == 1) {
     const int64_t tiles = ((N + 127) / 128) * ((K + 127) / 128);
     const int64_t want = (2 * current_device_info().sms + tiles - 1) / tiles;
-    splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, r.M / 512)));
+    splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, max_split_k(r.M))));
   }
-  Scratch partial(splits > 1 ? static_cast<size_t>(splits) * N * K * sizeof(float) : 0, stream);
+  // The partial sums: in the caller's split_scratch where it lends one, else in the backend's pool.
+  const size_t partial_bytes = splits > 1 ? static_cast<size_t>(splits) * N * K * sizeof(float) : 0;
+  const bool lent = partial_bytes > 0 && g.split_scratch.defined();
+  if (lent && (g.split_scratch.dtype != DType::f32 || g.split_scratch.nbytes() < partial_bytes))
+    throw Error("grouped_gemm_dW: the lent split-K scratch must hold [" + std::to_string(splits) + ", N, K] float32, got " +
+                g.split_scratch.describe());
+  Scratch pooled(lent ? 0 : partial_bytes, stream);
+  float* partials = lent ? g.split_scratch.ptr<float>() : pooled.as<float>();
   with_types("grouped_gemm_dW", g.X, g.dW, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
@@ -460,9 +467,9 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
     chunks.num_experts = splits;
     chunks.rows_per_group = ((r.M + splits - 1) / splits + 63) / 64 * 64;
     Problem<T, float> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
-                        partial.as<float>(), K, N * K, RowMap::identity, nullptr, false, chunks, N, K, 0};
+                        partials, K, N * K, RowMap::identity, nullptr, false, chunks, N, K, 0};
     launch<T, float, false, false, Mode::varlen_k>(p, splits, r.M, g.tiling, stream);
-    sum_partials_kernel<O><<<blocks_for(N * K, 256), 256, 0, stream>>>(partial.as<float>(), g.dW.ptr<O>(), N * K, splits);
+    sum_partials_kernel<O><<<blocks_for(N * K, 256), 256, 0, stream>>>(partials, g.dW.ptr<O>(), N * K, splits);
     check_launch("sum_partials_kernel");
   });
 }
@@ -493,7 +500,7 @@ void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, St
 }
 
 void router_logits_backward(const Tensor& d_logits, const Tensor& x, const Tensor& gate, const Tensor& dx,
-                            const Tensor& dgate, bool accumulate_dx, Stream s) {
+                            const Tensor& dgate, bool accumulate_dx, const Tensor& split_scratch, Stream s) {
   const cudaStream_t stream = stream_of(s);
   require_tensor_core_dtype("router_logits_backward", "x", x);
   // The products run on tensor cores in x's dtype: bring d_logits there first when it is float32.
@@ -512,7 +519,7 @@ void router_logits_backward(const Tensor& d_logits, const Tensor& x, const Tenso
   }
   const Routing one = single_group(x.shape[0]);
   if (dgate.defined())  // dgate[e, h] = Σ_t dl[t, e] · x[t, h]
-    gemm_tn(one, GemmTN{dl, RowMap::identity, x, RowMap::identity, as_one_group(dgate)}, s);
+    gemm_tn(one, GemmTN{dl, RowMap::identity, x, RowMap::identity, as_one_group(dgate), {}, split_scratch}, s);
   if (dx.defined())  // dx[t, h] (+)= Σ_e dl[t, e] · gate[e, h]
     gemm_nn(one, GemmNN{dl, RowMap::identity, as_one_group(gate), dx, RowMap::identity, accumulate_dx}, s);
 }

@@ -212,6 +212,15 @@ TEST(CudaBlock, InferenceForwardKeepsNoGateUpAndMatches) {
   expect_inference_forward_matches(MoeConfig{61, 27, 7, 3, true, DType::bf16}, 21, kGpu);  // unaligned rows
 }
 
+// Enough tokens that the router's dgate reduction is split into row chunks: their partial sums come from the
+// backward workspace, over the experts' scratch.
+TEST(CudaBlock, RouterSplitReductionInTheWorkspaceMatchesReference) {
+  REQUIRE_GPU();
+  BlockTensors b(MoeConfig{256, 128, 8, 2, true, DType::bf16}, 2100);
+  const HostTensor dout = random_dout(b);
+  expect_block_matches_reference(b, dout, run_block(b, dout, kGpu));
+}
+
 TEST(CudaBlock, WideIntermediateMatchesReference) {
   REQUIRE_GPU();
   for (const auto& [dtype, I, norm] : {std::tuple{DType::bf16, 320, true}, std::tuple{DType::f16, 256, false},
