@@ -4,6 +4,7 @@
 # side by side, runs the new tree's GPU tests, times the block (moe_example) with the two trees' runs interleaved,
 # and profiles each tree's GEMM kernels with ncu. Output: $OUT/ab_trees.txt (and the ncu summaries).
 #   AB_OLD_TREE=ab_old   AB_TOKENS="2048 4096 16384"   AB_NCU_TOKENS=16384 (AB_NCU=0: no profile)
+#   AB_NCU_OTHER="route|sort": also the times of the other kernels matching this regex, per tree
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -41,4 +42,12 @@ if [ "${AB_NCU:-1}" = 1 ]; then
         sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -80; } >>"$OUT/ncu_summary.txt"
   done
   python3 scripts/ncu_table.py "$OUT/ncu_summary.txt" 2>&1 | tee -a "$out"
+  if [ -n "${AB_NCU_OTHER:-}" ]; then
+    for tree in old gpu; do
+      ncu --clock-control none -k "regex:${AB_NCU_OTHER}" --metrics gpu__time_duration.sum \
+        ./build/$tree/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 --no-check >build/ncu_other_$tree.txt 2>&1
+      echo "$tree: $(grep -E "^  [a-zA-Z_]|duration" build/ncu_other_$tree.txt | sed -E 's/\(.*//; s/gpu__time_duration.sum//; s/  +/ /g' |
+        paste -sd' ' | cut -c1-400)" | tee -a "$out"
+    done
+  fi
 fi

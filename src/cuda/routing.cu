@@ -63,7 +63,11 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
   softmax_row(logits + t * E, p, E, lane);
   for (int e = lane; e < E; e += 32) taken[e] = 0;
   __syncwarp();
-  float sum = 0.f;  // of the selected probabilities, in selection order (lane 0)
+  // Selection j is held by lane j % 32 until its round of 32 is complete, so the ids and weights go out in parallel
+  // (they were stored one after another by lane 0, which then read the ids back for the weights).
+  int held_id = 0;
+  float held_p = 0.f;
+  float sum = 0.f;  // of the selected probabilities, in selection order (every lane holds the same)
   for (int j = 0; j < k; ++j) {
     float bv = 0.f;
     int bi = INT32_MAX;
@@ -75,18 +79,20 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
       const int oi = __shfl_xor_sync(0xffffffffu, bi, d);
       if (oi != INT32_MAX && (bi == INT32_MAX || ranks_before(ov, oi, bv, bi))) bv = ov, bi = oi;
     }
-    if (lane == 0) {
-      taken[bi] = 1;
-      ids[t * k + j] = bi;
-      sum += bv;
-    }
+    if (lane == 0) taken[bi] = 1;
+    if (lane == j % 32) held_id = bi, held_p = bv;
+    sum += bv;
+    if ((j % 32 == 31 || j == k - 1) && lane <= j % 32) ids[t * k + j - j % 32 + lane] = held_id;
     __syncwarp();
   }
-  if (lane == 0)
-    for (int j = 0; j < k; ++j) {
-      const float v = p[ids[t * k + j]];
+  // The weights need the final sum: the last round's from registers, earlier rounds' (k > 32) through their ids.
+  for (int j0 = 0; j0 < k; j0 += 32) {
+    const int j = j0 + lane;
+    if (j < k) {
+      const float v = j0 + 32 >= k ? held_p : p[ids[t * k + j]];
       weights[t * k + j] = from_f32<W>(norm ? v / sum : v);
     }
+  }
 }
 
 // Per-block expert counts of a chunk of slots: counts[e * blocks + b].
