@@ -95,7 +95,10 @@ PHASES = {"fwd": "forward", "bwd_dX": "backward", "bwd_dW": "backward"}
 
 def search(measure: Callable[[dict, str], float], families=FAMILIES) -> dict:
     """Coordinate search over the families; measure(choice, phase) times the "forward" or the "backward" of
-    a full choice {family: tiling or None}. The heuristic (None) stays unless a candidate beats it by MARGIN."""
+    a full choice {family: tiling or None}. The heuristic (None) stays unless a candidate beats it by MARGIN,
+    against the incumbent timed again right after the candidate: clocks and load drift during a search (the
+    first timings of a process often run on a GPU still raising its clocks), and a single early timing of the
+    incumbent would let any later candidate win."""
     best = {name: None for name, _ in families}
     for name, cls in families:
         phase = PHASES[name]
@@ -103,7 +106,9 @@ def search(measure: Callable[[dict, str], float], families=FAMILIES) -> dict:
         for cand in (c.tiling() for c in cls.search_space()):
             t = measure(dict(best, **{name: cand}), phase)
             if t < base * (1 - MARGIN):
-                best[name], base = cand, t
+                base = measure(best, phase)
+                if t < base * (1 - MARGIN):
+                    best[name], base = cand, t
     return best
 
 

@@ -108,14 +108,15 @@ def test_autotune_searches_once_and_caches_on_disk(cache_dir):
     calls = []
 
     def fake_measure(choice, phase):  # pretends the 128-wide pair tile is fastest for every family
-        assert phase == ("forward" if len(calls) < 5 else "backward")
+        assert phase == ("forward" if len(calls) < 6 else "backward")
         calls.append(dict(choice))
         return sum(0.0 if t == [1, 128, 2] or t == [1, 128, 1] and n == "bwd_dW" else 1.0
                    for n, t in choice.items())
 
     got = autotune.tuned_choice(x, None, w1, w2, 2, True, measure=fake_measure)
     assert got == {"fwd": [1, 128, 2], "bwd_dX": [1, 128, 2], "bwd_dW": [1, 128, 1]}
-    assert len(calls) == 5 + 5 + 3  # heuristic + search space, per family
+    # Per family: the heuristic, the search space, and the incumbent again after the winning candidate.
+    assert len(calls) == (1 + 4 + 1) + (1 + 4 + 1) + (1 + 2 + 1)
     data = json.loads((cache_dir / autotune.CACHE_FILE).read_text())
     (key, stored), = data.items()
     assert stored == got and "|H64|I48|E8|k2|T128|float32|dW|fusedmoe-" in key
@@ -134,7 +135,7 @@ def test_autotune_searches_once_and_caches_on_disk(cache_dir):
     # Another bucket, another search; a frozen-experts problem has no dW family to tune.
     calls.clear()
     frozen = autotune.tuned_choice(torch.randn(300, 64), None, w1, w2, 2, True, with_dw=False, measure=fake_measure)
-    assert len(calls) == 10 and frozen["bwd_dW"] is None
+    assert len(calls) == 12 and frozen["bwd_dW"] is None
     assert len(json.loads((cache_dir / autotune.CACHE_FILE).read_text())) == 2
 
 
@@ -149,6 +150,18 @@ def test_autotune_keeps_the_heuristic_unless_a_candidate_clearly_wins(cache_dir)
         return t
     got = autotune.search(measure)
     assert got == {"fwd": None, "bwd_dX": [1, 256, 2], "bwd_dW": None}
+
+
+def test_autotune_times_the_incumbent_again_before_a_candidate_wins(cache_dir):
+    # A GPU whose clocks rise during the search makes every later timing shorter: the heuristic, timed first,
+    # must not lose to a candidate that is no faster than the heuristic timed at the same moment.
+    clock = iter(range(1000))
+
+    def drifting(choice, phase):
+        speedup = 1.0 - 0.01 * next(clock)  # 1% faster per timing
+        return speedup * (0.95 if choice["bwd_dX"] == [1, 256, 1] else 1.0)
+    got = autotune.search(drifting)
+    assert got == {"fwd": None, "bwd_dX": [1, 256, 1], "bwd_dW": None}
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fusedmoe.cuda_available()), reason="needs the CUDA backend")
