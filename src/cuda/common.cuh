@@ -117,6 +117,25 @@ class Scratch {
   cudaStream_t stream_;
 };
 
+// Scratch a caller may lend: `lent` where it is defined (and `bytes` > 0), which must hold `bytes` of `dtype`
+// 16-byte aligned (else an Error naming `what`); otherwise `bytes` from the backend's pool.
+class LentOrPooled {
+ public:
+  LentOrPooled(const Tensor& lent, DType dtype, size_t bytes, cudaStream_t stream, const char* what)
+      : use_lent_(bytes > 0 && lent.defined()), pooled_(use_lent_ ? 0 : bytes, stream) {
+    if (use_lent_ && (lent.dtype != dtype || lent.nbytes() < bytes || reinterpret_cast<uintptr_t>(lent.data) % 16 != 0))
+      throw Error(std::string(what) + ": the lent scratch must hold " + std::to_string(bytes) + " bytes of " +
+                  dtype_name(dtype) + ", 16-byte aligned, got " + lent.describe());
+    ptr_ = use_lent_ ? lent.data : pooled_.as<void>();
+  }
+  template <class T> T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  bool use_lent_;
+  Scratch pooled_;
+  void* ptr_ = nullptr;
+};
+
 // Scalar conversions between storage types and float on the device.
 template <class T> __device__ __forceinline__ float to_f32(T v);
 template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }

@@ -387,29 +387,24 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
   const bool sum_slots = g.dx_map == RowMap::token;
   // A token's k slot products land in scratch rows of dX's type, then add up in a fixed order: in the caller's
   // slot_scratch where it lends one, else in the backend's pool.
-  const size_t slot_bytes = sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0;
-  const bool lent = sum_slots && g.slot_scratch.defined();
-  if (lent && (g.slot_scratch.dtype != g.dX.dtype || g.slot_scratch.nbytes() < slot_bytes ||
-               reinterpret_cast<uintptr_t>(g.slot_scratch.data) % 16 != 0))
-    throw Error("grouped_gemm_dX: the lent slot scratch must hold [M, K] 16-byte-aligned elements of dX's dtype, got " +
-                g.slot_scratch.describe());
-  Scratch pooled(lent ? 0 : slot_bytes, stream);
-  void* slots = lent ? g.slot_scratch.data : pooled.as<void>();
+  const LentOrPooled slots(g.slot_scratch, g.dX.dtype,
+                           sum_slots ? static_cast<size_t>(r.M * K) * dtype_size(g.dX.dtype) : 0, stream,
+                           "grouped_gemm_dX (slot scratch)");
   with_types("grouped_gemm_dX", g.dY, g.dX, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
     if (sum_slots) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
-                      static_cast<O*>(slots), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
+                      slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
       if (r.T * K > 0) {
         constexpr int kVec = 16 / sizeof(O);
         if (K % kVec == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
           sum_slots_kernel<kVec, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              static_cast<const O*>(slots), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
+              slots.as<const O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         else
           sum_slots_kernel<1, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              static_cast<const O*>(slots), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
+              slots.as<const O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
         check_launch("sum_slots_kernel");
       }
     } else {
@@ -446,13 +441,10 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
     splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, max_split_k(r.M))));
   }
   // The partial sums: in the caller's split_scratch where it lends one, else in the backend's pool.
-  const size_t partial_bytes = splits > 1 ? static_cast<size_t>(splits) * N * K * sizeof(float) : 0;
-  const bool lent = partial_bytes > 0 && g.split_scratch.defined();
-  if (lent && (g.split_scratch.dtype != DType::f32 || g.split_scratch.nbytes() < partial_bytes))
-    throw Error("grouped_gemm_dW: the lent split-K scratch must hold [" + std::to_string(splits) + ", N, K] float32, got " +
-                g.split_scratch.describe());
-  Scratch pooled(lent ? 0 : partial_bytes, stream);
-  float* partials = lent ? g.split_scratch.ptr<float>() : pooled.as<float>();
+  const LentOrPooled partial(g.split_scratch, DType::f32,
+                             splits > 1 ? static_cast<size_t>(splits) * N * K * sizeof(float) : 0, stream,
+                             "grouped_gemm_dW (split-K scratch)");
+  float* partials = partial.as<float>();
   with_types("grouped_gemm_dW", g.X, g.dW, [&](auto t_tag, auto o_tag) {
     using T = decltype(t_tag);
     using O = decltype(o_tag);
