@@ -23,7 +23,7 @@ fi
 wait $old_job || { tail -30 build/old_build.log; exit 1; }
 out="$OUT/ab_trees.txt"
 echo "builds ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$out"
-./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" >build/new_tests.log 2>&1
+timeout ${AB_TEST_TIMEOUT:-300} ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" >build/new_tests.log 2>&1
 echo "new tests: $(grep -E '^\[  (PASSED|FAILED)' build/new_tests.log | tr '\n' ' ')" | tee -a "$out"
 grep -E -B2 -A12 '^\[  FAILED  \]|Failure' build/new_tests.log | head -60 | tee -a "$out"
 for T in ${AB_TOKENS:-2048 4096 16384}; do

@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" build
 export PATH="/usr/local/cuda/bin:$PATH"
 if ! { cmake -S . -B build/tl -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON \
          -DCMAKE_CUDA_FLAGS="-DFUSEDMOE_SM90_TIMELINE ${TL_FLAGS:-}" &&
