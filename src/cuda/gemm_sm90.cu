@@ -65,8 +65,6 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 // With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
 // GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
 constexpr int kDiagTnOnly = 32;
-// The nt/nn epilogue through 16-byte stores instead of bulk copies (for A/B runs).
-constexpr int kNoBulkEpilogue = 16;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -191,13 +189,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 }
 // cp.async writes through the generic proxy, wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Bulk copy (TMA engine) of `bytes` (a multiple of 16) from shared to global memory, tracked by the issuing thread's
-// bulk async-groups; wait_read returns once the engine has read the thread's committed copies out of shared memory.
-__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -462,8 +453,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
 
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
-  // nt/nn with 16-bit outputs hand their tiles to the TMA engine (see the consumers' epilogue).
-  constexpr bool kBulkEpilogue = kKind != GemmKind::tn && sizeof(OutT) == 2;
   const int timeline_slot = static_cast<int>(kKind) * 16 + (kGated ? 8 : 0) + (sizeof(OutT) == 4 ? 4 : 0) +
                             (BN == 128 ? 2 : 0) + (p.c_transposed ? 1 : 0);
   TileClock tile_clock;
@@ -632,7 +621,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     };
     float acc[BN / 2];
-    int stage = 0, prev_stage = 0, held_stage = 0;
+    int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
       const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
@@ -640,17 +629,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
       float row_scale[2] = {1.f, 1.f};
-      // Bulk epilogue (nt/nn, 16-bit outputs, below): thread tid < 64 copies row tid of its warpgroup's 64 rows.
-      const bool bulk_tile = kBulkEpilogue && !p.accumulate && tile.k_tiles >= 2 && !(kGated && p.C != nullptr) &&
-                             !(variant & kNoBulkEpilogue);
-      int64_t bulk_off = -1;  // element offset of that row in the output (act where gated), < 0: not stored
-      if (bulk_tile && tid < 64) {
-        const int m = tile.m0 + consumer * 64 + tid;
-        if (m < tile.rows) {
-          const int64_t i = tile.row_begin + m;
-          bulk_off = kGated ? i * p.ld_act : rt.row(p.c_map, i) * p.ldc;
-        }
-      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
@@ -686,8 +664,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
-        if (bulk_tile && kt == tile.k_tiles - 1) held_stage = prev_stage;  // the bulk epilogue stages a tile in it
-        else if (kt > 0) release(prev_stage);
+        if (kt > 0) release(prev_stage);
         prev_stage = stage;
         if (++stage == S) stage = 0, phase ^= 1;
       }
@@ -696,57 +673,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_clock.lap(kTlMainloop);
       if (variant & kDiagNoStore) {
         if (tile.k_tiles > 0) release(prev_stage);
-        if (bulk_tile) release(held_stage);
         continue;
-      }
-      if constexpr (kBulkEpilogue) {
-        if (bulk_tile) {
-          // The tile's last two stages are dead once both warpgroups' wgmmas are: each warpgroup writes its 64 rows
-          // into one of them (row pitch padded by 16 bytes, so a stmatrix's eight rows hit distinct banks), and its
-          // threads 0…63 hand one row each to the TMA engine as a bulk copy. The stages go back to the producer once
-          // the engine has read them; it meanwhile fills the other two.
-          asm volatile("bar.sync 4, 256;\n" ::: "memory");  // both warpgroups' wgmmas are complete
-          constexpr int kCols = kGated ? BN / 2 : BN;       // output columns of the tile
-          constexpr int kPitch = kCols * 2 + 16;
-          static_assert(64 * kPitch <= Cfg::kStageBytes, "a warpgroup's rows fit one stage");
-          const uint32_t rows_base = stages + (consumer == 0 ? prev_stage : held_stage) * Cfg::kStageBytes;
-          // stmatrix.x4 of column groups j, j + 1 × row halves: lane t addresses row t % 8 of matrix t / 8.
-          const uint32_t lane_addr = rows_base + (warp * 16 + (lane / 8 % 2) * 8 + lane % 8) * kPitch + (lane / 16) * 16;
-#pragma unroll
-          for (int j = 0; j < kCols / 8; j += 2) {
-            uint32_t r[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int jj = j + i / 2, h = i % 2;
-              if constexpr (kGated) {
-                const float g0 = to_f32(from_f32<OutT>(acc[jj * 4 + h * 2])), g1 = to_f32(from_f32<OutT>(acc[jj * 4 + h * 2 + 1]));
-                const int ju = jj + BN / 16;
-                const float u0 = to_f32(from_f32<OutT>(acc[ju * 4 + h * 2])), u1 = to_f32(from_f32<OutT>(acc[ju * 4 + h * 2 + 1]));
-                r[i] = pack2<OutT>(act::silu(g0) * u0, act::silu(g1) * u1);
-              } else {
-                r[i] = pack2<OutT>(acc[jj * 4 + h * 2] * row_scale[h], acc[jj * 4 + h * 2 + 1] * row_scale[h]);
-              }
-            }
-            stmatrix_x4<false>(lane_addr + j * 16, r[0], r[1], r[2], r[3]);
-          }
-          fence_proxy_async();  // the generic-proxy rows are read by the bulk copies (async proxy)
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-          if (tid < 64) {
-            const int64_t cols = (kGated ? p.N / 2 : p.N) - tile.n0;
-            const uint32_t bytes = static_cast<uint32_t>(cols < kCols ? cols : kCols) * 2;
-            if (bulk_off >= 0) {
-              OutT* base = kGated ? p.act : p.C;
-              bulk_store(base + bulk_off + tile.n0, rows_base + tid * kPitch, bytes);
-            }
-            bulk_commit();
-            bulk_wait_read();
-          }
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");  // the engine has read the rows
-          tile_clock.lap(kTlEpilogue);
-          release(prev_stage);
-          release(held_stage);
-          continue;
-        }
       }
       if constexpr (kKind == GemmKind::tn && sizeof(OutT) == 2) {
         if (p.c_transposed) {
