@@ -65,39 +65,27 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 // With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
 // GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
 constexpr int kDiagTnOnly = 32;
-// The nt/nn epilogue in place (16-byte stores from the last stage) instead of through the output buffer (A/B runs).
-constexpr int kNoOutBuffer = 16;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
 #define FUSEDMOE_SM90_STAGES256 4
 #endif
 
-// kOutBuffer: the kernel's epilogue writes each tile into a buffer of its own, from which the TMA engine copies the
-// rows out while the next tile runs (nt/nn, 16-bit outputs, not gated); it costs a pipeline stage.
-template <int BN, bool kOutBuffer = false>
+template <int BN>
 struct Config {
-  static constexpr int kStages = kOutBuffer ? (BN == 256 ? 3 : 5) : BN == 256 ? FUSEDMOE_SM90_STAGES256 : 6;
+  static constexpr int kStages = BN == 256 ? FUSEDMOE_SM90_STAGES256 : 6;
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kOutPitch = BN * 2 + 16;  // padded: a stmatrix's eight rows hit distinct banks
-  static constexpr int kOutBytes = kOutBuffer ? kBM * kOutPitch : 0;
-  static constexpr int kRowOffBytes = kOutBuffer ? 0 : 4 * kSlotChunk * 8;  // tn's staged row offsets
   static constexpr size_t smem_bytes(int groups) {
-    return 1024 /* alignment slack */ + kStages * kStageBytes + kOutBytes + 2 * kStages * 8 + kRowOffBytes +
-           2 * (groups + 1) * 4;  // s_prefix and s_offsets
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 4 * kSlotChunk * 8 +
+           2 * (groups + 1) * 4;  // s_row_off, s_prefix and s_offsets
   }
 };
 
 constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
-static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem &&
-                  Config<128, true>::smem_bytes(kMaxGroups) <= kMaxSmem &&
-                  Config<256, true>::smem_bytes(kMaxGroups) <= kMaxSmem,
+static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem,
               "the pipeline stages and group tables must fit in shared memory");
-// The kernels with an output buffer (see Config).
-template <class OutT, GemmKind kKind, bool kGated>
-constexpr bool kUsesOutBuffer = kKind != GemmKind::tn && sizeof(OutT) == 2 && !kGated;
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -201,15 +189,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 }
 // cp.async writes through the generic proxy, wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Bulk copy (TMA engine) of `bytes` (a multiple of 16) from shared to global memory, tracked by the issuing thread's
-// bulk async-groups: wait_read returns once the engine has read the thread's committed copies out of shared memory,
-// wait_all once they are complete.
-__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -421,8 +400,7 @@ template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
                      int variant, int tn_tma) {
-  constexpr bool kOutBuffer = kUsesOutBuffer<OutT, kKind, kGated>;
-  using Cfg = Config<BN, kOutBuffer>;
+  using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
@@ -434,12 +412,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t stages = smem_u32(smem);
   // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
-  const uint32_t out_buffer = stages + S * Cfg::kStageBytes;  // kOutBuffer: 128 rows of kOutPitch bytes
-  const uint32_t full_bar = out_buffer + Cfg::kOutBytes;
+  const uint32_t full_bar = stages + S * Cfg::kStageBytes;
   const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
-  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + Cfg::kOutBytes + 2 * S * 8);
-  int32_t* s_prefix = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(s_row_off) + Cfg::kRowOffBytes);  // [E+1] m-tiles before group e
+  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
+  int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
   // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
@@ -652,11 +629,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
       float row_scale[2] = {1.f, 1.f};
-      // Output-buffer epilogue (below): thread tid < 64 copies row tid of its warpgroup's 64 rows.
-      const bool buffered = kOutBuffer && !p.accumulate && tile.k_tiles > 0 && !(variant & kNoOutBuffer);
-      int64_t copy_off = -1;  // element offset of that row in C, < 0: not stored
-      if (buffered && tid < 64 && tile.m0 + consumer * 64 + tid < tile.rows)
-        copy_off = rt.row(p.c_map, tile.row_begin + tile.m0 + consumer * 64 + tid) * p.ldc;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
@@ -702,43 +674,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (variant & kDiagNoStore) {
         if (tile.k_tiles > 0) release(prev_stage);
         continue;
-      }
-      if constexpr (kOutBuffer) {
-        if (buffered) {
-          // The stage goes back at once: the tile is written into the output buffer (each warpgroup its 64 rows),
-          // whose rows the TMA engine copies out (one bulk copy per row, any row map) while the consumers go on
-          // with the next tile. The epilogue's stores had taken 15–25% of a tile serial to the mainloop: a tile's
-          // 64 KB leave the SM at ~15 bytes per cycle whether warps or the engine write them (v20), and stores from
-          // the consumer warps during a mainloop halve its tensor-core rate (v19).
-          release(prev_stage);
-          if (tid < 64) bulk_wait_read();  // the engine has read this warpgroup's rows of the previous tile
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-          const uint32_t rows_base = out_buffer + consumer * 64 * Cfg::kOutPitch;
-          // stmatrix.x4 of column groups j, j + 1 × row halves: lane t addresses row t % 8 of matrix t / 8.
-          const uint32_t lane_addr =
-              rows_base + (warp * 16 + (lane / 8 % 2) * 8 + lane % 8) * Cfg::kOutPitch + (lane / 16) * 16;
-#pragma unroll
-          for (int j = 0; j < BN / 8; j += 2) {
-            uint32_t r[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int jj = j + i / 2, h = i % 2;
-              r[i] = pack2<OutT>(acc[jj * 4 + h * 2] * row_scale[h], acc[jj * 4 + h * 2 + 1] * row_scale[h]);
-            }
-            stmatrix_x4<false>(lane_addr + j * 16, r[0], r[1], r[2], r[3]);
-          }
-          fence_proxy_async();  // the rows (generic proxy) are read by the bulk copies (async proxy)
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-          if (tid < 64) {
-            const int64_t cols = p.N - tile.n0;
-            if (copy_off >= 0)
-              bulk_store(p.C + copy_off + tile.n0, rows_base + tid * Cfg::kOutPitch,
-                         static_cast<uint32_t>(cols < BN ? cols : BN) * 2);
-            bulk_commit();
-          }
-          tile_clock.lap(kTlEpilogue);
-          continue;
-        }
       }
       if constexpr (kKind == GemmKind::tn && sizeof(OutT) == 2) {
         if (p.c_transposed) {
@@ -831,9 +766,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_clock.lap(kTlEpilogue);
       if (tile.k_tiles > 0) release(prev_stage);
     }
-  }
-  if constexpr (kOutBuffer) {
-    if (warpgroup > 0 && tid < 64) bulk_wait_all();  // the buffer is read and the rows written before the CTA exits
   }
   tile_clock.flush(timeline_slot);
   // The peer still arrives on this CTA's barriers until its last stage is released: neither CTA may exit first.
@@ -943,7 +875,7 @@ bool tn_tma_off() {
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
-  using Cfg = Config<BN, kUsesOutBuffer<OutT, kKind, kGated>>;
+  using Cfg = Config<BN>;
   auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>;
   const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
   cudaLaunchConfig_t config{};
