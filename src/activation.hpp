@@ -16,7 +16,7 @@ template <class A> FUSEDMOE_HD A sigmoid(A g) {
     // 16-bit outputs' rounding): the accurate expf and IEEE division took ~5× the instructions, and GEMM1's
     // epilogue evaluates 64 of them per thread per tile. (FUSEDMOE_ACCURATE_SILU builds the exact version.)
     // ex2 with denormals flushed: __expf's range fix-up for results below 2^-126 (three instructions) cannot
-    // change 1 + e in float. Large −g gives e = +inf and σ = 0, as __fdividef(1, inf) is 0.
+    // change 1 + e in float. A very negative g gives e = +inf and σ = 0 (__fdividef(1, inf) is 0), as before.
     float e;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(g * -1.4426950408889634f));
     return __fdividef(1.f, 1.f + e);
