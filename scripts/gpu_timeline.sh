@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The per-tile timeline of the sm90 GEMMs (diagnostic build -DFUSEDMOE_SM90_TIMELINE) on the GPU machine, per
-# kernel variant: builds build/tl (moe_example only), runs it per variant and token count without the CPU oracle,
-# and collects each run's report (cycles per tile: first-stage wait, mainloop, epilogue) in $OUT/timeline.txt.
+# kernel variant: builds build/tl (moe_example only: no GoogleTest sources needed, so it also runs in another
+# source tree), runs it per variant and token count without the CPU oracle, and collects each run's report
+# (cycles per tile: first-stage wait, mainloop, epilogue) in $OUT/timeline.txt.
 #   TL_VARIANTS="A=ENV=VAL,ENV2=VAL B=..."  (default: the heuristic, named "default")
 #   TL_TOKENS="4096 16384"   TL_FLAGS="-DFUSEDMOE_SM90_DIAG_TN_KMAJOR_A" (extra CUDA flags of the build)
 #   TL_BUILD_ONLY=1 builds and stops (to build next to another tree before timing anything).
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT" build
 export PATH="/usr/local/cuda/bin:$PATH"
-if ! { cmake -S . -B build/tl -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON \
+if ! { cmake -S . -B build/tl -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON -DFUSEDMOE_BUILD_TESTS=OFF \
          -DCMAKE_CUDA_FLAGS="-DFUSEDMOE_SM90_TIMELINE ${TL_FLAGS:-}" &&
        cmake --build build/tl -j "${TL_JOBS:-$(nproc)}" --target moe_example; } >build/tl_build.log 2>&1; then
   tail -30 build/tl_build.log; exit 1
