@@ -70,8 +70,8 @@ struct Layer {
   MoeConfig cfg;
   int64_t T;
   Device dev;
-  Buffer x, gate, w1, w2, out, logits, saved_mem, fwd_ws, dout, dx, dgate, dw1, dw2, bwd_ws;
-  MoeSaved saved;
+  Buffer x, gate, w1, w2, out, logits, saved_mem, fwd_ws, dout, dx, dgate, dw1, dw2, bwd_ws, inference_mem;
+  MoeSaved saved, inference_saved;  // inference: the state of a forward no backward follows (no Y1)
   MoeGrads grads;
 
   Layer(const MoeConfig& c, int64_t tokens, Device d) : cfg(c), T(tokens), dev(d) {
@@ -82,6 +82,8 @@ struct Layer {
     saved_mem = Buffer(moe_saved_bytes(c, T), d);
     saved = moe_saved_views(c, T, saved_mem.data(), d);
     fwd_ws = Buffer(moe_forward_workspace_bytes(c, T), d);
+    inference_mem = Buffer(moe_saved_bytes(c, T, false), d);
+    inference_saved = moe_saved_views(c, T, inference_mem.data(), d, false);
     dout = Buffer(T * H * es, d), dx = Buffer(T * H * es, d), dgate = Buffer(E * H * es, d);
     dw1 = Buffer(E * 2 * I * H * es, d), dw2 = Buffer(E * H * I * es, d);
     grads = {dx.view(c.dtype, {T, H}), dgate.view(c.dtype, {E, H}), dw1.view(c.dtype, {E, 2 * I, H}),
@@ -92,9 +94,10 @@ struct Layer {
     const int64_t H = cfg.hidden_size, I = cfg.intermediate_size, E = cfg.num_experts;
     return {gate.view(cfg.dtype, {E, H}), w1.view(cfg.dtype, {E, 2 * I, H}), w2.view(cfg.dtype, {E, H, I})};
   }
-  void forward(Stream s = {}) {
+  void forward(Stream s = {}, bool inference = false) {
     moe_forward(cfg, x.view(cfg.dtype, {T, cfg.hidden_size}), weights(), out.view(cfg.dtype, {T, cfg.hidden_size}),
-                logits.view(cfg.dtype, {T, cfg.num_experts}), saved, {fwd_ws.data(), fwd_ws.bytes()}, s);
+                logits.view(cfg.dtype, {T, cfg.num_experts}), inference ? inference_saved : saved,
+                {fwd_ws.data(), fwd_ws.bytes()}, s);
   }
   void backward(Stream s = {}) {
     const Tensor xv = x.view(cfg.dtype, {T, cfg.hidden_size});
@@ -169,9 +172,13 @@ int main(int argc, char** argv) {
     // Warm-up, then timed repeats (synchronous copies below order the device work).
     layer.forward();
     layer.backward();
-    double fwd = 1e30, bwd = 1e30;
+    double fwd = 1e30, bwd = 1e30, inf = 1e30;
     for (int r = 0; r < repeats; ++r) {
       auto t0 = std::chrono::steady_clock::now();
+      layer.forward({}, /*inference=*/true);
+      if (gpu) layer.download(layer.out, 1);
+      inf = std::min(inf, seconds_since(t0));
+      t0 = std::chrono::steady_clock::now();
       layer.forward();
       if (gpu) layer.download(layer.out, 1);
       fwd = std::min(fwd, seconds_since(t0));
@@ -182,6 +189,8 @@ int main(int argc, char** argv) {
     }
     std::printf("forward : %9.3f ms  %8.3f TFLOP/s\n", fwd * 1e3, cfg.forward_flops(T) / fwd * 1e-12);
     std::printf("backward: %9.3f ms  %8.3f TFLOP/s\n", bwd * 1e3, cfg.backward_flops(T, true) / bwd * 1e-12);
+    std::printf("inference forward: %9.3f ms  %8.3f TFLOP/s  (no state kept for a backward)\n", inf * 1e3,
+                cfg.forward_flops(T) / inf * 1e-12);
 
     // Error against the CPU oracle (on the CPU itself, this compares the backend with itself).
     if (gpu && check) {

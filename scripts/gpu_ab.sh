@@ -32,7 +32,7 @@ for v in $variants; do
     grep -E -B2 -A12 '^\[  FAILED  \]|Failure' "$LOGS/tests_$name.log" | head -60 >>"$table"
     for T in ${AB_TOKENS:-2048 16384}; do
       ./build/gpu/moe_example --tokens "$T" --repeats 10 >"$LOGS/example_${name}_$T.log" 2>&1
-      echo "$name T=$T $(grep -E '^(forward|backward)' "$LOGS/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
+      echo "$name T=$T $(grep -E '^(forward|backward|inference)' "$LOGS/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
     done
     if [ "${AB_NCU:-1}" = 1 ]; then
       ncu --clock-control none -k regex:gemm --metrics \

@@ -30,7 +30,7 @@ for T in ${AB_TOKENS:-2048 4096 16384}; do
   for round in 1 2; do
     for tree in old gpu; do
       echo "$tree T=$T ($round) $(./build/$tree/moe_example --tokens "$T" --repeats 10 --no-check 2>&1 |
-        grep -E '^(forward|backward)' | tr -s ' ' | tr '\n' ' ')" | tee -a "$out"
+        grep -E '^(forward|backward|inference)' | tr -s ' ' | tr '\n' ' ')" | tee -a "$out"
     done
   done
 done

@@ -25,7 +25,7 @@ for v in ${TL_VARIANTS:-default=FUSEDMOE_TL_DEFAULT=1}; do
   for T in ${TL_TOKENS:-4096 16384}; do
     { echo "== $name T=$T"
       ( export "${kv[@]}"; ./build/tl/moe_example --tokens "$T" --repeats 3 --no-check 2>&1 ) |
-        grep -E "^(forward|backward)|timeline|^  (nt|nn|tn)"; } >>"$out"
+        grep -E "^(forward|backward|inference)|timeline|^  (nt|nn|tn)"; } >>"$out"
   done
 done
 cat "$out"

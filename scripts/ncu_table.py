@@ -4,7 +4,7 @@ import re
 import sys
 
 txt=open(sys.argv[1]).read()
-names=['router','GEMM1','GEMM2','dA','dW2','dW1','dX','rdW','rdX']
+names=['router','GEMM1','GEMM2','dA','dW2','dW1','dX','rdW','rdX','router_i','GEMM1inf','GEMM2inf']
 for block in txt.split('== ncu ')[1:]:
     name=block.split('\n')[0]; rows=[]; cur=None
     for line in block.split('\n'):
