@@ -65,40 +65,27 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 // With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
 // GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
 constexpr int kDiagTnOnly = 32;
-// The gated GEMM1 writes act through the warps' staged stores instead of its act buffer (A/B runs).
-constexpr int kNoActBuffer = 16;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
 #define FUSEDMOE_SM90_STAGES256 4
 #endif
 
-constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
-
-// kActBuffer (gated GEMM1, 16-bit outputs): the tile's act rows (128 × BN/2) go into a buffer of their own, which
-// the TMA engine copies out while the consumers run the next tile; the stages stay as they are, and the tn-only
-// row-offset area makes room for it. Where the group tables no longer fit beside it (more than kMaxGroupsFit
-// groups) the kernel runs without it.
-template <int BN, bool kActBuffer = false>
+template <int BN>
 struct Config {
   static constexpr int kStages = BN == 256 ? FUSEDMOE_SM90_STAGES256 : 6;
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kActBytes = kActBuffer ? kBM * (BN / 2) * 2 : 0;
-  static constexpr int kRowOffBytes = kActBuffer ? 0 : 4 * kSlotChunk * 8;  // tn's staged row offsets
   static constexpr size_t smem_bytes(int groups) {
-    return 1024 /* alignment slack */ + kStages * kStageBytes + kActBytes + 2 * kStages * 8 + kRowOffBytes +
-           2 * (groups + 1) * 4;  // s_prefix and s_offsets
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 4 * kSlotChunk * 8 +
+           2 * (groups + 1) * 4;  // s_row_off, s_prefix and s_offsets
   }
-  static constexpr int kGroupsRoom = (kMaxSmem - static_cast<int>(smem_bytes(-1))) / 8 - 1;
-  static constexpr int kMaxGroupsFit = kMaxGroups < kGroupsRoom ? kMaxGroups : kGroupsRoom;
 };
 
-static_assert(Config<128>::kMaxGroupsFit == kMaxGroups && Config<256>::kMaxGroupsFit == kMaxGroups,
+constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
+static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem,
               "the pipeline stages and group tables must fit in shared memory");
-static_assert(Config<128, true>::kMaxGroupsFit >= 128 && Config<256, true>::kMaxGroupsFit >= 128,
-              "the act buffer leaves room for the group tables of 128 experts");
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -202,21 +189,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
 }
 // cp.async writes through the generic proxy, wgmma reads through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// Bulk copy (TMA engine) of `bytes` (a multiple of 16) from shared to global memory, tracked by the issuing thread's
-// bulk async-groups: wait_read returns once the engine has read the thread's committed copies out of shared memory,
-// wait_all once they are complete.
-__device__ __forceinline__ void bulk_store(void* dst, uint32_t src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
-}
-// TMA store: shared memory at `src` (a 128-byte-swizzled box) to box (c0, c1, c2) of a 3-D tensor map, tracked by
-// the issuing thread's bulk async-groups like bulk_store.
-__device__ __forceinline__ void tma_store(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2) {
-  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n"
-               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(src), "r"(c0), "r"(c1), "r"(c2) : "memory");
-}
-__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -424,14 +396,13 @@ enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
 // kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
 // b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster, bool kActBuffer>
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
-                     const __grid_constant__ CUtensorMap act_map, int variant, int tn_tma) {
-  using Cfg = Config<BN, kActBuffer>;
+                     int variant, int tn_tma) {
+  using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
-  static_assert(!kActBuffer || (kGated && sizeof(OutT) == 2), "the act buffer holds a gated tile's 16-bit act rows");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
@@ -440,13 +411,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   // knows every pointer below is shared memory and emits shared loads rather than generic ones.
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   const uint32_t stages = smem_u32(smem);
-  const uint32_t act_buffer = stages + S * Cfg::kStageBytes;  // kActBuffer: 128 act rows of BN bytes
   // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
-  const uint32_t full_bar = act_buffer + Cfg::kActBytes;
+  const uint32_t full_bar = stages + S * Cfg::kStageBytes;
   const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
-  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + Cfg::kActBytes + 2 * S * 8);
-  int32_t* s_prefix = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(s_row_off) + Cfg::kRowOffBytes);  // [E+1] m-tiles before group e
+  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
+  int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
   // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
@@ -659,7 +629,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
       float row_scale[2] = {1.f, 1.f};
-      const bool act_buffered = kActBuffer && tile.k_tiles > 0 && !(variant & kNoActBuffer);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
@@ -759,63 +728,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tile.k_tiles > 0)
         staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
-      if constexpr (kActBuffer) {
-        if (act_buffered) {
-          // The tile's act rows go into the act buffer (each warpgroup its 64 rows, 128-byte-swizzled panels of 64
-          // columns), and the TMA engine stores them (one tensor store per panel) while the consumers run the next
-          // tile: the warps' stores of an epilogue leave the SM at ~15 bytes per cycle, serial to the mainloop
-          // (session 10). A warpgroup whose rows run past the group's end (the next group's rows, another tile's)
-          // stores its valid rows itself.
-          constexpr int kPanels = BN / 128;  // act panels of 64 columns
-          const uint32_t rows_base = act_buffer + consumer * kPanels * kPanelBytes;
-          if (tid == 0) bulk_wait_read();  // the engine has read this warpgroup's rows of the previous tile
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-          const int row = warp * 16 + (lane / 8 % 2) * 8 + lane % 8;  // stmatrix: lane t addresses row t % 8 of matrix t / 8
-#pragma unroll
-          for (int j = 0; j < BN / 16; j += 2) {
-            uint32_t r[4];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              const int g = (j + i / 2) * 4 + (i % 2) * 2, u = g + (BN / 16) * 4;  // gate and up of the pair
-              r[i] = pack2<OutT>(act::silu(to_f32(from_f32<OutT>(acc[g]))) * to_f32(from_f32<OutT>(acc[u])),
-                                 act::silu(to_f32(from_f32<OutT>(acc[g + 1]))) * to_f32(from_f32<OutT>(acc[u + 1])));
-            }
-            const int chunk = j + lane / 16;  // 16-byte chunk of the act row
-            stmatrix_x4<false>(swizzled(rows_base + (chunk / 8) * kPanelBytes, row, chunk % 8), r[0], r[1], r[2], r[3]);
-          }
-          fence_proxy_async();  // the rows (generic proxy) are read by the TMA stores (async proxy)
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-          const int64_t m_first = tile.m0 + consumer * 64;
-          if (m_first + 64 <= tile.rows) {
-            if (tid == 0) {
-#pragma unroll
-              for (int q = 0; q < kPanels; ++q)
-                tma_store(&act_map, rows_base + q * kPanelBytes, static_cast<int>(tile.n0) + 64 * q,
-                          static_cast<int>(tile.row_begin + m_first), 0);
-              bulk_commit();
-            }
-          } else {
-            // (The next tile's act epilogue rewrites the buffer only after its barrier, which these reads precede.)
-            constexpr int kRowChunks = BN / 16;  // 16-byte chunks of an act row
-#pragma unroll
-            for (int it = 0; it < kRowChunks / 2; ++it) {
-              const int e = it * 128 + tid, r = e / kRowChunks, chunk = e % kRowChunks;
-              const int64_t col = tile.n0 + chunk * 8;
-              if (m_first + r < tile.rows && col < p.N / 2)
-                *reinterpret_cast<uint4*>(p.act + (tile.row_begin + m_first + r) * p.ld_act + col) =
-                    *reinterpret_cast<const uint4*>(smem + (swizzled(rows_base + (chunk / 8) * kPanelBytes, r, chunk % 8) - stages));
-            }
-          }
-        }
-      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
         if constexpr (kKind == GemmKind::nt && kGated) {
-          // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values
-          // (act here only without the act buffer, which took it above).
+          // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values.
           const int64_t I = p.N / 2;
-          const int64_t act_row = out_off[h] < 0 || act_buffered ? -1 : act_off[h];
+          const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
 #pragma unroll
           for (int q = 0; q < (BN / 2) / Sl::kCols; ++q) {
             const int64_t col0 = tile.n0 + q * Sl::kCols;
@@ -830,7 +749,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
               store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
             }
-            if (!act_buffered) store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
+            store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
           }
         } else {
           const float scale = row_scale[h];
@@ -847,9 +766,6 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_clock.lap(kTlEpilogue);
       if (tile.k_tiles > 0) release(prev_stage);
     }
-  }
-  if constexpr (kActBuffer) {
-    if (warpgroup > 0 && tid == 0) bulk_wait_all();  // the act rows are written before the CTA exits
   }
   tile_clock.flush(timeline_slot);
   // The peer still arrives on this CTA's barriers until its last stage is released: neither CTA may exit first.
@@ -957,10 +873,10 @@ bool tn_tma_off() {
 }
 
 // Launches one instantiation; false (nothing launched) when the device cannot hold one of its clusters.
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster, bool kActBuffer>
-bool launch_with(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
-  using Cfg = Config<BN, kActBuffer>;
-  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster, kActBuffer>;
+template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
+bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
+  using Cfg = Config<BN>;
+  auto kernel = gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>;
   const size_t smem = Cfg::smem_bytes(static_cast<int>(groups));
   cudaLaunchConfig_t config{};
   cudaLaunchAttribute cluster{};
@@ -971,7 +887,7 @@ bool launch_with(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int
   config.stream = stream;
   config.attrs = &cluster;
   config.numAttrs = 1;
-  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster, kActBuffer>>(Cfg::smem_bytes(Cfg::kMaxGroupsFit));
+  allow_dynamic_smem<gemm_sm90_kernel<T, OutT, BN, kKind, kGated, kCluster>>(Cfg::smem_bytes(kMaxGroups));
   // Work units run at once: one per SM, or for pairs the clusters that fit (some SMs may be left over
   // where a GPC's SM count is odd).
   int resident = sms;
@@ -979,7 +895,7 @@ bool launch_with(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int
     static const int resident_clusters = [&] {
       cudaLaunchConfig_t query = config;
       query.gridDim = dim3(kCluster * sms);
-      query.dynamicSmemBytes = Cfg::smem_bytes(Cfg::kMaxGroupsFit);
+      query.dynamicSmemBytes = Cfg::smem_bytes(kMaxGroups);
       int n = 0;
       check_cuda(cudaOccupancyMaxActiveClusters(&n, kernel, &query), "cudaOccupancyMaxActiveClusters (sm90 gemm)");
       return n;
@@ -1012,20 +928,8 @@ bool launch_with(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int
 #endif
   const int kernel_variant =
       (variant & kDiagTnOnly) && kKind != GemmKind::tn ? variant & ~(kDiagNoStore | kDiagNoA) : variant;
-  CUtensorMap act_map{};
-  if constexpr (kActBuffer) act_map = routed_rows_tensor_map(p.act, p.N / 2, p.ld_act, M_total);
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, act_map, kernel_variant, tn_tma), "gemm_sm90_kernel");
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, kernel_variant, tn_tma), "gemm_sm90_kernel");
   return true;
-}
-
-// The gated GEMM1 with 16-bit outputs has the act buffer where the group tables fit beside it.
-template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
-bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms, cudaStream_t stream) {
-  if constexpr (kGated && sizeof(OutT) == 2) {
-    if (groups <= Config<BN, true>::kMaxGroupsFit)
-      return launch_with<T, OutT, BN, kKind, kGated, kCluster, true>(p, groups, M_total, sms, stream);
-  }
-  return launch_with<T, OutT, BN, kKind, kGated, kCluster, false>(p, groups, M_total, sms, stream);
 }
 
 // The instantiation for a runtime tile width (128 or 256) and cluster size (1 or 2; tn: 1).
