@@ -368,11 +368,9 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   Tile tile;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
-    // A unit is kCluster neighbouring m-tiles (CTA `rank` takes m-tile kCluster·pair + rank; past M it computes an
-    // empty tile) × an n-tile: a pair shares the n-tile's B rows.
-    const int64_t per_group = ((p.M + kBM * kCluster - 1) / (kBM * kCluster)) * n_tiles;
+    const int64_t per_group = ((p.M + kBM - 1) / kBM) * n_tiles;
     tile.group = static_cast<int>(t / per_group);
-    m_tile = (t % per_group) / n_tiles * kCluster + rank;
+    m_tile = (t % per_group) / n_tiles;
   } else {
     // Group of global m-tile mt: the last g with prefix[g] <= mt (empty groups have no m-tiles).
     const int64_t mt = t / n_tiles;
@@ -404,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                      int variant, int tn_tma) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
-  static_assert(kCluster == 1 || kCluster == 2, "clusters are CTA pairs");
+  static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
@@ -583,14 +581,8 @@ __global__ void __launch_bounds__(kThreads, 1)
               mbar_arrive_expect_tx(bar, panels * kPanelBytes);
               const int col0 = static_cast<int>(tma == kTnTmaA ? tile.m0 : tile.n0);
               const int row0 = static_cast<int>(tile.row_begin + kt * kBK);
-              if (kCluster > 1 && tma == kTnTmaB) {
-                // A pair's B rows are the same: each CTA loads half of the panels into both CTAs.
-                for (int q = static_cast<int>(rank) * panels / kCluster; q < (static_cast<int>(rank) + 1) * panels / kCluster; ++q)
-                  tma_load<kCluster>(b_dst + q * kPanelBytes, &b_map, bar, col0 + 64 * q, row0, 0);
-              } else {
-                for (int q = 0; q < panels; ++q)
-                  tma_load<1>((tma == kTnTmaA ? a_dst : b_dst) + q * kPanelBytes, &b_map, bar, col0 + 64 * q, row0, 0);
-              }
+              for (int q = 0; q < panels; ++q)
+                tma_load<1>((tma == kTnTmaA ? a_dst : b_dst) + q * kPanelBytes, &b_map, bar, col0 + 64 * q, row0, 0);
             }
             int64_t off[kMnRowsPerThread];
             if (tma != kTnTmaA) {
@@ -914,7 +906,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   int64_t units;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile and pair)
   if constexpr (kKind == GemmKind::tn)
-    units = groups * ((p.M + kBM * kCluster - 1) / (kBM * kCluster)) * n_tiles;
+    units = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
   else
     units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
   if (units == 0) return true;
@@ -945,10 +937,8 @@ template <class T, class OutT, GemmKind kKind, bool kGated>
 bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t groups, int64_t M_total, int sms,
                  cudaStream_t stream) {
   if constexpr (kKind == GemmKind::tn) {
-    if (block_n == 256)
-      return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
-                          : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
-    return launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+    return block_n == 256 ? launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream)
+                          : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   } else {
     if (block_n == 256)
       return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
@@ -990,8 +980,6 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   // m-tile is often empty). FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=2 change the heuristic.
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
   static const bool pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "2");
-  // dW in CTA pairs that share the TMA operand's B rows (multicast), for A/B runs.
-  static const bool tn_pairs = env_equals("FUSEDMOE_SM90_TN_CLUSTER", "2");
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
   const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
@@ -1008,11 +996,10 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
           Problem<T, OutT> t = p;
           std::swap(t.A, t.B), std::swap(t.lda, t.ldb), std::swap(t.a_map, t.b_map), std::swap(t.M, t.N);
           t.c_transposed = true;
-          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), tn_pairs ? 2 : 1, groups, M_total, sms, stream);
+          return launch_tile<T, OutT, GemmKind::tn, false>(t, block_n_for(t.N), 1, groups, M_total, sms, stream);
         }
       }
-      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, tn_pairs && p.b_map == RowMap::identity && !tn_tma_off() ? 2 : 1,
-                                                       groups, M_total, sms, stream);
+      return launch_tile<T, OutT, GemmKind::tn, false>(p, block_n, 1, groups, M_total, sms, stream);
   }
   return false;
 }
