@@ -19,7 +19,7 @@ if ! { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CU
        cmake --build build/gpu -j "$(nproc)" --target fusedmoe_tests moe_example; } >"$OUT/build.log" 2>&1; then
   tail -30 "$OUT/build.log"; exit 1
 fi
-echo "build ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
+echo "build ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.mem --format=csv,noheader | head -1)"
 table="$OUT/ab.txt"; : >"$table"
 for v in $variants; do
   name=${v%%=*}; envs=${v#*=}

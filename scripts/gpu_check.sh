@@ -13,7 +13,7 @@ note() { printf '%-38s %s\n' "$1" "$2" | tee -a "$summary" >/dev/null; }
 PY="${PYTHON:-python3}"
 export PATH="/usr/local/cuda/bin:$PATH"
 
-gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null | head -1)
+gpu=$(nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem --format=csv,noheader 2>/dev/null | head -1)
 note "card" "$gpu"
 
 # The Python package builds in the background while the C++ tree builds (each compiles the CUDA sources).

@@ -458,6 +458,20 @@ def print_table(result):
             ratio = by["torch_grouped_mm"] / by["fusedmoe"] if "fusedmoe" in by and "torch_grouped_mm" in by else float("nan")
             load = sel[0]["max_over_mean_load"] if sel else float("nan")
             print(f"{T:>7} {load:>5.2f} " + " ".join(cells) + f" {ratio:>6.2f}")
+        print_peaks([r for r in rows if r["mode"] == mode], impls)
+
+
+def print_peaks(rows, impls):
+    """Per T, each implementation's peak device memory above what the step's inputs held (CUDA runs only)."""
+    if not any("peak_extra_mib" in r for r in rows):
+        return
+    print(f"{'':>13} peak MiB above the inputs")
+    for T in dict.fromkeys(r["tokens"] for r in rows):
+        cells = []
+        for n in impls:
+            r = next((r for r in rows if r["tokens"] == T and r["impl"] == n), None)
+            cells.append(f"{r['peak_extra_mib']:>22.0f}" if r is not None and "peak_extra_mib" in r else f"{'-':>22}")
+        print(f"{T:>7} {'':>5} " + " ".join(cells))
 
 
 def plot(result, path):

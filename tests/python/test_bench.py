@@ -23,3 +23,22 @@ def test_bench_quick_mode_writes_table_json_and_plot(tmp_path):
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in timed)
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_table_lists_peak_memory_where_measured(capsys):
+    from fusedmoe import bench
+
+    rows = [dict(impl=impl, mode="fwdbwd", tokens=T, ms=ms, tflops=1.0, max_over_mean_load=1.0, peak_extra_mib=peak)
+            for impl, ms, peak in (("fusedmoe", 1.0, 1330.4), ("torch_grouped_mm", 2.0, 1369.0)) for T in (2048,)]
+    rows.append(dict(impl="dense_equivalent", mode="fwdbwd", tokens=2048, ms=0.5, tflops=2.0, max_over_mean_load=1.0))
+    result = dict(results=rows, skipped={}, shape={}, dtype="bf16", skew=0.0, flops_formula="",
+                  machine=dict(gpu="test card", torch="x", transformers="y"))
+    bench.print_table(result)
+    out = capsys.readouterr().out
+    peak_line = out.split("peak MiB above the inputs")[1].splitlines()[1]
+    assert peak_line.split() == ["2048", "1330", "1369", "-"]
+    # CPU runs measure no peak: no peak table.
+    for r in rows:
+        r.pop("peak_extra_mib", None)
+    bench.print_table(result)
+    assert "peak MiB" not in capsys.readouterr().out
