@@ -1,5 +1,6 @@
 // A program that uses only fusedmoe's public API: a Qwen3-MoE-shaped layer with random weights, forward
-// and backward on the best available backend, timed, with the error against the CPU oracle.
+// and backward on the best available backend, timed, with the error against the CPU oracle; also an inference
+// forward (state for no backward: moe_saved_views(..., keep_gate_up = false)), timed.
 //
 //   moe_example [--tokens T] [--hidden H] [--intermediate I] [--experts E] [--top-k K] [--dtype bf16|f16|f32]
 //               [--cpu] [--repeats R] [--no-check]   (--no-check: no comparison with the CPU oracle)
