@@ -22,7 +22,7 @@ if ! { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CU
 fi
 wait $old_job || { tail -30 build/old_build.log; exit 1; }
 out="$OUT/ab_trees.txt"
-echo "builds ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" | tee "$out"
+echo "builds ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.mem --format=csv,noheader | head -1)" | tee "$out"
 timeout ${AB_TEST_TIMEOUT:-300} ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" >build/new_tests.log 2>&1
 echo "new tests: $(grep -E '^\[  (PASSED|FAILED)' build/new_tests.log | tr '\n' ' ')" | tee -a "$out"
 grep -E -B2 -A12 '^\[  FAILED  \]|Failure' build/new_tests.log | head -60 | tee -a "$out"

@@ -18,7 +18,7 @@ if ! { cmake -S . -B build/tl -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUD
 fi
 [ "${TL_BUILD_ONLY:-0}" = 1 ] && exit 0
 out="$OUT/timeline.txt"
-echo "# $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); build flags: -DFUSEDMOE_SM90_TIMELINE ${TL_FLAGS:-}" >>"$out"
+echo "# $(nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,clocks.max.mem --format=csv,noheader | head -1); build flags: -DFUSEDMOE_SM90_TIMELINE ${TL_FLAGS:-}" >>"$out"
 for v in ${TL_VARIANTS:-default=FUSEDMOE_TL_DEFAULT=1}; do
   name=${v%%=*}; envs=${v#*=}
   IFS=',' read -ra kv <<<"$envs"
