@@ -231,23 +231,55 @@ __device__ __forceinline__ void load_k_major(uint32_t dst, int tid, const T* bas
   }
 }
 
-// MN-major operand tile: 64 reduction rows × Width columns from col0 (Width/64 panels); row i of this
-// thread starts at base + row_off[i] (< 0: past the edge).
+// MN-major operand tile (the dW producer): 64 reduction rows × Width columns (Width/64 panels); thread tid copies
+// column chunks tid % 16 (+16, … across the width) of rows tid/16 + 8·i. Its column pointers, bounds and swizzled
+// destinations are fixed for a tile, so they are set up once per tile; a k-step then costs per row a share of a
+// 16-byte offset load, a bit test and mask, a 64-bit add and the cp.async. (The dW k-step was bound by the
+// producer's instruction stream: ~15 instructions per row before.)
 template <int Width, class T>
-__device__ __forceinline__ void load_mn_major(uint32_t dst, int tid, const T* base,
-                                              const int64_t (&row_off)[kMnRowsPerThread], int64_t col0, int64_t cols) {
+struct MnMajorCopy {
+  static constexpr int kJ = Width / 128;  // 16-byte chunks per thread and row
+  const char* col[kJ];                     // the thread's column chunk in row 0
+  uint32_t dst[kJ];                        // its swizzled destination in row 0 of the tile (rows i: +1024·i)
+  bool col_ok[kJ];
+  __device__ __forceinline__ MnMajorCopy(int tid, const T* base, int64_t col0, int64_t cols) {
 #pragma unroll
-  for (int j = 0; j < Width / 128; ++j) {
-    const int cc = tid % 16 + 16 * j;  // chunk within the row: panel cc / 8, chunk cc % 8
-    const uint32_t panel = dst + (cc / 8) * kPanelBytes;
-    const bool col_ok = col0 + cc * 8 < cols;
-#pragma unroll
-    for (int i = 0; i < kMnRowsPerThread; ++i) {
-      const bool ok = col_ok && row_off[i] >= 0;
-      cp_async_16(swizzled(panel, tid / 16 + 8 * i, cc % 8), ok ? base + row_off[i] + col0 + cc * 8 : base, ok);
+    for (int j = 0; j < kJ; ++j) {
+      const int cc = tid % 16 + 16 * j;  // chunk within the row: panel cc / 8, chunk cc % 8
+      col_ok[j] = col0 + cc * 8 < cols;
+      col[j] = reinterpret_cast<const char*>(base + (col_ok[j] ? col0 + cc * 8 : 0));
+      // Rows tid/16 + 8·i all have (row mod 8) = (tid/16) mod 8, so one swizzled chunk serves every i.
+      dst[j] = (cc / 8) * kPanelBytes + (tid / 16) * 128 + (((cc % 8) ^ (tid / 16 % 8)) << 4);
     }
   }
-}
+  // row_bytes: staged byte offsets of the thread's rows tid/16 + 8·i (kPastEnd: past the group's end, zero-filled).
+  __device__ __forceinline__ void operator()(uint32_t tile_dst, const int64_t (&row_bytes)[kMnRowsPerThread]) const {
+#pragma unroll
+    for (int j = 0; j < kJ; ++j) {
+#pragma unroll
+      for (int i = 0; i < kMnRowsPerThread; ++i) {
+        const bool ok = col_ok[j] && !(static_cast<uint32_t>(row_bytes[i]) & kPastEnd);  // a 32-bit bit test
+        cp_async_16(tile_dst + dst[j] + 1024 * i, col[j] + (row_bytes[i] & ~kPastEnd), ok);
+      }
+    }
+  }
+  // A staged row offset with this bit is past the group's end (byte offsets of rows are multiples of 16); masked
+  // off, it leaves row 0's valid address, which a zero-fill copy does not read.
+  static constexpr int64_t kPastEnd = 1;
+};
+
+// Unsigned division by a divisor fixed for a kernel (top-k), exact for n < 2^31: q = (umulhi(n, m) + n) >> l
+// with l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1 (Granlund and Montgomery). Two instructions and a
+// shift against the ~20 of a division by a runtime value.
+struct FastDivU31 {
+  uint32_t m, l;
+  __device__ __forceinline__ explicit FastDivU31(uint32_t d) {
+    l = 0;
+    while ((1u << l) < d) ++l;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, m) + n) >> l; }
+};
 
 // The epilogue writes through shared memory so that global stores are whole 128-byte rows: a warp stages an
 // 8-row × 128-byte slice of its accumulator fragment (rows lane/4, column pairs (lane%4)·2 of each 8-column
@@ -414,7 +446,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;
   const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
-  // tn: [2 buffers][A, B][kSlotChunk] element offsets of the staged rows (-1 past the group's end).
+  // tn: [2 buffers][A, B][kSlotChunk] byte offsets of the staged rows (MnMajorCopy::kPastEnd past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
@@ -478,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t a_off[kBM / 16];               // nt/nn: element offsets of this thread's A rows
     int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
+    const FastDivU31 top_k_div(static_cast<uint32_t>(rt.top_k > 0 ? rt.top_k : 1));  // tn: slot -> token
     auto lookup_rows = [&](const Tile& tl) {
 #pragma unroll
       for (int i = 0; i < kBM / 16; ++i) {
@@ -548,50 +581,66 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         // Both operands' rows are the group's routed rows k0 + r, through the row offsets staged in s_row_off.
         if (tile.k_tiles == 0) first_lookup(t + unit_stride);  // nothing to stage: move on to the next tile's rows
+        const MnMajorCopy<kBM, T> copy_a(tid, p.A, tile.m0, p.M);
+        const MnMajorCopy<BN, T> copy_b(tid, p.B, tile.n0, p.N);
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           if (kt % kChunkStages == 0) {
             // Buffers alternate chunk by chunk across tiles: the one written here was last read two chunks
             // ago, before every producer thread passed the previous chunk's barrier.
+            // Row k = 64·s + r of the chunk (k-step s, row r) is kept at 64·s + 8·(r mod 8) + r / 8: the eight rows a
+            // copying thread takes in a k-step (r = tid/16 + 8·i) sit side by side, four 16-byte loads.
             int64_t* buf = s_row_off + (chunk_count++ & 1) * 2 * kSlotChunk;
 #pragma unroll
             for (int q = 0; q < kSlotChunk / 128; ++q) {
               const int32_t slot = ahead[q];
-              const int64_t i = tile.row_begin + kt * kBK + tid + 128 * q;  // the routed row
-              auto row = [&](RowMap map) { return map == RowMap::identity ? i : map == RowMap::token ? rt.token_of(slot) : slot; };
-              buf[tid + 128 * q] = slot < 0 ? -1 : row(p.a_map) * p.lda;
-              buf[kSlotChunk + tid + 128 * q] = slot < 0 ? -1 : row(p.b_map) * p.ldb;
+              const int k = tid + 128 * q, at = (k / kBK) * kBK + (k % 8) * 8 + (k % kBK) / 8;
+              const int64_t i = tile.row_begin + kt * kBK + k;  // the routed row
+              auto row = [&](RowMap map) -> int64_t {
+                return map == RowMap::identity ? i : map == RowMap::token ? top_k_div(static_cast<uint32_t>(slot)) : slot;
+              };
+              constexpr int64_t kPastEnd = MnMajorCopy<kBM, T>::kPastEnd;  // byte offsets (MnMajorCopy)
+              buf[at] = slot < 0 ? kPastEnd : row(p.a_map) * p.lda * static_cast<int64_t>(sizeof(T));
+              buf[kSlotChunk + at] = slot < 0 ? kPastEnd : row(p.b_map) * p.ldb * static_cast<int64_t>(sizeof(T));
             }
             asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer warpgroup only
             if (kt + kChunkStages < tile.k_tiles) prefetch(tile, (kt + kChunkStages) * kBK);
             else first_lookup(t + unit_stride);
           }
-          const int64_t* staged = s_row_off + ((chunk_count - 1) & 1) * 2 * kSlotChunk + (kt % kChunkStages) * kBK;
+          const int64_t* staged =
+              s_row_off + ((chunk_count - 1) & 1) * 2 * kSlotChunk + (kt % kChunkStages) * kBK + (tid / 16) * 8;
           auto offsets = [&](int operand, int64_t (&off)[kMnRowsPerThread]) {
+            const longlong2* v = reinterpret_cast<const longlong2*>(staged + operand * kSlotChunk);
 #pragma unroll
-            for (int i = 0; i < kMnRowsPerThread; ++i) off[i] = staged[operand * kSlotChunk + tid / 16 + 8 * i];
+            for (int i = 0; i < kMnRowsPerThread / 2; ++i) {
+              const longlong2 pair = v[i];
+              off[2 * i] = pair.x, off[2 * i + 1] = pair.y;
+            }
           };
           // A k-step of 64 of the group's rows (not its tail) reads the operand in expert order as one box
           // per 64-column panel by TMA; rows past the group's end (tail k-steps) must read as zeros, which only
           // the cp.async path's zero-fill gives, so the tail copies both operands.
           const int tma = (kt + 1) * kBK <= tile.rows ? tn_tma : kTnTmaNone;
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
-            if (tid == 0) {
-              const uint32_t bar = full_bar + 8 * stage;
-              const int panels = tma == kTnTmaA ? kBM / 64 : tma == kTnTmaB ? BN / 64 : 0;
-              mbar_arrive_expect_tx(bar, panels * kPanelBytes);
+            // The stage's TMA boxes, one panel per producer warp (lane 0), so that no warp carries the issue of
+            // all of them on top of its copies; tid 0 adds the bytes to the barrier (the boxes may land first: the
+            // phase cannot complete before this arrival).
+            const int panels = tma == kTnTmaA ? kBM / 64 : tma == kTnTmaB ? BN / 64 : 0;
+            const uint32_t bar = full_bar + 8 * stage;
+            if (tid == 0) mbar_arrive_expect_tx(bar, panels * kPanelBytes);
+            if (tid % 32 == 0) {
               const int col0 = static_cast<int>(tma == kTnTmaA ? tile.m0 : tile.n0);
               const int row0 = static_cast<int>(tile.row_begin + kt * kBK);
-              for (int q = 0; q < panels; ++q)
+              for (int q = tid / 32; q < panels; q += 4)
                 tma_load<1>((tma == kTnTmaA ? a_dst : b_dst) + q * kPanelBytes, &b_map, bar, col0 + 64 * q, row0, 0);
             }
             int64_t off[kMnRowsPerThread];
             if (tma != kTnTmaA) {
               offsets(0, off);
-              if (!(variant & kDiagNoA)) load_mn_major<kBM>(a_dst, tid, p.A, off, tile.m0, p.M);
+              if (!(variant & kDiagNoA)) copy_a(a_dst, off);
             }
             if (tma != kTnTmaB) {
               offsets(1, off);
-              load_mn_major<BN>(b_dst, tid, p.B, off, tile.n0, p.N);
+              copy_b(b_dst, off);
             }
           });
         }
