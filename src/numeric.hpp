@@ -97,4 +97,24 @@ template <> struct Conv<f16_t> {
 template <class S> FUSEDMOE_HD auto load(const S* p, int64_t i) { return Conv<S>::load(p[i]); }
 template <class S, class A> FUSEDMOE_HD void store(S* p, int64_t i, A v) { p[i] = Conv<S>::store(v); }
 
+// Unsigned division by a divisor fixed for a kernel (top-k), exact for n < 2^31: q = (umulhi(n, m) + n) >> l with
+// l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1, the round-up magic number of Granlund and Montgomery
+// (m + 2^32 = floor(2^(32+l) / d) + 1, exact for every 32-bit n; n < 2^31 keeps umulhi + n within 32 bits).
+// Two instructions and a shift on the GPU against the ~20 of a division by a runtime value.
+struct FastDivU31 {
+  uint32_t m, l;
+  FUSEDMOE_HD explicit FastDivU31(uint32_t d) : m(0), l(0) {
+    while ((uint64_t{1} << l) < d) ++l;
+    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
+  }
+  FUSEDMOE_HD uint32_t operator()(uint32_t n) const {
+#ifdef __CUDA_ARCH__
+    const uint32_t hi = __umulhi(n, m);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * m) >> 32);
+#endif
+    return (hi + n) >> l;
+  }
+};
+
 }  // namespace fusedmoe::num

@@ -268,19 +268,6 @@ struct MnMajorCopy {
   static constexpr int64_t kPastEnd = 1;
 };
 
-// Unsigned division by a divisor fixed for a kernel (top-k), exact for n < 2^31: q = (umulhi(n, m) + n) >> l
-// with l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1 (Granlund and Montgomery). Two instructions and a
-// shift against the ~20 of a division by a runtime value.
-struct FastDivU31 {
-  uint32_t m, l;
-  __device__ __forceinline__ explicit FastDivU31(uint32_t d) {
-    l = 0;
-    while ((1u << l) < d) ++l;
-    m = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << l) - d)) / d + 1);
-  }
-  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, m) + n) >> l; }
-};
-
 // The epilogue writes through shared memory so that global stores are whole 128-byte rows: a warp stages an
 // 8-row × 128-byte slice of its accumulator fragment (rows lane/4, column pairs (lane%4)·2 of each 8-column
 // group; 16-bit outputs by stmatrix), then each lane stores 16 bytes of it, four full rows per instruction.
@@ -510,7 +497,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t a_off[kBM / 16];               // nt/nn: element offsets of this thread's A rows
     int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
-    const FastDivU31 top_k_div(static_cast<uint32_t>(rt.top_k > 0 ? rt.top_k : 1));  // tn: slot -> token
+    const num::FastDivU31 top_k_div(static_cast<uint32_t>(rt.top_k > 0 ? rt.top_k : 1));  // tn: slot -> token
     auto lookup_rows = [&](const Tile& tl) {
 #pragma unroll
       for (int i = 0; i < kBM / 16; ++i) {

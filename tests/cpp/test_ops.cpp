@@ -298,3 +298,15 @@ TEST(Numeric, Bf16AndF16RoundTrip) {
 }
 
 }  // namespace
+
+// The dW kernel's slot -> token map: slot / top_k by a multiply and shift, against the division, for every top-k a
+// config allows and slots across the whole int32 range.
+TEST(Numeric, FastDivisionMatchesDivision) {
+  std::mt19937 gen(7);
+  for (uint32_t d = 1; d <= 1024; ++d) {  // top_k <= num_experts, and the wgmma kernels take <= 1024 groups
+    const num::FastDivU31 div(d);
+    std::vector<uint32_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, 0x7fffffffu, 0x7ffffffeu, 0x7fffffffu - d};
+    for (int i = 0; i < 2000; ++i) ns.push_back(gen() & 0x7fffffffu);
+    for (uint32_t n : ns) ASSERT_EQ(div(n), n / d) << "n = " << n << ", d = " << d;
+  }
+}
