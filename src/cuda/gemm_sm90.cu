@@ -367,6 +367,12 @@ __host__ __device__ __forceinline__ int64_t column_tiles(const Problem<T, OutT>&
   return (cols + tile_width<BN, kGated>() - 1) / tile_width<BN, kGated>();
 }
 
+// tn's tile decoding divides by the kernel's fixed tile counts as multiply-shifts: by the column tiles and by the
+// tiles per group. Tile indices stay below 2^31 (the launch declines larger problems).
+struct TileDivs {
+  num::FastDivU31 n_tiles, per_group;
+};
+
 // One output tile of the persistent loop.
 struct Tile {
   int group;
@@ -381,18 +387,20 @@ struct Tile {
 // empty tile, so both CTAs step through the same k-tiles) × an n-tile; s_prefix counts units per group.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
-                                            const int32_t* s_offsets, int64_t t, uint32_t rank) {
+                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
+  // t / n_tiles; tn (whose producer decodes twice per tile of few k-steps) by the multiply-shift, nt/nn (registers
+  // are tight in the gated consumers, and tiles are long) by the division.
+  const int64_t row_tile = kKind == GemmKind::tn ? divs.n_tiles(static_cast<uint32_t>(t)) : t / n_tiles;
   Tile tile;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
-    const int64_t per_group = ((p.M + kBM - 1) / kBM) * n_tiles;
-    tile.group = static_cast<int>(t / per_group);
-    m_tile = (t % per_group) / n_tiles;
+    tile.group = static_cast<int>(divs.per_group(static_cast<uint32_t>(t)));
+    m_tile = row_tile - tile.group * ((p.M + kBM - 1) / kBM);
   } else {
     // Group of global m-tile mt: the last g with prefix[g] <= mt (empty groups have no m-tiles).
-    const int64_t mt = t / n_tiles;
+    const int64_t mt = row_tile;
     int lo = 0, hi = rt.num_experts;
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
@@ -402,7 +410,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     m_tile = (mt - s_prefix[lo]) * kCluster + rank;
   }
   tile.m0 = m_tile * kBM;
-  tile.n0 = (t % n_tiles) * tile_width<BN, kGated>();
+  tile.n0 = (t - row_tile * n_tiles) * tile_width<BN, kGated>();
   tile.row_begin = s_offsets[tile.group];
   tile.rows = s_offsets[tile.group + 1] - tile.row_begin;
   const int64_t depth = kKind == GemmKind::tn ? tile.rows : p.K;
@@ -471,6 +479,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
   if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
 
+  const int64_t n_tiles = kKind == GemmKind::tn ? column_tiles<BN, kGated>(p) : 1;  // (unused by nt/nn)
+  const int64_t tiles_per_group = kKind == GemmKind::tn ? ((p.M + kBM - 1) / kBM) * n_tiles : 1;
+  const TileDivs divs{num::FastDivU31(static_cast<uint32_t>(n_tiles > 0 ? n_tiles : 1)),
+                      num::FastDivU31(static_cast<uint32_t>(tiles_per_group > 0 ? tiles_per_group : 1))};
   const int warpgroup = threadIdx.x / 128, tid = threadIdx.x % 128;
   const int timeline_slot = static_cast<int>(kKind) * 16 + (kGated ? 8 : 0) + (sizeof(OutT) == 4 ? 4 : 0) +
                             (BN == 128 ? 2 : 0) + (p.c_transposed ? 1 : 0);
@@ -514,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
@@ -530,7 +542,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       while (global_ns() - start < wait_ns) __nanosleep(500);
     }
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
@@ -660,7 +672,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
@@ -946,6 +958,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   else
     units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
   if (units == 0) return true;
+  if (units >= (int64_t{1} << 31)) return false;  // tile indices are decoded in 32 bits (TileDivs)
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
   // tn: TMA for an operand read in expert order, the wider one (B) where both are (FUSEDMOE_SM90_TN_TMA=0: none).
   int tn_tma = kTnTmaNone;
