@@ -1,10 +1,12 @@
 """Per-GEMM table (time µs, L2 %, tensor pipe %) of each variant in the ncu_summary.txt of scripts/gpu_ab.sh,
-in moe_example's launch order: python3 scripts/ncu_table.py ncu_summary.txt"""
+in moe_example's launch order: python3 scripts/ncu_table.py ncu_summary.txt
+(The router's backward GEMMs, rdW and rdX, run right after dA since session 12; older trees ran them last, so
+their rows come out under other names there.)"""
 import re
 import sys
 
 txt=open(sys.argv[1]).read()
-names=['router','GEMM1','GEMM2','dA','dW2','dW1','dX','rdW','rdX','router_i','GEMM1inf','GEMM2inf']
+names=['router','GEMM1','GEMM2','dA','rdW','rdX','dW2','dW1','dX','router_i','GEMM1inf','GEMM2inf']
 for block in txt.split('== ncu ')[1:]:
     name=block.split('\n')[0]; rows=[]; cur=None
     for line in block.split('\n'):

@@ -94,8 +94,11 @@ ExpertsPlan plan_experts(const MoeExpertGrads& g) {
 // Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
 DType acc_dtype(const MoeConfig& c) { return c.dtype == DType::f64 ? DType::f64 : DType::f32; }
 
-struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act, dx_slots; };
-ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv) {
+struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act, dx_slots, dgate_partials; };
+// dgate_partials: [chunks, E, H] float32 for the router's split dgate reduction (block backward; chunks = 0: none),
+// which runs right after routed_silu_backward: over dA_raw, dead by then, where it fits there.
+ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv,
+                                      int64_t dgate_chunks = 0) {
   const int64_t M = T * c.top_k, I = c.intermediate_size;
   ExpertsScratch s;
   if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
@@ -104,6 +107,12 @@ ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const Exper
   const size_t dead_by_dx = cv.used();
   if (p.d_act_raw) s.d_act_raw = cv.take(c.dtype, {M, I});
   if (p.act) s.act = cv.take(c.dtype, {M, I});
+  if (dgate_chunks > 0) {
+    const size_t bytes = static_cast<size_t>(dgate_chunks * c.num_experts * c.hidden_size) * sizeof(float);
+    s.dgate_partials = p.d_act_raw && bytes <= s.d_act_raw.nbytes()
+                           ? cv.overlay(dead_by_dx, DType::f32, {dgate_chunks, c.num_experts, c.hidden_size})
+                           : cv.take(DType::f32, {dgate_chunks, c.num_experts, c.hidden_size});
+  }
   // dX's k-slot products ([M, H]) are written after dW2 and routed_silu_backward have read dA_raw and w·A for
   // the last time: they reuse that region (grown to M·H where 2I < H) rather than a pool allocation besides it.
   if (p.dx) s.dx_slots = cv.overlay(dead_by_dx, c.dtype, {M, c.hidden_size});
@@ -112,7 +121,7 @@ ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const Exper
 
 // The block's backward: the router's scratch, then the experts' scratch. The router's logit gradient is kept in
 // the activation dtype for 16-bit configs, the dtype its GEMMs run in on tensor cores. Its dgate reduction may be
-// split into row chunks whose float32 partials ([max_split_k(T), E, H]) reuse the experts' scratch, dead by then.
+// split into row chunks whose float32 partials ([max_split_k(T), E, H]) sit in the experts' scratch.
 struct RouterScratch { Tensor d_weights, d_logits; };
 bool wants_router(const MoeGrads& g) { return g.dx.defined() || g.d_gate.defined(); }
 RouterScratch carve_router_backward(const MoeConfig& c, int64_t T, bool router, Carver& cv) {
@@ -124,9 +133,9 @@ RouterScratch carve_router_backward(const MoeConfig& c, int64_t T, bool router, 
   }
   return s;
 }
-Tensor dgate_split_scratch(const MoeConfig& c, int64_t T, bool d_gate, Carver& cv) {
+int64_t dgate_split_chunks(int64_t T, bool d_gate) {
   const int64_t chunks = max_split_k(T);
-  return d_gate && chunks > 1 ? cv.take(DType::f32, {chunks, c.num_experts, c.hidden_size}) : Tensor{};
+  return d_gate && chunks > 1 ? chunks : 0;
 }
 MoeExpertGrads expert_grads_of(const MoeGrads& g, const Tensor& d_weights) {
   return {g.dx, d_weights, g.d_gate_up_proj, g.d_down_proj};
@@ -178,10 +187,10 @@ size_t moe_backward_workspace_bytes(const MoeConfig& cfg, int64_t tokens, const 
   check_config(cfg);
   Carver cv(nullptr, {});
   const RouterScratch r = carve_router_backward(cfg, tokens, wants_router(wanted), cv);
-  Carver split(nullptr, {});
-  dgate_split_scratch(cfg, tokens, wanted.d_gate.defined(), split);
-  return cv.used() +
-         std::max(moe_experts_backward_workspace_bytes(cfg, tokens, expert_grads_of(wanted, r.d_weights)), split.used());
+  Carver experts(nullptr, {});
+  carve_experts_backward(cfg, tokens, plan_experts(expert_grads_of(wanted, r.d_weights)), experts,
+                         dgate_split_chunks(tokens, wanted.d_gate.defined()));
+  return cv.used() + experts.used();
 }
 
 namespace {
@@ -214,13 +223,24 @@ void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Ten
   FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, topk_weights, out, s);
 }
 
-// The experts' backward, arguments checked.
+// What the block's backward runs inside the experts' backward: the router's gradients, as soon as dw is known.
+struct RouterStep {
+  const Tensor* logits = nullptr;  // null: none (the experts' backward alone)
+  const RouterScratch* scratch = nullptr;
+  const Tensor* gate = nullptr;
+  Tensor d_gate;
+};
+
+// The experts' backward, arguments checked. With a router step, the router's part of dx is written first and the
+// experts' k-slot sums are added to it: the router's dx GEMM then stores its tiles without reading dx back.
 void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, const Tensor& x, const Tensor& topk_weights,
-                      const MoeWeights& w, const MoeSaved& saved, const MoeExpertGrads& g, Workspace ws, Stream s) {
+                      const MoeWeights& w, const MoeSaved& saved, const MoeExpertGrads& g, Workspace ws, Stream s,
+                      const RouterStep& router = {}) {
   const Device dev = x.device;
   const ExpertsPlan p = plan_experts(g);
   Carver cv(ws.data, dev);
-  const ExpertsScratch tmp = carve_experts_backward(cfg, T, p, cv);
+  const ExpertsScratch tmp =
+      carve_experts_backward(cfg, T, p, cv, router.logits ? dgate_split_chunks(T, router.d_gate.defined()) : 0);
   const Routing r = routing_of(cfg, T, saved);
   const Tensor& Y1 = saved.gate_up_out;
   // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
@@ -230,6 +250,12 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
   if (p.d_act_raw || p.act)
     FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, topk_weights, tmp.d_gate_up, tmp.act,
                       g.d_topk_weights, s);
+  if (router.logits) {  // dw -> d_logits -> dgate and the router's dx
+    FUSEDMOE_DISPATCH(dev, route_topk_backward, *router.logits, saved.topk_ids, router.scratch->d_weights,
+                      cfg.norm_topk_prob, router.scratch->d_logits, s);
+    FUSEDMOE_DISPATCH(dev, router_logits_backward, router.scratch->d_logits, x, *router.gate, g.dx, router.d_gate,
+                      /*accumulate_dx=*/false, tmp.dgate_partials, s);
+  }
   if (g.d_down_proj.defined())  // dW2[e] = Σ (w·dOut[t_i])ᵀ · A[i] = Σ dOut[t_i]ᵀ · (w·A[i])
     FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{d_out, RowMap::token, tmp.act, RowMap::identity, g.d_down_proj,
                                               cfg.kernels.backward_dw}, s);
@@ -237,8 +263,9 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
     FUSEDMOE_DISPATCH(dev, gemm_tn, r, GemmTN{tmp.d_gate_up, RowMap::identity, x, RowMap::token, g.d_gate_up_proj,
                                               cfg.kernels.backward_dw}, s);
   if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
-    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token, false,
-                                              cfg.kernels.backward_dx, tmp.dx_slots}, s);
+    FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token,
+                                              /*accumulate=*/router.logits != nullptr, cfg.kernels.backward_dx,
+                                              tmp.dx_slots}, s);
 }
 
 void check_expert_grads(const char* op, const MoeConfig& c, int64_t T, const MoeExpertGrads& g, const Device& dev) {
@@ -320,15 +347,9 @@ void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, co
   const bool router = wants_router(g);
   Carver cv(ws.data, dev);
   const RouterScratch rs = carve_router_backward(cfg, T, router, cv);
-  const Workspace experts_ws = after(ws, cv.used());
-  experts_backward(cfg, T, d_out, x, saved.topk_weights, w, saved, expert_grads_of(g, rs.d_weights), experts_ws, s);
-  if (router) {
-    FUSEDMOE_DISPATCH(dev, route_topk_backward, logits, saved.topk_ids, rs.d_weights, cfg.norm_topk_prob,
-                      rs.d_logits, s);
-    Carver split(experts_ws.data, dev);  // over the experts' scratch: their kernels precede on the stream
-    FUSEDMOE_DISPATCH(dev, router_logits_backward, rs.d_logits, x, w.gate, g.dx, g.d_gate, /*accumulate_dx=*/true,
-                      dgate_split_scratch(cfg, T, g.d_gate.defined(), split), s);
-  }
+  const RouterStep step = router ? RouterStep{&logits, &rs, &w.gate, g.d_gate} : RouterStep{};
+  experts_backward(cfg, T, d_out, x, saved.topk_weights, w, saved, expert_grads_of(g, rs.d_weights),
+                   after(ws, cv.used()), s, step);
 }
 
 }  // namespace fusedmoe
