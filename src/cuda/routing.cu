@@ -52,7 +52,18 @@ __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
   return ia < ib;
 }
 
-template <class L, class W>
+// A selection's rank as one unsigned 64-bit key, larger first, in the order of ranks_before: the probability's bits
+// above (softmax outputs lie in [0, 1], whose float bits order as unsigned integers; NaN above every number),
+// the inverted expert id below (ties to the lower id). Every valid key is nonzero; 0 marks no entry.
+__device__ __forceinline__ uint64_t selection_key(float p, int e) {
+  const uint32_t bits = isnan(p) ? 0xFFFFFFFFu : __float_as_uint(p);
+  return (static_cast<uint64_t>(bits) << 32) | static_cast<uint32_t>(~e);
+}
+
+// Softmax, top-k and renormalisation of one token per warp. V > 0 (E <= 32·V): each lane keeps the keys of its
+// experts lane, lane + 32, … sorted in registers, so a selection round is one warp argmax over the lanes' best
+// keys (two warp reductions), and the winning lane moves on to its next. V = 0 (any E): each round scans the row in shared memory.
+template <int V, class L, class W>
 __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int64_t T, int E, int k, bool norm) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -61,8 +72,22 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
   float* p = smem + warp * E;
   unsigned char* taken = reinterpret_cast<unsigned char*>(smem + kRouteWarps * E) + warp * E;
   softmax_row(logits + t * E, p, E, lane);
-  for (int e = lane; e < E; e += 32) taken[e] = 0;
-  __syncwarp();
+  uint64_t keys[V > 0 ? V : 1];
+  if constexpr (V > 0) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) keys[i] = lane + 32 * i < E ? selection_key(p[lane + 32 * i], lane + 32 * i) : 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i)  // sorted, largest first (a compile-time network: the keys stay in registers)
+#pragma unroll
+      for (int j = 0; j + 1 < V - i; ++j)
+        if (keys[j] < keys[j + 1]) {
+          const uint64_t x = keys[j];
+          keys[j] = keys[j + 1], keys[j + 1] = x;
+        }
+  } else {
+    for (int e = lane; e < E; e += 32) taken[e] = 0;
+    __syncwarp();
+  }
   // Selection j is held by lane j % 32 until its round of 32 is complete, so the ids and weights go out in parallel
   // (they were stored one after another by lane 0, which then read the ids back for the weights).
   int held_id = 0;
@@ -71,15 +96,29 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
   for (int j = 0; j < k; ++j) {
     float bv = 0.f;
     int bi = INT32_MAX;
-    for (int e = lane; e < E; e += 32)
-      if (!taken[e] && (bi == INT32_MAX || ranks_before(p[e], e, bv, bi))) bv = p[e], bi = e;
+    if constexpr (V > 0) {
+      // The warp's best key in two reductions: the largest probability bits, then the lowest expert id among the
+      // lanes holding them (one instruction each on sm_80+, against five dependent 64-bit shuffle steps).
+      const uint32_t bits = static_cast<uint32_t>(keys[0] >> 32), id = ~static_cast<uint32_t>(keys[0]);
+      const uint32_t top = __reduce_max_sync(0xffffffffu, bits);
+      const uint32_t best_id = __reduce_min_sync(0xffffffffu, bits == top ? id : 0xFFFFFFFFu);
+      const bool won = bits == top && id == best_id;  // the ids are distinct: one lane
 #pragma unroll
-    for (int d = 16; d > 0; d >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, d);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, d);
-      if (oi != INT32_MAX && (bi == INT32_MAX || ranks_before(ov, oi, bv, bi))) bv = ov, bi = oi;
+      for (int i = 0; i + 1 < V; ++i) keys[i] = won ? keys[i + 1] : keys[i];
+      keys[V - 1] = won ? 0 : keys[V - 1];
+      bi = static_cast<int>(best_id);
+      bv = p[bi];
+    } else {
+      for (int e = lane; e < E; e += 32)
+        if (!taken[e] && (bi == INT32_MAX || ranks_before(p[e], e, bv, bi))) bv = p[e], bi = e;
+#pragma unroll
+      for (int d = 16; d > 0; d >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, d);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, d);
+        if (oi != INT32_MAX && (bi == INT32_MAX || ranks_before(ov, oi, bv, bi))) bv = ov, bi = oi;
+      }
+      if (lane == 0) taken[bi] = 1;
     }
-    if (lane == 0) taken[bi] = 1;
     if (lane == j % 32) held_id = bi, held_p = bv;
     sum += bv;
     if ((j % 32 == 31 || j == k - 1) && lane <= j % 32) ids[t * k + j - j % 32 + lane] = held_id;
@@ -214,8 +253,11 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
   visit_floats([&](auto l_tag, auto w_tag) {
     using L = decltype(l_tag);
     using W = decltype(w_tag);
-    auto kernel = route_topk_kernel<L, W>;
-    allow_dynamic_smem<route_topk_kernel<L, W>>(kRouteWarps * kMaxExperts * (sizeof(float) + 1));
+    // Register-resident keys up to 256 experts (8 per lane); the shared-memory scan beyond.
+    auto kernel = E <= 32 ? route_topk_kernel<1, L, W> : E <= 64 ? route_topk_kernel<2, L, W>
+                : E <= 128 ? route_topk_kernel<4, L, W> : E <= 256 ? route_topk_kernel<8, L, W>
+                : route_topk_kernel<0, L, W>;
+    if (E > 256) allow_dynamic_smem<route_topk_kernel<0, L, W>>(kRouteWarps * kMaxExperts * (sizeof(float) + 1));
     kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
         logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E, top_k, norm);
     check_launch("route_topk_kernel");

@@ -56,17 +56,32 @@ TEST(CudaOps, SortByExpertMatchesCpuExactly) {
 
 TEST(CudaOps, RouteTopkMatchesCpu) {
   REQUIRE_GPU();
-  // k above 32 takes the kernel's selections in several rounds of a warp's lanes.
+  // k above 32 takes the kernel's selections in several rounds of a warp's lanes. E picks the kernel: up to 256
+  // experts the keys sit in registers (1, 2, 4 or 8 per lane), beyond that a shared-memory scan. bf16 logits tie
+  // often, which exercises the lower-id-first order; two rows hold a NaN (the whole row ranks as NaN: ids 0…k-1).
   for (bool norm : {true, false})
-    for (auto [E, k] : {std::pair{40, 1}, std::pair{40, 8}, std::pair{40, 33}, std::pair{40, 40}, std::pair{128, 70}}) {
+    for (auto [E, k] : {std::pair{40, 1}, std::pair{40, 8}, std::pair{40, 33}, std::pair{40, 40}, std::pair{128, 70},
+                        std::pair{16, 4}, std::pair{64, 8}, std::pair{200, 8}, std::pair{256, 40}, std::pair{300, 8}}) {
       const int64_t T = 999;
       HostTensor logits(DType::bf16, {T, E}), w(DType::bf16, {T, k}), ids(DType::i32, {T, k});
       logits.randn(2.0);
+      for (int64_t t : {int64_t{5}, T - 1}) logits.set(t * E + (t % E), std::nan(""));
       route_topk(logits.t, k, norm, w.t, ids.t);
       DeviceCopy dl(logits, kGpu), dw(w, kGpu, false), di(ids, kGpu, false);
       route_topk(dl.t, k, norm, dw.t, di.t);
-      EXPECT_EQ(di.download().values(), ids.values());
-      EXPECT_CLOSE(dw.download().values(), w.values(), 1e-2);
+      EXPECT_EQ(di.download().values(), ids.values()) << "E " << E << " k " << k;
+      for (int64_t t : {int64_t{5}, T - 1})
+        for (int j = 0; j < k; ++j) {
+          EXPECT_EQ(ids.i32(t * k + j), j) << "NaN row " << t;
+          w.set(t * k + j, 0.0);  // NaN weights on both sides: compared as zeros
+        }
+      std::vector<double> got = dw.download().values();
+      for (int64_t t : {int64_t{5}, T - 1})
+        for (int j = 0; j < k; ++j) {
+          EXPECT_TRUE(std::isnan(got[t * k + j])) << "NaN row " << t;
+          got[t * k + j] = 0.0;
+        }
+      EXPECT_CLOSE(got, w.values(), 1e-2);
     }
 }
 
