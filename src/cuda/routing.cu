@@ -62,7 +62,8 @@ __device__ __forceinline__ uint64_t selection_key(float p, int e) {
 
 // Softmax, top-k and renormalisation of one token per warp. V > 0 (E <= 32·V): each lane keeps the keys of its
 // experts lane, lane + 32, … sorted in registers, so a selection round is one warp argmax over the lanes' best
-// keys (two warp reductions), and the winning lane moves on to its next. V = 0 (any E): each round scans the row in shared memory.
+// keys (two warp reductions), and the winning lane moves on to its next. V = 0 (any E): each round scans the row
+// in shared memory, where the taken flags follow the probabilities.
 template <int V, class L, class W>
 __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int64_t T, int E, int k, bool norm) {
   extern __shared__ float smem[];
@@ -249,7 +250,7 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
   const int E = static_cast<int>(logits.shape[1]);
   check_experts("route_topk", E);
   if (T == 0) return;
-  const size_t smem = kRouteWarps * E * (sizeof(float) + 1);
+  const size_t smem = kRouteWarps * E * (sizeof(float) + (E > 256 ? 1 : 0));  // taken flags: the scan only
   visit_floats([&](auto l_tag, auto w_tag) {
     using L = decltype(l_tag);
     using W = decltype(w_tag);
