@@ -65,6 +65,13 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 // With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
 // GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
 constexpr int kDiagTnOnly = 32;
+// Diagnostics for why every overlapped epilogue slowed the mainloop (NOTES, sessions 10–12): the producer adds
+// traffic during the mainloop of the 128 × 256 nt/nn kernels (not BN = 128, so the router's GEMM and the routing
+// stay exact): per k-step 16 KB of shared-memory reads (kDiagSmemRead; 32 KB with kDiagDouble), or 8 KB of global
+// stores into the tile's own output rows, which its epilogue overwrites later (kDiagGlobalStore; 16 KB doubled).
+// The timeline build then shows whether the k-step grows when shared memory, or the SM's path to L2, carries more.
+// Compiled only with -DFUSEDMOE_SM90_DIAG_TRAFFIC (TL_FLAGS of scripts/gpu_timeline.sh): the code costs registers.
+constexpr int kDiagSmemRead = 16, kDiagGlobalStore = 64, kDiagDouble = 128;
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -230,6 +237,28 @@ __device__ __forceinline__ void load_k_major(uint32_t dst, int tid, const T* bas
     cp_async_16(swizzled(dst, tid / 8 + 16 * i, c), ok ? base + row_off[i] + k0 + c * 8 : base, ok);
   }
 }
+
+#ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
+// The producer's extra traffic of kDiagSmemRead / kDiagGlobalStore (one k-step's worth; see the variant bits).
+template <class OutT>
+__device__ __forceinline__ void diagnostic_traffic(int diag, bool twice, uint32_t a_dst, int tid, OutT* C,
+                                                   const int64_t (&rows)[4]) {
+  for (int rep = 0; rep < (twice ? 2 : 1); ++rep) {
+    if (diag & kDiagSmemRead) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {  // eight 16-byte reads per thread over the stage's A tile (16 KB); volatile: kept
+        uint32_t v[4];
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "r"(a_dst + (i * 128 + tid) * 16));
+      }
+    }
+    if ((diag & kDiagGlobalStore) && C != nullptr)
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (rows[i] >= 0) *reinterpret_cast<uint4*>(C + rows[i]) = make_uint4(0, 0, 0, 0);
+  }
+}
+#endif
 
 // MN-major operand tile (the dW producer): 64 reduction rows × Width columns (Width/64 panels); thread tid copies
 // column chunks tid % 16 (+16, … across the width) of rows tid/16 + 8·i. Its column pointers, bounds and swizzled
@@ -549,6 +578,17 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int i = 0; i < kBM / 16; ++i) rows_now[i] = a_off[i];
         first_lookup(t + unit_stride);  // lands while this tile's stages are copied
         const int group = tile.group, n0 = static_cast<int>(tile.n0);
+#ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
+        const int diag = BN == 256 ? variant & (kDiagSmemRead | kDiagGlobalStore) : 0;
+        int64_t diag_rows[4] = {-1, -1, -1, -1};  // kDiagGlobalStore: element offsets of 64 of the tile's output rows
+        if ((diag & kDiagGlobalStore) && p.C != nullptr && p.ldc % 8 == 0 && n0 + 64 <= p.ldc &&
+            reinterpret_cast<uintptr_t>(p.C) % 16 == 0)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t m = tile.m0 + tid / 8 + 16 * i;
+            if (m < tile.rows) diag_rows[i] = rt.row(p.c_map, tile.row_begin + m) * p.ldc + n0 + (tid % 8) * 8;
+          }
+#endif
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
@@ -575,6 +615,9 @@ __global__ void __launch_bounds__(kThreads, 1)
               }
             }
             if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
+#ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
+            if (diag) diagnostic_traffic(diag, variant & kDiagDouble, a_dst, tid, p.C, diag_rows);
+#endif
           });
         }
       } else {
