@@ -71,7 +71,9 @@ constexpr int kDiagTnOnly = 32;
 // stores into the tile's own output rows, which its epilogue overwrites later (kDiagGlobalStore; 16 KB doubled).
 // The timeline build then shows whether the k-step grows when shared memory, or the SM's path to L2, carries more.
 // Compiled only with -DFUSEDMOE_SM90_DIAG_TRAFFIC (TL_FLAGS of scripts/gpu_timeline.sh): the code costs registers.
+#ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
 constexpr int kDiagSmemRead = 16, kDiagGlobalStore = 64, kDiagDouble = 128;
+#endif
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
