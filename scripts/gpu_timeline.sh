@@ -5,6 +5,8 @@
 # (cycles per tile: first-stage wait, mainloop, epilogue) in $OUT/timeline.txt.
 #   TL_VARIANTS="A=ENV=VAL,ENV2=VAL B=..."  (default: the heuristic, named "default")
 #   TL_TOKENS="4096 16384"   TL_FLAGS="-DFUSEDMOE_SM90_DIAG_TN_KMAJOR_A" (extra CUDA flags of the build)
+#   Extra traffic during the nt/nn mainloop (gemm_sm90.cu, kDiagSmemRead…): TL_FLAGS="-DFUSEDMOE_SM90_DIAG_TRAFFIC"
+#   TL_VARIANTS="base=FUSEDMOE_TL_DEFAULT=1 smem16=FUSEDMOE_SM90_VARIANT=16 st8=FUSEDMOE_SM90_VARIANT=64"
 #   TL_BUILD_ONLY=1 builds and stops (to build next to another tree before timing anything).
 set -uo pipefail
 cd "$(dirname "$0")/.."
