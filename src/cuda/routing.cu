@@ -11,6 +11,7 @@ namespace {
 
 constexpr int kRouteWarps = 4;   // tokens per block
 constexpr int kMaxExperts = 4096;
+constexpr int kRegisterTopkExperts = 256;  // route_topk keeps a token's keys in registers up to here (8 per lane)
 // kSortChunk (backend.hpp): slots per sort block (one warp, 8 rounds of 32).
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -250,15 +251,16 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
   const int E = static_cast<int>(logits.shape[1]);
   check_experts("route_topk", E);
   if (T == 0) return;
-  const size_t smem = kRouteWarps * E * (sizeof(float) + (E > 256 ? 1 : 0));  // taken flags: the scan only
+  const bool scan = E > kRegisterTopkExperts;
+  const size_t smem = kRouteWarps * E * (sizeof(float) + (scan ? 1 : 0));  // taken flags: the scan only
   visit_floats([&](auto l_tag, auto w_tag) {
     using L = decltype(l_tag);
     using W = decltype(w_tag);
-    // Register-resident keys up to 256 experts (8 per lane); the shared-memory scan beyond.
-    auto kernel = E <= 32 ? route_topk_kernel<1, L, W> : E <= 64 ? route_topk_kernel<2, L, W>
-                : E <= 128 ? route_topk_kernel<4, L, W> : E <= 256 ? route_topk_kernel<8, L, W>
-                : route_topk_kernel<0, L, W>;
-    if (E > 256) allow_dynamic_smem<route_topk_kernel<0, L, W>>(kRouteWarps * kMaxExperts * (sizeof(float) + 1));
+    static_assert(kRegisterTopkExperts == 8 * 32, "the register kernels below go up to 8 keys per lane");
+    auto kernel = scan ? route_topk_kernel<0, L, W> : E <= 32 ? route_topk_kernel<1, L, W>
+                : E <= 64 ? route_topk_kernel<2, L, W> : E <= 128 ? route_topk_kernel<4, L, W>
+                : route_topk_kernel<8, L, W>;
+    if (scan) allow_dynamic_smem<route_topk_kernel<0, L, W>>(kRouteWarps * kMaxExperts * (sizeof(float) + 1));
     kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
         logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E, top_k, norm);
     check_launch("route_topk_kernel");

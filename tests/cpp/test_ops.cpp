@@ -299,14 +299,21 @@ TEST(Numeric, Bf16AndF16RoundTrip) {
 
 }  // namespace
 
-// The dW kernel's slot -> token map: slot / top_k by a multiply and shift, against the division, for every top-k a
-// config allows and slots across the whole int32 range.
+// The dW kernel's divisions by a multiply and shift (slot -> token by top_k; tile index -> row tile and group by
+// the tile counts), against the division: every top-k a config allows, larger divisors up to 2^31 - 1 (tile
+// counts), and dividends across the whole int32 range.
 TEST(Numeric, FastDivisionMatchesDivision) {
   std::mt19937 gen(7);
-  for (uint32_t d = 1; d <= 1024; ++d) {  // top_k <= num_experts, and the wgmma kernels take <= 1024 groups
+  std::vector<uint32_t> divisors;
+  for (uint32_t d = 1; d <= 1024; ++d) divisors.push_back(d);  // top_k <= num_experts; <= 1024 groups (wgmma)
+  for (uint32_t l = 11; l <= 31; ++l)
+    for (uint32_t d : {(1u << l) - 1, 1u << l, (1u << l) + 1}) if (d < 0x80000000u) divisors.push_back(d);
+  for (int i = 0; i < 200; ++i) divisors.push_back(1 + (gen() & 0x7ffffffeu));
+  for (uint32_t d : divisors) {
     const num::FastDivU31 div(d);
     std::vector<uint32_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, 0x7fffffffu, 0x7ffffffeu, 0x7fffffffu - d};
     for (int i = 0; i < 2000; ++i) ns.push_back(gen() & 0x7fffffffu);
-    for (uint32_t n : ns) ASSERT_EQ(div(n), n / d) << "n = " << n << ", d = " << d;
+    for (uint32_t n : ns)
+      if (n < 0x80000000u) ASSERT_EQ(div(n), n / d) << "n = " << n << ", d = " << d;  // (exact below 2^31)
   }
 }
