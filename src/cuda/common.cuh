@@ -12,6 +12,7 @@
 #include <string>
 
 #include "../backend.hpp"
+#include "../numeric.hpp"
 #include "fusedmoe/error.hpp"
 
 namespace fusedmoe::detail::cuda {
@@ -178,6 +179,7 @@ struct DeviceRouting {
   int top_k;
   int64_t M;
   int64_t rows_per_group;  // without offsets: group e covers rows [e·rows_per_group, (e+1)·rows_per_group) ∩ [0, M)
+  num::FastDivU31 top_k_div;  // slot -> token by a multiply-shift (slots are int32 values: below 2^31)
 
   __device__ __forceinline__ int64_t offset(int e) const {
     const int64_t o = offsets ? offsets[e] : e * rows_per_group;
@@ -187,10 +189,7 @@ struct DeviceRouting {
     const int64_t s = gather[i];
     return s < 0 ? 0 : (s >= M ? M - 1 : s);
   }
-  // Slots are int32 values, so 32-bit division (a 64-bit one is a long software sequence).
-  __device__ __forceinline__ int64_t token_of(int64_t slot) const {
-    return static_cast<uint32_t>(slot) / static_cast<uint32_t>(top_k);
-  }
+  __device__ __forceinline__ int64_t token_of(int64_t slot) const { return top_k_div(static_cast<uint32_t>(slot)); }
   __device__ __forceinline__ int64_t row(RowMap map, int64_t i) const {
     switch (map) {
       case RowMap::token: return token_of(slot(i));
@@ -203,7 +202,7 @@ struct DeviceRouting {
 inline DeviceRouting device_routing(const Routing& r) {
   return {r.expert_offsets.defined() ? r.expert_offsets.ptr<const int32_t>() : nullptr,
           r.gather_indices.defined() ? r.gather_indices.ptr<const int32_t>() : nullptr, r.num_experts, r.top_k, r.M,
-          r.M};
+          r.M, num::FastDivU31(static_cast<uint32_t>(r.top_k > 0 ? r.top_k : 1))};
 }
 
 }  // namespace fusedmoe::detail::cuda

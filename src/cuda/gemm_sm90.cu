@@ -540,7 +540,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     int64_t a_off[kBM / 16];               // nt/nn: element offsets of this thread's A rows
     int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
-    const num::FastDivU31 top_k_div(static_cast<uint32_t>(rt.top_k > 0 ? rt.top_k : 1));  // tn: slot -> token
     auto lookup_rows = [&](const Tile& tl) {
 #pragma unroll
       for (int i = 0; i < kBM / 16; ++i) {
@@ -640,7 +639,7 @@ __global__ void __launch_bounds__(kThreads, 1)
               const int k = tid + 128 * q, at = (k / kBK) * kBK + (k % 8) * 8 + (k % kBK) / 8;
               const int64_t i = tile.row_begin + kt * kBK + k;  // the routed row
               auto row = [&](RowMap map) -> int64_t {
-                return map == RowMap::identity ? i : map == RowMap::token ? top_k_div(static_cast<uint32_t>(slot)) : slot;
+                return map == RowMap::identity ? i : map == RowMap::token ? rt.token_of(slot) : slot;
               };
               constexpr int64_t kPastEnd = MnMajorCopy<kBM, T>::kPastEnd;  // byte offsets (MnMajorCopy)
               buf[at] = slot < 0 ? kPastEnd : row(p.a_map) * p.lda * static_cast<int64_t>(sizeof(T));
