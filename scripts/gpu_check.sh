@@ -3,6 +3,8 @@
 # builds, runs every GPU test (C++ and Python), a compute-sanitizer pass, and the benchmark,
 # then prints a compact table last. Logs go to $OUT (or ./out).
 #   GPU_CHECK_QUICK=1  skips the sanitizer and the long benchmark sweep.
+#   GPU_CHECK_TARGETS=1  also benchmarks the rest of issue #5's targets in the same call: Qwen3-235B-A22B forward
+#   and skewed routing (--skew 2.0) at T=16384 (bench_235b.log, bench_skew.log; ~2 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -73,6 +75,15 @@ if $PY -c "import fusedmoe.bench" >/dev/null 2>&1; then
     >"$OUT/bench.log" 2>&1
   note "benchmark" "exit $? (bench.log, bench.json)"
   cat "$OUT/bench.log" | tail -40
+  if [ "${GPU_CHECK_TARGETS:-0}" = 1 ]; then
+    $PY -m fusedmoe.bench --model qwen3-235b-a22b --tokens 16384 --modes fwd --impls fusedmoe torch_grouped_mm \
+      --repeats 5 --out "$OUT/bench_235b" >"$OUT/bench_235b.log" 2>&1
+    note "benchmark Qwen3-235B-A22B" "exit $? (bench_235b.log)"
+    $PY -m fusedmoe.bench --tokens 16384 --modes fwd fwdbwd --impls fusedmoe --skew 2.0 --repeats 5 \
+      --out "$OUT/bench_skew" >"$OUT/bench_skew.log" 2>&1
+    note "benchmark skew 2.0" "exit $? (bench_skew.log)"
+    grep -E "^ +[0-9]+ +[0-9.]+ +[0-9]" "$OUT/bench_235b.log" "$OUT/bench_skew.log" | sed 's|.*/||'
+  fi
 else
   for T in 2048 16384; do
     ./build/gpu/moe_example --tokens $T --repeats 5 >"$OUT/example_$T.log" 2>&1
