@@ -97,7 +97,7 @@ template <> struct Conv<f16_t> {
 template <class S> FUSEDMOE_HD auto load(const S* p, int64_t i) { return Conv<S>::load(p[i]); }
 template <class S, class A> FUSEDMOE_HD void store(S* p, int64_t i, A v) { p[i] = Conv<S>::store(v); }
 
-// Unsigned division by a divisor fixed for a kernel (top-k), exact for n < 2^31: q = (umulhi(n, m) + n) >> l with
+// Unsigned division by a divisor fixed for a kernel (top-k, a tile count), exact for n < 2^31: q = (umulhi(n, m) + n) >> l with
 // l = ceil(log2 d) and m = floor(2^32 (2^l - d) / d) + 1, the round-up magic number of Granlund and Montgomery
 // (m + 2^32 = floor(2^(32+l) / d) + 1, exact for every 32-bit n; n < 2^31 keeps umulhi + n within 32 bits).
 // Two instructions and a shift on the GPU against the ~20 of a division by a runtime value.

@@ -176,10 +176,9 @@ struct DeviceRouting {
   const int32_t* offsets;  // [E+1]
   const int32_t* gather;   // [M] or nullptr
   int num_experts;
-  int top_k;
   int64_t M;
   int64_t rows_per_group;  // without offsets: group e covers rows [e·rows_per_group, (e+1)·rows_per_group) ∩ [0, M)
-  num::FastDivU31 top_k_div;  // slot -> token by a multiply-shift (slots are int32 values: below 2^31)
+  num::FastDivU31 top_k_div;  // slot -> token (slot / top-k) by a multiply-shift (slots are int32 values: below 2^31)
 
   __device__ __forceinline__ int64_t offset(int e) const {
     const int64_t o = offsets ? offsets[e] : e * rows_per_group;
@@ -201,8 +200,8 @@ struct DeviceRouting {
 
 inline DeviceRouting device_routing(const Routing& r) {
   return {r.expert_offsets.defined() ? r.expert_offsets.ptr<const int32_t>() : nullptr,
-          r.gather_indices.defined() ? r.gather_indices.ptr<const int32_t>() : nullptr, r.num_experts, r.top_k, r.M,
-          r.M, num::FastDivU31(static_cast<uint32_t>(r.top_k > 0 ? r.top_k : 1))};
+          r.gather_indices.defined() ? r.gather_indices.ptr<const int32_t>() : nullptr, r.num_experts, r.M, r.M,
+          num::FastDivU31(static_cast<uint32_t>(r.top_k > 0 ? r.top_k : 1))};
 }
 
 }  // namespace fusedmoe::detail::cuda
