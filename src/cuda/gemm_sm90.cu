@@ -43,6 +43,7 @@
 #include "../activation.hpp"
 #include "gemm_problem.cuh"
 #include "wgmma.cuh"
+#include "wgmma_issue.cuh"
 
 namespace fusedmoe::detail::cuda {
 namespace sm90 {
@@ -96,9 +97,6 @@ constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
 static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem,
               "the pipeline stages and group tables must fit in shared memory");
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
@@ -196,27 +194,7 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
-// cp.async writes through the generic proxy, wgmma reads through the async proxy.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-// Keeps the compiler from moving accumulator reads or writes across the asynchronous wgmma boundary.
-template <int R>
-__device__ __forceinline__ void pin_registers(float (&acc)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(acc[i])::"memory");
-}
-
-// Shared-memory matrix descriptor, 128-byte swizzle. K-major: rows of 128 bytes, 8-row groups every
-// `sbo` bytes (lbo unused). MN-major: 64-element blocks along M/N every `lbo` bytes, 8-deep groups along
-// K every `sbo` bytes.
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
-         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
-}
 
 __device__ __forceinline__ uint32_t swizzled(uint32_t panel, int row, int chunk) {
   return panel + row * 128 + ((chunk ^ (row & 7)) << 4);
