@@ -9,7 +9,7 @@
 // let the second warpgroup store (global, shared, or both) while the first issues alone: does an epilogue in one
 // warpgroup slow the other's tensor-core work?
 //
-// Build and run on an sm_90a GPU: scripts/gpu_wgmma_rate.sh (nvcc, no other dependency). Output: per shape, the
+// Build and run on an sm_90a GPU: scripts/gpu_micro.sh (nvcc, no other dependency). Output: per shape, the
 // cycles per 64-deep k-step (median over the CTAs, one per SM) and the share of the SM's tensor-core peak
 // (kMacPerCycle) that implies.
 #include <cuda_bf16.h>
@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "../../src/cuda/wgmma.cuh"
-#include "../../src/cuda/wgmma_issue.cuh"
+#include "../../src/cuda/sm90_primitives.cuh"
 
 using namespace fusedmoe::detail::cuda::sm90;
 

@@ -43,7 +43,7 @@
 #include "../activation.hpp"
 #include "gemm_problem.cuh"
 #include "wgmma.cuh"
-#include "wgmma_issue.cuh"
+#include "sm90_primitives.cuh"
 
 namespace fusedmoe::detail::cuda {
 namespace sm90 {
@@ -136,25 +136,6 @@ struct TileClock {
 #endif
 };
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
 // Arrival on the barrier at the same shared-memory offset in CTA `rank` of the cluster. Default (CTA-scope)
 // release: it only tells the peer's producer that this CTA's wgmmas, already complete, are done reading a
 // stage. A cluster-scope release would compile to a GPU-wide memory barrier (MEMBAR.ALL.GPU) per stage,
@@ -172,28 +153,7 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
-// TMA: box (c0, c1, c2) of a 3-D tensor map into shared memory at `dst`, the barrier at `bar` receiving the
-// bytes; with kCluster > 1 into every CTA of the cluster (same offsets in each).
-template <int kCluster>
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1, int c2) {
-  if constexpr (kCluster == 1)
-    asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n"
-        ::"r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2)
-        : "memory");
-  else
-    asm volatile(
-        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-        " [%0], [%1, {%3, %4, %5}], [%2], %6;\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "h"(static_cast<uint16_t>((1u << kCluster) - 1))
-        : "memory");
-}
 
-// 16 bytes global -> shared; zero-filled (nothing read) when !valid.
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
 
 
 __device__ __forceinline__ uint32_t swizzled(uint32_t panel, int row, int chunk) {
