@@ -30,6 +30,7 @@
 #include <random>
 #include <vector>
 
+#include "../../src/activation.hpp"
 #include "../../src/cuda/sm90_primitives.cuh"
 #include "../../src/cuda/wgmma.cuh"
 
@@ -56,6 +57,14 @@ enum StoreMode : int {
   kRowSegments = 2,  // 32 lanes store one row's 512 contiguous bytes per instruction (from registers, no staging)
   kStagedSlices = 3, // as gemm_sm90's store_slice: per warp 8 rows × 128 bytes staged by stmatrix (padded rows),
                      // __syncwarp, read back, four 128-byte row pieces per store instruction
+  kGatedSlices = 4,  // GEMM1's training epilogue: gate and up to Y1, silu(gate)·up to act (96 KB a 128 x 256 tile)
+  // Parts of it, to see what its time is made of:
+  kGateUpOnly = 5,   // gate and up only (64 KB, no act)
+  kGatedNoSilu = 6,  // all three, act = gate·up (no σ)
+  kActOnly = 7,      // act only (the inference form: 32 KB and σ)
+  // Layouts the block could choose for its own buffers:
+  kGatedInterleaved = 8,  // Y1 as blocks of [128 gate | 128 up] columns per tile (one 512-byte piece per row)
+  kGatedBlocked = 9,      // that, and act as [N/256 column blocks][rows][128] (each tile's act one 32 KB block)
 };
 
 struct Problem {
@@ -63,8 +72,45 @@ struct Problem {
   const int32_t* gather;    // A row of routed row i (null: i itself)
   bf16* out;                // kTileBlocks: one 128 × BN block per tile; else [rows, N]
   const int32_t* out_rows;  // output row of routed row i (null: i itself)
+  bf16* act;                // kGatedSlices: [rows, N/2]
   int experts, rows_per_expert, N, K;
 };
+
+constexpr int kSlicePitch = 144;  // a staged row of 64 bf16 (128 bytes) + 16 bytes of padding
+
+// One warp's 8 rows × 64 columns (gemm_sm90's store_slice): value(i) gives the float pair of column group i of the
+// lane's row (the wgmma fragment layout); stmatrix into the warp's padded area, read back as 16-byte row pieces,
+// four 128-byte row pieces per store instruction. row_off: the lane's row offset (elements) in dst.
+template <class Value>
+__device__ __forceinline__ void staged_slice(uint32_t area, int lane, const Value& value, int64_t row_off, bf16* dst) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint32_t r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 v = value(half * 4 + i);
+      const __nv_bfloat162 b2 = __floats2bfloat162_rn(v.x, v.y);
+      r[i] = *reinterpret_cast<const uint32_t*>(&b2);
+    }
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                     area + (lane % 8) * kSlicePitch + (half * 4 + lane / 8) * 16),
+                 "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+                 : "memory");
+  }
+  __syncwarp();
+  const int piece = lane % 8;
+#pragma unroll
+  for (int it = 0; it < 2; ++it) {
+    const int rr = lane / 8 + 4 * it;
+    const int64_t off = __shfl_sync(0xffffffffu, row_off, rr * 4);
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(area + rr * kSlicePitch + piece * 16));
+    *reinterpret_cast<uint4*>(dst + off + piece * 8) = v;
+  }
+  __syncwarp();
+}
 
 template <int BN, int kSched, int kStore>
 __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant__ CUtensorMap w_map, Problem p,
@@ -206,8 +252,7 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
     } else if constexpr (kStore == kStagedSlices) {
       // gemm_sm90's epilogue (store_slice) for this warp's 16 rows: slices of 8 rows × 64 columns through a
       // 1152-byte area per warp in the tile's last stage (its A part).
-      constexpr int kPitch = 144, kWarpRows = kSched == kCooperative ? 16 : 32;
-      const uint32_t area = stages + prev_stage * C::kStageBytes + (thread / 32) * 8 * kPitch;
+      const uint32_t area = stages + prev_stage * C::kStageBytes + (thread / 32) * 8 * kSlicePitch;
       const int lane = tid % 32;
       constexpr int kGroups = kSched == kCooperative ? 1 : 2;  // ping-pong: rows 0-63 (lo) and 64-127 (hi)
 #pragma unroll
@@ -219,37 +264,47 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
           const int64_t row_off = out_row(m) * p.N;
 #pragma unroll
           for (int q = 0; q < BN / 64; ++q) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              uint32_t r[4];
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                const int j = q * 8 + half * 4 + i;
-                const __nv_bfloat162 b2 = __floats2bfloat162_rn(a[j * 4 + h * 2], a[j * 4 + h * 2 + 1]);
-                r[i] = *reinterpret_cast<const uint32_t*>(&b2);
-              }
-              asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                               area + (lane % 8) * kPitch + (half * 4 + lane / 8) * 16),
-                           "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-                           : "memory");
-            }
-            __syncwarp();
-            const int piece = lane % 8;
-#pragma unroll
-            for (int it = 0; it < 2; ++it) {
-              const int rr = lane / 8 + 4 * it;
-              const int64_t off = __shfl_sync(0xffffffffu, row_off, rr * 4);
-              uint4 v;
-              asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                           : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                           : "r"(area + rr * kPitch + piece * 16));
-              *reinterpret_cast<uint4*>(p.out + off + n0 + q * 64 + piece * 8) = v;
-            }
-            __syncwarp();
+            auto pair = [&](int i) { const int j = q * 8 + i; return make_float2(a[j * 4 + h * 2], a[j * 4 + h * 2 + 1]); };
+            staged_slice(area, lane, pair, row_off, p.out + n0 + q * 64);
           }
         }
       }
-      (void)kWarpRows;
+    } else if constexpr (kStore >= kGatedSlices) {
+      // GEMM1's training epilogue: the tile's 128 gate and 128 up columns side by side (gate_up_proj rows
+      // interleaved per tile), stored to Y1 (gate half, up half), and act = silu(gate)·up of the rounded values to
+      // act [rows, N/2]: three staged slices per 64 act columns, as gemm_sm90 does.
+      static_assert(kSched == kCooperative && BN == 256, "the gated pattern of the 128 x 256 kernel");
+      const uint32_t area = stages + prev_stage * C::kStageBytes + (thread / 32) * 8 * kSlicePitch;
+      const int lane = tid % 32, I = p.N / 2, col0 = (n0 / BN) * (BN / 2);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int m = consumer * 64 + (thread / 32 % 4) * 16 + lane / 4 + 8 * h;
+        const int64_t row = out_row(m);
+#pragma unroll
+        for (int q = 0; q < BN / 128; ++q) {
+          auto gate = [&](int i) { const int j = q * 8 + i; return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
+          auto up = [&](int i) { return gate(i + BN / 16); };
+          auto act = [&](int i) {
+            const float2 g = gate(i), u = up(i);
+            auto r = [](float x) { return __bfloat162float(__float2bfloat16(x)); };
+            if constexpr (kStore == kGatedNoSilu) return make_float2(r(g.x) * r(u.x), r(g.y) * r(u.y));
+            return make_float2(fusedmoe::act::silu(r(g.x)) * r(u.x), fusedmoe::act::silu(r(g.y)) * r(u.y));
+          };
+          if constexpr (kStore == kGatedInterleaved || kStore == kGatedBlocked) {
+            staged_slice(area, lane, gate, row * p.N, p.out + n0 + q * 64);
+            staged_slice(area, lane, up, row * p.N, p.out + n0 + BN / 2 + q * 64);
+          } else if constexpr (kStore != kActOnly) {
+            staged_slice(area, lane, gate, row * p.N, p.out + col0 + q * 64);
+            staged_slice(area, lane, up, row * p.N, p.out + I + col0 + q * 64);
+          }
+          if constexpr (kStore == kGatedBlocked) {
+            const int64_t rows = static_cast<int64_t>(p.experts) * p.rows_per_expert;
+            staged_slice(area, lane, act, row * (BN / 2), p.act + (n0 / BN) * rows * (BN / 2) + q * 64);
+          } else if constexpr (kStore != kGateUpOnly) {
+            staged_slice(area, lane, act, row * I, p.act + col0 + q * 64);
+          }
+        }
+      }
     } else if constexpr (kStore == kNoStores) {
       // Keep the accumulators live (ptxas turns wgmmas whose results nobody reads into empty ones).
       float sum = 0.f;
@@ -327,6 +382,8 @@ struct Shape {
   bool gather;
 };
 
+bf16* act_buf = nullptr;  // kGatedSlices' act output
+
 template <int BN, int kSched, int kStore>
 void run(const Shape& sh, const bf16* A, const int32_t* gather, const int32_t* perm, const bf16* W, bf16* out, int sms) {
   using C = Cfg<BN>;
@@ -334,7 +391,7 @@ void run(const Shape& sh, const bf16* A, const int32_t* gather, const int32_t* p
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes), "smem attribute");
   const CUtensorMap map = weight_map(W, sh.experts, sh.N, sh.K, BN / 2);
   // Output rows: GEMM1 writes rows in expert order, GEMM2 slot rows (a permutation of the routed rows).
-  const Problem p{A, sh.gather ? gather : nullptr, out, sh.gather ? nullptr : perm, sh.experts, sh.rows_per_expert,
+  const Problem p{A, sh.gather ? gather : nullptr, out, sh.gather ? nullptr : perm, act_buf, sh.experts, sh.rows_per_expert,
                   sh.N, sh.K};
   long long* d_cycles = nullptr;
   check(cudaMalloc(&d_cycles, sizeof(long long) * (4 * sms + 2)), "cudaMalloc");
@@ -373,8 +430,10 @@ void run(const Shape& sh, const bf16* A, const int32_t* gather, const int32_t* p
   const double macs = 128.0 * BN * 64 * tiles_ksteps;
   const double flops = 2.0 * sh.experts * sh.rows_per_expert * static_cast<double>(sh.N) * sh.K;
   const double per_kstep = static_cast<double>(cyc) * sms / tiles_ksteps;  // cycles of one SM per 128×BN×64 k-step
-  static const char* kStoreNames[] = {"no stores", "tile blocks", "row pieces", "staged slices"};
-  std::printf("%-8s %-12s 128x%-3d %-13s: %8.1f us %6.1f TFLOP/s  %7.1f cycles per 128x%dx64 k-step incl. epilogue"
+  static const char* kStoreNames[] = {"no stores", "tile blocks", "row pieces", "staged slices", "gated slices",
+                                       "gate+up only", "gated, no σ", "act only", "gated, Y1 interleaved",
+                                       "gated, Y1+act blocked"};
+  std::printf("%-8s %-12s 128x%-3d %-21s: %8.1f us %6.1f TFLOP/s  %7.1f cycles per 128x%dx64 k-step incl. epilogue"
               " (ideal %4d): tensor cores %5.1f%% of the busiest SM's time, SM clock %4.0f MHz\n",
               sh.name, kSched == kCooperative ? "cooperative" : "ping-pong", BN, kStoreNames[kStore], best * 1e3,
               flops / (best * 1e-3) / 1e12, per_kstep, BN, BN * 4, 100.0 * macs / (2048.0 * cyc * sms), mhz);
@@ -404,6 +463,7 @@ int main() {
   check(cudaMalloc(&A, a_elems * 2), "A");
   check(cudaMalloc(&W, w_elems * 2), "W");
   check(cudaMalloc(&out, out_elems * 2), "out");
+  check(cudaMalloc(&act_buf, static_cast<size_t>(128) * 1024 * 768 * 2), "act");
   fill_random<<<1024, 256>>>(A, a_elems, 1u);
   fill_random<<<1024, 256>>>(W, w_elems, 2u);
   check(cudaDeviceSynchronize(), "fill");
@@ -431,6 +491,14 @@ int main() {
     run<192, kPingPong, kStagedSlices>(s, A, gather, perm, W, out, sms);
     run<192, kCooperative, kStagedSlices>(s, A, gather, perm, W, out, sms);
     run<128, kPingPong, kStagedSlices>(s, A, gather, perm, W, out, sms);
+    if (s.gather) {
+      run<256, kCooperative, kGatedSlices>(s, A, gather, perm, W, out, sms);
+      run<256, kCooperative, kGateUpOnly>(s, A, gather, perm, W, out, sms);
+      run<256, kCooperative, kGatedNoSilu>(s, A, gather, perm, W, out, sms);
+      run<256, kCooperative, kActOnly>(s, A, gather, perm, W, out, sms);
+      run<256, kCooperative, kGatedInterleaved>(s, A, gather, perm, W, out, sms);
+      run<256, kCooperative, kGatedBlocked>(s, A, gather, perm, W, out, sms);
+    }
   }
   return 0;
 }
