@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"
 mkdir -p build/micro
 for bench in ${MICRO:-wgmma_rate pipeline_rate}; do
-  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o "build/micro/$bench" "bench/micro/$bench.cu" \
+  nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Iinclude -Xptxas -v \
+    -o "build/micro/$bench" "bench/micro/$bench.cu" \
     2>"build/micro/$bench.ptxas"
   echo "== $bench ($(grep -cE '[1-9][0-9]* bytes spill' "build/micro/$bench.ptxas" || true) kernels with spills)"
   case $bench in

@@ -31,11 +31,13 @@
 #include <vector>
 
 #include "../../src/activation.hpp"
+#include "../../src/cuda/sm90_epilogue.cuh"
 #include "../../src/cuda/sm90_primitives.cuh"
 #include "../../src/cuda/wgmma.cuh"
 
 using namespace fusedmoe::detail::cuda::sm90;
 using bf16 = __nv_bfloat16;
+constexpr int64_t kNoColumnLimit = int64_t{1} << 62;  // store_slice's column bound: none here
 
 namespace {
 
@@ -75,42 +77,6 @@ struct Problem {
   bf16* act;                // kGatedSlices: [rows, N/2]
   int experts, rows_per_expert, N, K;
 };
-
-constexpr int kSlicePitch = 144;  // a staged row of 64 bf16 (128 bytes) + 16 bytes of padding
-
-// One warp's 8 rows × 64 columns (gemm_sm90's store_slice): value(i) gives the float pair of column group i of the
-// lane's row (the wgmma fragment layout); stmatrix into the warp's padded area, read back as 16-byte row pieces,
-// four 128-byte row pieces per store instruction. row_off: the lane's row offset (elements) in dst.
-template <class Value>
-__device__ __forceinline__ void staged_slice(uint32_t area, int lane, const Value& value, int64_t row_off, bf16* dst) {
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    uint32_t r[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 v = value(half * 4 + i);
-      const __nv_bfloat162 b2 = __floats2bfloat162_rn(v.x, v.y);
-      r[i] = *reinterpret_cast<const uint32_t*>(&b2);
-    }
-    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
-                     area + (lane % 8) * kSlicePitch + (half * 4 + lane / 8) * 16),
-                 "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
-                 : "memory");
-  }
-  __syncwarp();
-  const int piece = lane % 8;
-#pragma unroll
-  for (int it = 0; it < 2; ++it) {
-    const int rr = lane / 8 + 4 * it;
-    const int64_t off = __shfl_sync(0xffffffffu, row_off, rr * 4);
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(area + rr * kSlicePitch + piece * 16));
-    *reinterpret_cast<uint4*>(dst + off + piece * 8) = v;
-  }
-  __syncwarp();
-}
 
 template <int BN, int kSched, int kStore>
 __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant__ CUtensorMap w_map, Problem p,
@@ -252,7 +218,7 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
     } else if constexpr (kStore == kStagedSlices) {
       // gemm_sm90's epilogue (store_slice) for this warp's 16 rows: slices of 8 rows × 64 columns through a
       // 1152-byte area per warp in the tile's last stage (its A part).
-      const uint32_t area = stages + prev_stage * C::kStageBytes + (thread / 32) * 8 * kSlicePitch;
+      uint8_t* area = smem + prev_stage * C::kStageBytes + (thread / 32) * Slice<bf16>::kBytes;
       const int lane = tid % 32;
       constexpr int kGroups = kSched == kCooperative ? 1 : 2;  // ping-pong: rows 0-63 (lo) and 64-127 (hi)
 #pragma unroll
@@ -265,7 +231,7 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
 #pragma unroll
           for (int q = 0; q < BN / 64; ++q) {
             auto pair = [&](int i) { const int j = q * 8 + i; return make_float2(a[j * 4 + h * 2], a[j * 4 + h * 2 + 1]); };
-            staged_slice(area, lane, pair, row_off, p.out + n0 + q * 64);
+            store_slice<bf16>(area, lane, pair, row_off, p.out + n0 + q * 64, 0, kNoColumnLimit, false);
           }
         }
       }
@@ -274,7 +240,7 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
       // interleaved per tile), stored to Y1 (gate half, up half), and act = silu(gate)·up of the rounded values to
       // act [rows, N/2]: three staged slices per 64 act columns, as gemm_sm90 does.
       static_assert(kSched == kCooperative && BN == 256, "the gated pattern of the 128 x 256 kernel");
-      const uint32_t area = stages + prev_stage * C::kStageBytes + (thread / 32) * 8 * kSlicePitch;
+      uint8_t* area = smem + prev_stage * C::kStageBytes + (thread / 32) * Slice<bf16>::kBytes;
       const int lane = tid % 32, I = p.N / 2, col0 = (n0 / BN) * (BN / 2);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -291,17 +257,18 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
             return make_float2(fusedmoe::act::silu(r(g.x)) * r(u.x), fusedmoe::act::silu(r(g.y)) * r(u.y));
           };
           if constexpr (kStore == kGatedInterleaved || kStore == kGatedBlocked) {
-            staged_slice(area, lane, gate, row * p.N, p.out + n0 + q * 64);
-            staged_slice(area, lane, up, row * p.N, p.out + n0 + BN / 2 + q * 64);
+            store_slice<bf16>(area, lane, gate, row * p.N, p.out + n0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, up, row * p.N, p.out + n0 + BN / 2 + q * 64, 0, kNoColumnLimit, false);
           } else if constexpr (kStore != kActOnly) {
-            staged_slice(area, lane, gate, row * p.N, p.out + col0 + q * 64);
-            staged_slice(area, lane, up, row * p.N, p.out + I + col0 + q * 64);
+            store_slice<bf16>(area, lane, gate, row * p.N, p.out + col0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, up, row * p.N, p.out + I + col0 + q * 64, 0, kNoColumnLimit, false);
           }
           if constexpr (kStore == kGatedBlocked) {
             const int64_t rows = static_cast<int64_t>(p.experts) * p.rows_per_expert;
-            staged_slice(area, lane, act, row * (BN / 2), p.act + (n0 / BN) * rows * (BN / 2) + q * 64);
+            bf16* block = p.act + (n0 / BN) * rows * (BN / 2);  // this tile's column block of act
+            store_slice<bf16>(area, lane, act, row * (BN / 2), block + q * 64, 0, kNoColumnLimit, false);
           } else if constexpr (kStore != kGateUpOnly) {
-            staged_slice(area, lane, act, row * I, p.act + col0 + q * 64);
+            store_slice<bf16>(area, lane, act, row * I, p.act + col0 + q * 64, 0, kNoColumnLimit, false);
           }
         }
       }
@@ -384,8 +351,19 @@ struct Shape {
 
 bf16* act_buf = nullptr;  // kGatedSlices' act output
 
+struct Buffers {
+  const bf16* A;
+  const int32_t *gather, *perm;
+  const bf16* W;
+  bf16* out;
+};
+
 template <int BN, int kSched, int kStore>
-void run(const Shape& sh, const bf16* A, const int32_t* gather, const int32_t* perm, const bf16* W, bf16* out, int sms) {
+void run(const Shape& sh, const Buffers& buffers, int sms) {
+  const bf16* A = buffers.A;
+  const int32_t *gather = buffers.gather, *perm = buffers.perm;
+  const bf16* W = buffers.W;
+  bf16* out = buffers.out;
   using C = Cfg<BN>;
   auto kernel = pipeline_kernel<BN, kSched, kStore>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes), "smem attribute");
@@ -439,6 +417,16 @@ void run(const Shape& sh, const bf16* A, const int32_t* gather, const int32_t* p
               flops / (best * 1e-3) / 1e12, per_kstep, BN, BN * 4, 100.0 * macs / (2048.0 * cyc * sms), mhz);
 }
 
+template <int BN, int kSched, int kStore>
+struct Run {
+  static void go(const Shape& sh, const Buffers& b, int sms) { run<BN, kSched, kStore>(sh, b, sms); }
+};
+
+template <class... Runs>
+void run_each(const Shape& sh, const Buffers& b, int sms) {
+  (Runs::go(sh, b, sms), ...);
+}
+
 }  // namespace
 
 int main() {
@@ -480,25 +468,18 @@ int main() {
   check(cudaMalloc(&perm, routed * 4), "perm");
   check(cudaMemcpy(perm, h_perm.data(), routed * 4, cudaMemcpyHostToDevice), "perm");
   std::printf("%s, %d SMs\n", prop.name, sms);
+  const Buffers buf{A, gather, perm, W, out};
   for (const Shape& s : shapes) {
-    run<256, kCooperative, kNoStores>(s, A, gather, perm, W, out, sms);
-    run<192, kPingPong, kNoStores>(s, A, gather, perm, W, out, sms);
-    run<256, kCooperative, kTileBlocks>(s, A, gather, perm, W, out, sms);
-    run<192, kPingPong, kTileBlocks>(s, A, gather, perm, W, out, sms);
-    run<256, kCooperative, kRowSegments>(s, A, gather, perm, W, out, sms);
-    run<192, kPingPong, kRowSegments>(s, A, gather, perm, W, out, sms);
-    run<256, kCooperative, kStagedSlices>(s, A, gather, perm, W, out, sms);
-    run<192, kPingPong, kStagedSlices>(s, A, gather, perm, W, out, sms);
-    run<192, kCooperative, kStagedSlices>(s, A, gather, perm, W, out, sms);
-    run<128, kPingPong, kStagedSlices>(s, A, gather, perm, W, out, sms);
-    if (s.gather) {
-      run<256, kCooperative, kGatedSlices>(s, A, gather, perm, W, out, sms);
-      run<256, kCooperative, kGateUpOnly>(s, A, gather, perm, W, out, sms);
-      run<256, kCooperative, kGatedNoSilu>(s, A, gather, perm, W, out, sms);
-      run<256, kCooperative, kActOnly>(s, A, gather, perm, W, out, sms);
-      run<256, kCooperative, kGatedInterleaved>(s, A, gather, perm, W, out, sms);
-      run<256, kCooperative, kGatedBlocked>(s, A, gather, perm, W, out, sms);
-    }
+    // Each store pattern under today's schedule and ping-pong 128 × 192, then the other tile shapes.
+    run_each<Run<256, kCooperative, kNoStores>, Run<192, kPingPong, kNoStores>, Run<256, kCooperative, kTileBlocks>,
+             Run<192, kPingPong, kTileBlocks>, Run<256, kCooperative, kRowSegments>, Run<192, kPingPong, kRowSegments>,
+             Run<256, kCooperative, kStagedSlices>, Run<192, kPingPong, kStagedSlices>,
+             Run<192, kCooperative, kStagedSlices>, Run<128, kPingPong, kStagedSlices>>(s, buf, sms);
+    // GEMM1's gated epilogue, its parts and two layouts of the block's buffers.
+    if (s.gather)
+      run_each<Run<256, kCooperative, kGatedSlices>, Run<256, kCooperative, kGateUpOnly>,
+               Run<256, kCooperative, kGatedNoSilu>, Run<256, kCooperative, kActOnly>,
+               Run<256, kCooperative, kGatedInterleaved>, Run<256, kCooperative, kGatedBlocked>>(s, buf, sms);
   }
   return 0;
 }
