@@ -98,7 +98,6 @@ constexpr int kMaxSmem = 227 * 1024;  // sm_90's opt-in shared memory per block
 static_assert(Config<128>::smem_bytes(kMaxGroups) <= kMaxSmem && Config<256>::smem_bytes(kMaxGroups) <= kMaxSmem,
               "the pipeline stages and group tables must fit in shared memory");
 
-
 __device__ __forceinline__ uint64_t global_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -154,8 +153,6 @@ __device__ __forceinline__ uint32_t cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 }
-
-
 
 __device__ __forceinline__ uint32_t swizzled(uint32_t panel, int row, int chunk) {
   return panel + row * 128 + ((chunk ^ (row & 7)) << 4);
@@ -237,7 +234,6 @@ struct MnMajorCopy {
   // off, it leaves row 0's valid address, which a zero-fill copy does not read.
   static constexpr int64_t kPastEnd = 1;
 };
-
 
 // Output columns a tile covers, and the column tiles. Gated (GEMM1 with SiLU·mul): BN/2 act columns, whose
 // gate and up columns of C sit side by side in the tile.
