@@ -20,7 +20,6 @@
 // Build and run: scripts/gpu_micro.sh (it runs both microbenchmarks).
 #include <cuda.h>
 #include <cuda_bf16.h>
-#include <cudaTypedefs.h>
 
 #include <unistd.h>
 
@@ -33,6 +32,7 @@
 #include "../../src/activation.hpp"
 #include "../../src/cuda/sm90_epilogue.cuh"
 #include "../../src/cuda/sm90_primitives.cuh"
+#include "../../src/cuda/sm90_tensor_map.cuh"
 #include "../../src/cuda/wgmma.cuh"
 
 using namespace fusedmoe::detail::cuda::sm90;
@@ -322,25 +322,12 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
+// The weight [E, N, K] as gemm_sm90 maps it for nt: boxes of 64 reduction columns × box_rows rows.
 CUtensorMap weight_map(const bf16* w, int experts, int N, int K, int box_rows) {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    check(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found),
-          "cuTensorMapEncodeTiled");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  CUtensorMap map;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(N), static_cast<cuuint64_t>(experts)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(K) * 2, static_cast<cuuint64_t>(K) * N * 2};
-  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1}, unit[3] = {1, 1, 1};
-  if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(w), dims, strides, box, unit,
-             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
-    std::fprintf(stderr, "tensor map encoding failed\n");
-    std::exit(1);
-  }
-  return map;
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(box_rows), 1};
+  return encode_tensor_map(w, dims, strides, box, "pipeline_rate weight");
 }
 
 struct Shape {
