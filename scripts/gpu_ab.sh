@@ -49,7 +49,7 @@ for v in $variants; do
       ncu --clock-control none -k regex:gemm --metrics "$metrics" \
         ./build/gpu/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 $example_args >"$LOGS/ncu_$name.txt" 2>&1
       { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma|dram__|sm__" "$LOGS/ncu_$name.txt" |
-          sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -80; } >>"$OUT/ncu_summary.txt"
+          sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -130; } >>"$OUT/ncu_summary.txt"
     fi )
 done
 if [ "${AB_DENSE:-0}" = 1 ]; then
@@ -67,6 +67,6 @@ torch.cuda.synchronize()" >"$LOGS/ncu_dense.txt" 2>&1
     grep -E "^  [a-zA-Z_]|duration|grid_size|lts__|hmma|dram__|sm__" "$LOGS/ncu_dense.txt" |
       sed -E 's/  +/ /g' | cut -c1-150 | tail -40; } >>"$OUT/ncu_summary.txt"
 fi
-cat "$OUT/ncu_summary.txt" 2>/dev/null | head -200
+cat "$OUT/ncu_summary.txt" 2>/dev/null | head -400
 echo "================ A/B ================"
 cat "$table"
