@@ -48,7 +48,7 @@ for v in $variants; do
     if [ "${AB_NCU:-1}" = 1 ]; then
       ncu --clock-control none -k regex:gemm --metrics "$metrics" \
         ./build/gpu/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 $example_args >"$LOGS/ncu_$name.txt" 2>&1
-      { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma|dram__|sm__" "$LOGS/ncu_$name.txt" |
+      { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma|dram__|sm__" "$LOGS/ncu_$name.txt" | grep -v "==PROF==" |
           sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -130; } >>"$OUT/ncu_summary.txt"
     fi )
 done
