@@ -37,6 +37,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 #include <utility>
 
 #include "../activation.hpp"
@@ -258,11 +259,16 @@ struct Tile {
   int64_t row_begin;  // the group's first routed row
   int64_t rows;       // the group's routed rows (nt/nn: output rows; tn: reduction length)
   int64_t k_tiles;
+  bool multicast;     // nt/nn pairs: the weight tile is shared with the peer CTA (each loads half into both)
 };
 
-// Work unit t of the persistent loop -> this CTA's tile. nt/nn: a unit is a pair of neighbouring m-tiles of
-// one group (CTA `rank` of the cluster takes m-tile 2·pair + rank; past the group's rows it computes an
-// empty tile, so both CTAs step through the same k-tiles) × an n-tile; s_prefix counts units per group.
+// Work unit t of the persistent loop -> this CTA's tile. nt/nn single CTAs: an m-tile × an n-tile, s_prefix
+// counting m-tiles per group. nt/nn pairs (kCluster 2; s_prefix counts units per group): first the group's whole
+// pairs of neighbouring m-tiles × each n-tile, CTA `rank` taking m-tile 2·pair + rank with the weight tile
+// multicast; then, for a group with an odd number of m-tiles, its last m-tile × two n-tiles per unit, CTA `rank`
+// taking n-tile 2·j + rank with a weight tile of its own (past the last n-tile: an empty tile). The last m-tile
+// does not idle a partner CTA for a whole tile then — that cost ~5% of tile slots at 1024 ± 32 rows per group and
+// took back the 5–7% of clock the multicast gains (NOTES, session 15). Both CTAs step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
@@ -270,8 +276,33 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   // t / n_tiles; tn (whose producer decodes twice per tile of few k-steps) by the multiply-shift, nt/nn (registers
   // are tight in the gated consumers, and tiles are long) by the division.
-  const int64_t row_tile = kKind == GemmKind::tn ? divs.n_tiles(static_cast<uint32_t>(t)) : t / n_tiles;
   Tile tile;
+  tile.multicast = false;
+  if constexpr (kKind != GemmKind::tn && kCluster > 1) {
+    int lo = 0, hi = rt.num_experts;  // the last group g with prefix[g] <= t (empty groups have no units)
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (s_prefix[mid] <= t) lo = mid; else hi = mid;
+    }
+    tile.group = lo;
+    tile.row_begin = s_offsets[lo];
+    tile.rows = s_offsets[lo + 1] - tile.row_begin;
+    // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
+    const uint32_t nt = static_cast<uint32_t>(n_tiles), u = static_cast<uint32_t>(t - s_prefix[lo]);
+    const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM), paired = m_tiles / 2 * nt;
+    uint32_t m_tile, n_index;
+    if (u < paired) {
+      const uint32_t pair = u / nt;
+      m_tile = 2 * pair + rank, n_index = u - pair * nt, tile.multicast = true;
+    } else {
+      m_tile = m_tiles - 1, n_index = 2 * (u - paired) + rank;
+    }
+    tile.m0 = static_cast<int64_t>(m_tile) * kBM;
+    tile.n0 = static_cast<int64_t>(n_index) * tile_width<BN, kGated>();
+    tile.k_tiles = p.K > 0 ? (p.K + kBK - 1) / kBK : 0;
+    return tile;
+  }
+  const int64_t row_tile = kKind == GemmKind::tn ? divs.n_tiles(static_cast<uint32_t>(t)) : t / n_tiles;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
     tile.group = static_cast<int>(divs.per_group(static_cast<uint32_t>(t)));
@@ -285,7 +316,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
       if (s_prefix[mid] <= mt) lo = mid; else hi = mid;
     }
     tile.group = lo;
-    m_tile = (mt - s_prefix[lo]) * kCluster + rank;
+    m_tile = mt - s_prefix[lo];
   }
   tile.m0 = m_tile * kBM;
   tile.n0 = (t - row_tile * n_tiles) * tile_width<BN, kGated>();
@@ -337,15 +368,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if constexpr (kKind != GemmKind::tn) {
-    // m-tile prefix over the groups (one warp scan), and from it the number of tiles.
+    // Unit prefix over the groups (one warp scan: single CTAs count m-tiles, pairs units; see decode_tile), and
+    // from it the number of units.
     if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
       int running = 0;
       for (int e0 = 0; e0 < rt.num_experts; e0 += 32) {
         const int e = e0 + lane;
-        int tiles = 0;  // work units: m-tiles, taken kCluster at a time
-        if (e < rt.num_experts)
-          tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM * kCluster - 1) / (kBM * kCluster));
+        int tiles = 0;
+        if (e < rt.num_experts) {
+          const int m_tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
+          const int n_tiles = static_cast<int>(column_tiles<BN, kGated>(p));
+          tiles = kCluster == 1 ? m_tiles : m_tiles / 2 * n_tiles + m_tiles % 2 * ((n_tiles + 1) / 2);
+        }
         const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
         running += __shfl_sync(0xffffffffu, incl, 31);
@@ -355,7 +390,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // The peer CTA arrives on this CTA's barriers and multicasts into its shared memory: both must be set up.
   if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
-  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
+  if constexpr (kKind != GemmKind::tn)
+    total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * (kCluster == 1 ? column_tiles<BN, kGated>(p) : 1);
 
   const int64_t n_tiles = kKind == GemmKind::tn ? column_tiles<BN, kGated>(p) : 1;  // (unused by nt/nn)
   const int64_t tiles_per_group = kKind == GemmKind::tn ? ((p.M + kBM - 1) / kBM) * n_tiles : 1;
@@ -441,25 +477,31 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             if (tid == 0) {
-              // The weight tile comes in two halves; in a pair each CTA loads one into both CTAs. The stage is
-              // full with all BN rows. (Rows or columns past the group's weight read as zeros or as other rows
-              // of the weight: they only reach output columns the epilogue does not store.)
+              // The weight tile comes in two halves; in a pair sharing it each CTA loads one into both CTAs. The
+              // stage is full with all BN rows. (Rows or columns past the group's weight read as zeros or as other
+              // rows of the weight: they only reach output columns the epilogue does not store.)
               mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes);
               const uint32_t bar = full_bar + 8 * stage;
-#pragma unroll
-              for (int half = static_cast<int>(rank) * 2 / kCluster; half < (static_cast<int>(rank) + 1) * 2 / kCluster; ++half) {
+              auto load_half = [&](int half, auto multicast) {
+                constexpr int kTo = decltype(multicast)::value ? kCluster : 1;
                 if constexpr (kKind == GemmKind::nt) {
                   // K-major: BN/2 rows. Gated: the gate rows n0… and the up rows I + n0….
                   const int row0 = kGated ? (half == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + half * (BN / 2);
-                  tma_load<kCluster>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
+                  tma_load<kTo>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
                 } else {
                   // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per half.
 #pragma unroll
                   for (int q = 0; q < BN / 128; ++q) {
                     const int panel = half * (BN / 128) + q;
-                    tma_load<kCluster>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
+                    tma_load<kTo>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
                   }
                 }
+              };
+              if (kCluster > 1 && tile.multicast) {
+                load_half(static_cast<int>(rank), std::true_type{});
+              } else {
+                load_half(0, std::false_type{});
+                load_half(1, std::false_type{});
               }
             }
             if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
