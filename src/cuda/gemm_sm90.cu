@@ -15,8 +15,9 @@
 // pairs that take neighbouring m-tiles of the same (expert, n-tile) and each loads half of the weight tile
 // into both CTAs' shared memory (multicast), halving the weight traffic out of L2; a stage is then full
 // after the producer's 128 cp.async arrivals plus the TMA bytes of both halves, and free only when the
-// consumers of both CTAs have released it. Measured level with single CTAs at T=16384 and slower at small T
-// (a pair's second m-tile is often empty), so single CTAs are the heuristic and pairs a kernel choice.
+// consumers of both CTAs have released it. A group's odd last m-tile is split by n-tile between the pair (each
+// CTA loads its own weight tile), so no CTA idles beside it (decode_tile). The heuristic pairs CTAs where the
+// groups are deep (launch_sm90).
 //
 // Shared-memory operand layout: "panels" of R rows × 64 elements (128 bytes per row); 16-byte chunk c of
 // row r lives at r·128 + ((c ^ (r mod 8)) · 16), the 128-byte swizzle of TMA and wgmma. A K-major operand
@@ -916,14 +917,17 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
        p.ld_act % 8 != 0 || !aligned16(p.act)))
     return false;
   // The heuristic (where the tiling leaves a field at 0): 128 × 256 tiles where the output is at least that
-  // wide (fewer operand bytes per FLOP), else 128 × 128; no weight multicast (measured on the H200 at
-  // Qwen3-30B-A3B shapes: level with single CTAs at T=16384 and slower at small T, where a pair's second
-  // m-tile is often empty). FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=2 change the heuristic.
+  // wide (fewer operand bytes per FLOP), else 128 × 128; weight-multicast pairs where the groups average at
+  // least 512 rows, single CTAs elsewhere and for a single problem (the router's GEMM). Measured on the H200 at
+  // Qwen3-30B-A3B shapes (NOTES, session 15): at T=16384 (1024 rows per expert) pairs run GEMM1 2%, dA and dX 3%
+  // faster (the multicast's lower L2 and DRAM traffic lets the clock rise under the power limit); at T=4096
+  // (256 rows) the forward was 1% slower. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1 or 2 change it.
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
-  static const bool pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "2");
+  static const int cluster_env = env_equals("FUSEDMOE_SM90_CLUSTER", "2") ? 2 : env_equals("FUSEDMOE_SM90_CLUSTER", "1") ? 1 : 0;
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
-  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
+  const bool deep_groups = groups > 1 && M_total >= 512 * groups;
+  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : cluster_env != 0 ? cluster_env : deep_groups ? 2 : 1;
   switch (kind) {
     case GemmKind::nt:
       return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
