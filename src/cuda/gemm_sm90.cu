@@ -15,8 +15,9 @@
 // pairs that take neighbouring m-tiles of the same (expert, n-tile) and each loads half of the weight tile
 // into both CTAs' shared memory (multicast), halving the weight traffic out of L2; a stage is then full
 // after the producer's 128 cp.async arrivals plus the TMA bytes of both halves, and free only when the
-// consumers of both CTAs have released it. Measured level with single CTAs at T=16384 and slower at small T
-// (a pair's second m-tile is often empty), so single CTAs are the heuristic and pairs a kernel choice.
+// consumers of both CTAs have released it. A group's odd last m-tile is split by n-tile between the pair (each
+// CTA loads its own weight tile), so no CTA idles beside it (decode_tile). The heuristic pairs CTAs where the
+// groups are deep (launch_sm90).
 //
 // Shared-memory operand layout: "panels" of R rows × 64 elements (128 bytes per row); 16-byte chunk c of
 // row r lives at r·128 + ((c ^ (r mod 8)) · 16), the 128-byte swizzle of TMA and wgmma. A K-major operand
@@ -37,6 +38,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <type_traits>
 #include <utility>
 
 #include "../activation.hpp"
@@ -258,11 +260,16 @@ struct Tile {
   int64_t row_begin;  // the group's first routed row
   int64_t rows;       // the group's routed rows (nt/nn: output rows; tn: reduction length)
   int64_t k_tiles;
+  bool multicast;     // nt/nn pairs: the weight tile is shared with the peer CTA (each loads half into both)
 };
 
-// Work unit t of the persistent loop -> this CTA's tile. nt/nn: a unit is a pair of neighbouring m-tiles of
-// one group (CTA `rank` of the cluster takes m-tile 2·pair + rank; past the group's rows it computes an
-// empty tile, so both CTAs step through the same k-tiles) × an n-tile; s_prefix counts units per group.
+// Work unit t of the persistent loop -> this CTA's tile. nt/nn single CTAs: an m-tile × an n-tile, s_prefix
+// counting m-tiles per group. nt/nn pairs (kCluster 2; s_prefix counts units per group): first the group's whole
+// pairs of neighbouring m-tiles × each n-tile, CTA `rank` taking m-tile 2·pair + rank with the weight tile
+// multicast; then, for a group with an odd number of m-tiles, its last m-tile × two n-tiles per unit, CTA `rank`
+// taking n-tile 2·j + rank with a weight tile of its own (past the last n-tile: an empty tile). The last m-tile
+// does not idle a partner CTA for a whole tile then — that cost ~5% of tile slots at 1024 ± 32 rows per group and
+// took back the 5–7% of clock the multicast gains (NOTES, session 15). Both CTAs step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
@@ -270,8 +277,33 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   // t / n_tiles; tn (whose producer decodes twice per tile of few k-steps) by the multiply-shift, nt/nn (registers
   // are tight in the gated consumers, and tiles are long) by the division.
-  const int64_t row_tile = kKind == GemmKind::tn ? divs.n_tiles(static_cast<uint32_t>(t)) : t / n_tiles;
   Tile tile;
+  tile.multicast = false;
+  if constexpr (kKind != GemmKind::tn && kCluster > 1) {
+    int lo = 0, hi = rt.num_experts;  // the last group g with prefix[g] <= t (empty groups have no units)
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (s_prefix[mid] <= t) lo = mid; else hi = mid;
+    }
+    tile.group = lo;
+    tile.row_begin = s_offsets[lo];
+    tile.rows = s_offsets[lo + 1] - tile.row_begin;
+    // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
+    const uint32_t nt = static_cast<uint32_t>(n_tiles), u = static_cast<uint32_t>(t - s_prefix[lo]);
+    const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM), paired = m_tiles / 2 * nt;
+    uint32_t m_tile, n_index;
+    if (u < paired) {
+      const uint32_t pair = u / nt;
+      m_tile = 2 * pair + rank, n_index = u - pair * nt, tile.multicast = true;
+    } else {
+      m_tile = m_tiles - 1, n_index = 2 * (u - paired) + rank;
+    }
+    tile.m0 = static_cast<int64_t>(m_tile) * kBM;
+    tile.n0 = static_cast<int64_t>(n_index) * tile_width<BN, kGated>();
+    tile.k_tiles = p.K > 0 ? (p.K + kBK - 1) / kBK : 0;
+    return tile;
+  }
+  const int64_t row_tile = kKind == GemmKind::tn ? divs.n_tiles(static_cast<uint32_t>(t)) : t / n_tiles;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
     tile.group = static_cast<int>(divs.per_group(static_cast<uint32_t>(t)));
@@ -285,7 +317,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
       if (s_prefix[mid] <= mt) lo = mid; else hi = mid;
     }
     tile.group = lo;
-    m_tile = (mt - s_prefix[lo]) * kCluster + rank;
+    m_tile = mt - s_prefix[lo];
   }
   tile.m0 = m_tile * kBM;
   tile.n0 = (t - row_tile * n_tiles) * tile_width<BN, kGated>();
@@ -337,15 +369,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if constexpr (kKind != GemmKind::tn) {
-    // m-tile prefix over the groups (one warp scan), and from it the number of tiles.
+    // Unit prefix over the groups (one warp scan: single CTAs count m-tiles, pairs units; see decode_tile), and
+    // from it the number of units.
     if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
       int running = 0;
       for (int e0 = 0; e0 < rt.num_experts; e0 += 32) {
         const int e = e0 + lane;
-        int tiles = 0;  // work units: m-tiles, taken kCluster at a time
-        if (e < rt.num_experts)
-          tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM * kCluster - 1) / (kBM * kCluster));
+        int tiles = 0;
+        if (e < rt.num_experts) {
+          const int m_tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
+          const int n_tiles = static_cast<int>(column_tiles<BN, kGated>(p));
+          tiles = kCluster == 1 ? m_tiles : m_tiles / 2 * n_tiles + m_tiles % 2 * ((n_tiles + 1) / 2);
+        }
         const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
         running += __shfl_sync(0xffffffffu, incl, 31);
@@ -355,7 +391,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   // The peer CTA arrives on this CTA's barriers and multicasts into its shared memory: both must be set up.
   if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
-  if constexpr (kKind != GemmKind::tn) total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * column_tiles<BN, kGated>(p);
+  if constexpr (kKind != GemmKind::tn)
+    total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * (kCluster == 1 ? column_tiles<BN, kGated>(p) : 1);
 
   const int64_t n_tiles = kKind == GemmKind::tn ? column_tiles<BN, kGated>(p) : 1;  // (unused by nt/nn)
   const int64_t tiles_per_group = kKind == GemmKind::tn ? ((p.M + kBM - 1) / kBM) * n_tiles : 1;
@@ -441,25 +478,31 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             if (tid == 0) {
-              // The weight tile comes in two halves; in a pair each CTA loads one into both CTAs. The stage is
-              // full with all BN rows. (Rows or columns past the group's weight read as zeros or as other rows
-              // of the weight: they only reach output columns the epilogue does not store.)
+              // The weight tile comes in two halves; in a pair sharing it each CTA loads one into both CTAs. The
+              // stage is full with all BN rows. (Rows or columns past the group's weight read as zeros or as other
+              // rows of the weight: they only reach output columns the epilogue does not store.)
               mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes);
               const uint32_t bar = full_bar + 8 * stage;
-#pragma unroll
-              for (int half = static_cast<int>(rank) * 2 / kCluster; half < (static_cast<int>(rank) + 1) * 2 / kCluster; ++half) {
+              auto load_half = [&](int half, auto multicast) {
+                constexpr int kTo = decltype(multicast)::value ? kCluster : 1;
                 if constexpr (kKind == GemmKind::nt) {
                   // K-major: BN/2 rows. Gated: the gate rows n0… and the up rows I + n0….
                   const int row0 = kGated ? (half == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + half * (BN / 2);
-                  tma_load<kCluster>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
+                  tma_load<kTo>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
                 } else {
                   // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per half.
 #pragma unroll
                   for (int q = 0; q < BN / 128; ++q) {
                     const int panel = half * (BN / 128) + q;
-                    tma_load<kCluster>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
+                    tma_load<kTo>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
                   }
                 }
+              };
+              if (kCluster > 1 && tile.multicast) {
+                load_half(static_cast<int>(rank), std::true_type{});
+              } else {
+                load_half(0, std::false_type{});
+                load_half(1, std::false_type{});
               }
             }
             if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
@@ -874,14 +917,17 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
        p.ld_act % 8 != 0 || !aligned16(p.act)))
     return false;
   // The heuristic (where the tiling leaves a field at 0): 128 × 256 tiles where the output is at least that
-  // wide (fewer operand bytes per FLOP), else 128 × 128; no weight multicast (measured on the H200 at
-  // Qwen3-30B-A3B shapes: level with single CTAs at T=16384 and slower at small T, where a pair's second
-  // m-tile is often empty). FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=2 change the heuristic.
+  // wide (fewer operand bytes per FLOP), else 128 × 128; weight-multicast pairs where the groups average at
+  // least 512 rows, single CTAs elsewhere and for a single problem (the router's GEMM). Measured on the H200 at
+  // Qwen3-30B-A3B shapes (NOTES, session 15): at T=16384 (1024 rows per expert) pairs run GEMM1 2%, dA and dX 3%
+  // faster (the multicast's lower L2 and DRAM traffic lets the clock rise under the power limit); at T=4096
+  // (256 rows) the forward was 1% slower. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1 or 2 change it.
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
-  static const bool pairs = env_equals("FUSEDMOE_SM90_CLUSTER", "2");
+  static const int cluster_env = env_equals("FUSEDMOE_SM90_CLUSTER", "2") ? 2 : env_equals("FUSEDMOE_SM90_CLUSTER", "1") ? 1 : 0;
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
-  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : pairs ? 2 : 1;
+  const bool deep_groups = groups > 1 && M_total >= 512 * groups;
+  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : cluster_env != 0 ? cluster_env : deep_groups ? 2 : 1;
   switch (kind) {
     case GemmKind::nt:
       return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
