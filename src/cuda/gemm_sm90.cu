@@ -275,8 +275,6 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
                                             const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
-  // t / n_tiles; tn (whose producer decodes twice per tile of few k-steps) by the multiply-shift, nt/nn (registers
-  // are tight in the gated consumers, and tiles are long) by the division.
   Tile tile;
   tile.multicast = false;
   if constexpr (kKind != GemmKind::tn && kCluster > 1) {
@@ -303,6 +301,8 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.k_tiles = p.K > 0 ? (p.K + kBK - 1) / kBK : 0;
     return tile;
   }
+  // t / n_tiles; tn (whose producer decodes twice per tile of few k-steps) by the multiply-shift, nt/nn (registers
+  // are tight in the gated consumers, and tiles are long) by the division.
   const int64_t row_tile = kKind == GemmKind::tn ? divs.n_tiles(static_cast<uint32_t>(t)) : t / n_tiles;
   int64_t m_tile;
   if constexpr (kKind == GemmKind::tn) {
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // tn: [2 buffers][A, B][kSlotChunk] byte offsets of the staged rows (MnMajorCopy::kPastEnd past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
-  int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] m-tiles before group e
+  int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] units before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
   // Tile decoding reads the group offsets from shared memory: no global-load latency at a tile switch.
@@ -927,12 +927,19 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
   const bool deep_groups = groups > 1 && M_total >= 512 * groups;
-  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : cluster_env != 0 ? cluster_env : deep_groups ? 2 : 1;
+  const bool heuristic_pairs = tiling.cluster_m == 0 && cluster_env == 0 && deep_groups;
+  const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : cluster_env != 0 ? cluster_env : heuristic_pairs ? 2 : 1;
+  auto launch_nt_nn = [&](int c) {
+    if (kind == GemmKind::nn) return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, c, groups, M_total, sms, stream);
+    return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, c, groups, M_total, sms, stream)
+                            : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, c, groups, M_total, sms, stream);
+  };
   switch (kind) {
     case GemmKind::nt:
-      return p.act != nullptr ? launch_tile<T, OutT, GemmKind::nt, true>(p, block_n, cluster, groups, M_total, sms, stream)
-                              : launch_tile<T, OutT, GemmKind::nt, false>(p, block_n, cluster, groups, M_total, sms, stream);
-    case GemmKind::nn: return launch_tile<T, OutT, GemmKind::nn, false>(p, block_n, cluster, groups, M_total, sms, stream);
+    case GemmKind::nn:
+      // Pairs the heuristic chose that cannot be resident (no two-CTA cluster fits the GPU's partition) fall back
+      // to single CTAs rather than to the portable kernel.
+      return launch_nt_nn(cluster) || (heuristic_pairs && launch_nt_nn(1));
     case GemmKind::tn:
       if constexpr (sizeof(OutT) == 2) {
         // dW1 (A in expert order, B gathered): computed transposed, Cᵀ = Bᵀ·A, so that the operand read in expert
