@@ -39,8 +39,8 @@ for v in $variants; do
     # Variants named diag* compute wrong results on purpose (kernel diagnostics): timings only.
     [[ $name == diag* || " ${AB_UNTESTED:-} " == *" $name "* || ${AB_TESTS:-1} == 0 ]] || ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" \
       --gtest_repeat="${AB_TEST_REPEAT:-1}" >"$LOGS/tests_$name.log" 2>&1
-    echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/tests_$name.log" | sort | uniq -c | tr '\n' ' ')" >>"$table"
-    grep -E -B2 -A12 '^\[  FAILED  \]|Failure' "$LOGS/tests_$name.log" | head -60 >>"$table"
+    echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/tests_$name.log" 2>/dev/null | sort | uniq -c | tr '\n' ' ')" >>"$table"
+    grep -E -B2 -A12 '^\[  FAILED  \]|Failure' "$LOGS/tests_$name.log" 2>/dev/null | head -60 >>"$table"
     for T in ${AB_TOKENS:-2048 16384}; do
       ./build/gpu/moe_example --tokens "$T" --repeats 10 $example_args >"$LOGS/example_${name}_$T.log" 2>&1
       echo "$name T=$T $(grep -E '^(forward|backward|inference)' "$LOGS/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
