@@ -275,14 +275,20 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
                                             const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
+  // nt/nn: the group of prefix position `key` (an m-tile, or a pair unit): the last g with prefix[g] <= key
+  // (empty groups have none).
+  auto group_of = [&](int64_t key) {
+    int lo = 0, hi = rt.num_experts;
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (s_prefix[mid] <= key) lo = mid; else hi = mid;
+    }
+    return lo;
+  };
   Tile tile;
   tile.multicast = false;
   if constexpr (kKind != GemmKind::tn && kCluster > 1) {
-    int lo = 0, hi = rt.num_experts;  // the last group g with prefix[g] <= t (empty groups have no units)
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (s_prefix[mid] <= t) lo = mid; else hi = mid;
-    }
+    const int lo = group_of(t);
     tile.group = lo;
     tile.row_begin = s_offsets[lo];
     tile.rows = s_offsets[lo + 1] - tile.row_begin;
@@ -309,15 +315,8 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.group = static_cast<int>(divs.per_group(static_cast<uint32_t>(t)));
     m_tile = row_tile - tile.group * ((p.M + kBM - 1) / kBM);
   } else {
-    // Group of global m-tile mt: the last g with prefix[g] <= mt (empty groups have no m-tiles).
-    const int64_t mt = row_tile;
-    int lo = 0, hi = rt.num_experts;
-    while (hi - lo > 1) {
-      const int mid = (lo + hi) / 2;
-      if (s_prefix[mid] <= mt) lo = mid; else hi = mid;
-    }
-    tile.group = lo;
-    m_tile = mt - s_prefix[lo];
+    tile.group = group_of(row_tile);
+    m_tile = row_tile - s_prefix[tile.group];
   }
   tile.m0 = m_tile * kBM;
   tile.n0 = (t - row_tile * n_tiles) * tile_width<BN, kGated>();
