@@ -929,7 +929,10 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   // least 512 rows, single CTAs elsewhere and for a single problem (the router's GEMM). Measured on the H200 at
   // Qwen3-30B-A3B shapes (NOTES, session 15): at T=16384 (1024 rows per expert) pairs run GEMM1 2%, dA and dX 3%
   // faster (the multicast's lower L2 and DRAM traffic lets the clock rise under the power limit); at T=4096
-  // (256 rows) the forward was 1% slower. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1 or 2 change it.
+  // (256 rows) the forward was 1% slower. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1, 2 or 4 change it.
+  // Quads (4; 128 × 256 tiles only, else pairs) are never the heuristic: an H200 holds only 30 clusters of four
+  // (120 of its 132 SMs), and although they run at a higher clock (GEMM1 1.65 -> 1.74 GHz) they lose 4–8%
+  // (NOTES, session 16).
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
   static const int cluster_env = env_equals("FUSEDMOE_SM90_CLUSTER", "4")   ? 4
                                  : env_equals("FUSEDMOE_SM90_CLUSTER", "2") ? 2
