@@ -926,10 +926,12 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
     return false;
   // The heuristic (where the tiling leaves a field at 0): 128 × 256 tiles where the output is at least that
   // wide (fewer operand bytes per FLOP), else 128 × 128; weight-multicast pairs where the groups average at
-  // least 512 rows, single CTAs elsewhere and for a single problem (the router's GEMM). Measured on the H200 at
-  // Qwen3-30B-A3B shapes (NOTES, session 15): at T=16384 (1024 rows per expert) pairs run GEMM1 2%, dA and dX 3%
-  // faster (the multicast's lower L2 and DRAM traffic lets the clock rise under the power limit); at T=4096
-  // (256 rows) the forward was 1% slower. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1, 2 or 4 change it.
+  // least one full m-tile (128 rows), single CTAs elsewhere and for a single problem (the router's GEMM, 9% slower
+  // in pairs). Measured on the H200 at Qwen3-30B-A3B shapes (NOTES, sessions 15–16), pairs against single CTAs:
+  // T=16384 (1024 rows per expert) GEMM1 −2%, dA and dX −3% (the multicast's lower L2 and DRAM traffic lets the
+  // clock rise under the power limit); T=4096 (256 rows) GEMM1 −4%, GEMM2 −3%, dA −16%, dX −4%, forward −2%,
+  // backward −3%; T=2048 (128 rows, where pairs mostly split the groups' single m-tile by n-tile) forward and
+  // backward −4%. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1, 2 or 4 change it.
   // Quads (4; 128 × 256 tiles only, else pairs) are never the heuristic: an H200 holds only 30 clusters of four
   // (120 of its 132 SMs), and although they run at a higher clock (GEMM1 1.65 -> 1.74 GHz) they lose 4–8%
   // (NOTES, session 16).
@@ -940,7 +942,7 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
                                                                             : 0;
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
-  const bool deep_groups = groups > 1 && M_total >= 512 * groups;
+  const bool deep_groups = groups > 1 && M_total >= kBM * groups;
   const bool heuristic_pairs = tiling.cluster_m == 0 && cluster_env == 0 && deep_groups;
   const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : cluster_env != 0 ? cluster_env : heuristic_pairs ? 2 : 1;
   auto launch_nt_nn = [&](int c) {
