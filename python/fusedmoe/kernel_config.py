@@ -9,7 +9,7 @@ The CUDA backend implements these tiles (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_
 - (128, 256, 64, 4, 12) and (128, 128, 64, 6, 12): the Hopper wgmma kernel (sm_90) with one producer and
   two consumer warpgroups; the heuristic takes the 256-wide tile where the output is at least 256 wide.
   `cluster_m=2` (forward and dX only) runs CTA pairs on neighbouring m-tiles that share each weight tile
-  by TMA multicast.
+  by TMA multicast; the heuristic pairs them where the experts average at least 128 routed rows.
 - (128, 128, 32, 4, 8): the portable mma.sync kernel (any sm_80+ GPU).
 A config the device or the problem cannot run (wgmma off sm_90, rows that are not 16-byte multiples) is
 an error at the call, not a silent fallback. The CPU backend ignores the choice.

@@ -11,13 +11,13 @@
 // are whole 128-byte rows.
 //
 // nt / nn (the weight is B, shared by every m-tile of an expert): the weight tile arrives by TMA (one 3-D
-// tensor map: contiguous dim, rows, experts, so a group's edges read as zeros). With kCluster = 2 CTAs run in
-// pairs that take neighbouring m-tiles of the same (expert, n-tile) and each loads half of the weight tile
-// into both CTAs' shared memory (multicast), halving the weight traffic out of L2; a stage is then full
-// after the producer's 128 cp.async arrivals plus the TMA bytes of both halves, and free only when the
-// consumers of both CTAs have released it. A group's odd last m-tile is split by n-tile between the pair (each
-// CTA loads its own weight tile), so no CTA idles beside it (decode_tile). The heuristic pairs CTAs where the
-// groups are deep (launch_sm90).
+// tensor map: contiguous dim, rows, experts, so a group's edges read as zeros). With kCluster = 2 (or 4) CTAs run
+// in pairs (quads) that take neighbouring m-tiles of the same (expert, n-tile) and each loads a half (a quarter) of
+// the weight tile into every CTA's shared memory (multicast), dividing the weight traffic out of L2; a stage is
+// then full after the producer's 128 cp.async arrivals plus the TMA bytes of all parts, and free only when the
+// consumers of every CTA have released it. A group's last m_tiles % kCluster m-tiles are split by n-tile between
+// the cluster's CTAs (each loads its own weight tile), so no CTA idles beside them (decode_tile). The heuristic
+// pairs CTAs where the groups are deep (launch_sm90).
 //
 // Shared-memory operand layout: "panels" of R rows × 64 elements (128 bytes per row); 16-byte chunk c of
 // row r lives at r·128 + ((c ^ (r mod 8)) · 16), the 128-byte swizzle of TMA and wgmma. A K-major operand
@@ -42,6 +42,7 @@
 #include <utility>
 
 #include "../activation.hpp"
+#include "../cluster_schedule.hpp"
 #include "gemm_problem.cuh"
 #include "wgmma.cuh"
 #include "sm90_epilogue.cuh"
@@ -260,22 +261,19 @@ struct Tile {
   int64_t row_begin;  // the group's first routed row
   int64_t rows;       // the group's routed rows (nt/nn: output rows; tn: reduction length)
   int64_t k_tiles;
-  bool multicast;     // nt/nn pairs: the weight tile is shared with the peer CTA (each loads half into both)
+  bool multicast;     // nt/nn clusters: the weight tile is shared by the cluster (each CTA loads a part into all)
 };
 
 // Work unit t of the persistent loop -> this CTA's tile. nt/nn single CTAs: an m-tile × an n-tile, s_prefix
-// counting m-tiles per group. nt/nn pairs (kCluster 2; s_prefix counts units per group): first the group's whole
-// pairs of neighbouring m-tiles × each n-tile, CTA `rank` taking m-tile 2·pair + rank with the weight tile
-// multicast; then, for a group with an odd number of m-tiles, its last m-tile × two n-tiles per unit, CTA `rank`
-// taking n-tile 2·j + rank with a weight tile of its own (past the last n-tile: an empty tile). The last m-tile
-// does not idle a partner CTA for a whole tile then — that cost ~5% of tile slots at 1024 ± 32 rows per group and
-// took back the 5–7% of clock the multicast gains (NOTES, session 15). Both CTAs step through the same k-tiles.
+// counting m-tiles per group. nt/nn clusters (kCluster 2 or 4): s_prefix counts units per group, and a group's units
+// map to tiles as cluster_tile says (src/cluster_schedule.hpp; tested on the CPU). All CTAs of a cluster decode the
+// same unit and step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
                                             const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
-  // nt/nn: the group of prefix position `key` (an m-tile, or a pair unit): the last g with prefix[g] <= key
+  // nt/nn: the group of prefix position `key` (an m-tile, or a cluster unit): the last g with prefix[g] <= key
   // (empty groups have none).
   auto group_of = [&](int64_t key) {
     int lo = 0, hi = rt.num_experts;
@@ -293,15 +291,11 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.row_begin = s_offsets[lo];
     tile.rows = s_offsets[lo + 1] - tile.row_begin;
     // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
-    const uint32_t nt = static_cast<uint32_t>(n_tiles), u = static_cast<uint32_t>(t - s_prefix[lo]);
-    const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM), paired = m_tiles / 2 * nt;
-    uint32_t m_tile, n_index;
-    if (u < paired) {
-      const uint32_t pair = u / nt;
-      m_tile = 2 * pair + rank, n_index = u - pair * nt, tile.multicast = true;
-    } else {
-      m_tile = m_tiles - 1, n_index = 2 * (u - paired) + rank;
-    }
+    const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM);
+    const ClusterTile ct = cluster_tile<kCluster>(static_cast<uint32_t>(t - s_prefix[lo]), m_tiles,
+                                                  static_cast<uint32_t>(n_tiles), rank);
+    const uint32_t m_tile = ct.m_tile, n_index = ct.n_tile;
+    tile.multicast = ct.multicast;
     tile.m0 = static_cast<int64_t>(m_tile) * kBM;
     tile.n0 = static_cast<int64_t>(n_index) * tile_width<BN, kGated>();
     tile.k_tiles = p.K > 0 ? (p.K + kBK - 1) / kBK : 0;
@@ -330,7 +324,7 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
 // tn: which operand, read in expert order (RowMap::identity), comes by TMA on a group's full k-steps.
 enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
-// kCluster (nt/nn): 2 multicasts the weight tile to a pair of CTAs, 1 has each CTA load all of it itself.
+// kCluster (nt/nn): 2 or 4 multicast the weight tile to that many CTAs, 1 has each CTA load all of it itself.
 // b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
@@ -338,7 +332,12 @@ __global__ void __launch_bounds__(kThreads, 1)
                      int variant, int tn_tma) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
-  static_assert(kCluster == 1 || (kCluster == 2 && kKind != GemmKind::tn), "clusters share the weight tile of nt/nn");
+  static_assert(kCluster == 1 || ((kCluster == 2 || kCluster == 4) && kKind != GemmKind::tn),
+                "clusters share the weight tile of nt/nn");
+  // The weight tile arrives in kParts TMA boxes (two at least: a gated tile's gate and up rows are apart); in a
+  // cluster CTA r loads part r into every CTA. nn's parts are whole 64-column panels.
+  constexpr int kParts = kCluster > 2 ? kCluster : 2;
+  static_assert(kKind != GemmKind::nn || BN / 64 % kParts == 0, "nn: whole panels per part");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
@@ -379,7 +378,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (e < rt.num_experts) {
           const int m_tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
           const int n_tiles = static_cast<int>(column_tiles<BN, kGated>(p));
-          tiles = kCluster == 1 ? m_tiles : m_tiles / 2 * n_tiles + m_tiles % 2 * ((n_tiles + 1) / 2);
+          tiles = kCluster == 1 ? m_tiles : static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster));
         }
         const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
@@ -477,31 +476,36 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             if (tid == 0) {
-              // The weight tile comes in two halves; in a pair sharing it each CTA loads one into both CTAs. The
+              // The weight tile comes in kParts parts; in a cluster sharing it each CTA loads one into all CTAs. The
               // stage is full with all BN rows. (Rows or columns past the group's weight read as zeros or as other
               // rows of the weight: they only reach output columns the epilogue does not store.)
               mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kBBytes);
               const uint32_t bar = full_bar + 8 * stage;
-              auto load_half = [&](int half, auto multicast) {
+              auto load_part = [&](int part, auto multicast) {
                 constexpr int kTo = decltype(multicast)::value ? kCluster : 1;
+                constexpr int kRows = BN / kParts;
                 if constexpr (kKind == GemmKind::nt) {
-                  // K-major: BN/2 rows. Gated: the gate rows n0… and the up rows I + n0….
-                  const int row0 = kGated ? (half == 0 ? n0 : static_cast<int>(p.N / 2) + n0) : n0 + half * (BN / 2);
-                  tma_load<kTo>(b_dst + half * (BN / 2) * 128, &b_map, bar, k0, row0, group);
+                  // K-major: BN/kParts rows. Gated: the first half of the parts are gate rows n0…, the rest the up
+                  // rows I + n0….
+                  constexpr int kHalf = kParts / 2;
+                  const int row0 = kGated ? (part < kHalf ? n0 + part * kRows
+                                                          : static_cast<int>(p.N / 2) + n0 + (part - kHalf) * kRows)
+                                          : n0 + part * kRows;
+                  tma_load<kTo>(b_dst + part * kRows * 128, &b_map, bar, k0, row0, group);
                 } else {
-                  // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/128 per half.
+                  // MN-major: BN/64 panels of 64 reduction rows × 64 columns, BN/64/kParts per part.
 #pragma unroll
-                  for (int q = 0; q < BN / 128; ++q) {
-                    const int panel = half * (BN / 128) + q;
+                  for (int q = 0; q < kRows / 64; ++q) {
+                    const int panel = part * (kRows / 64) + q;
                     tma_load<kTo>(b_dst + panel * kPanelBytes, &b_map, bar, n0 + 64 * panel, k0, group);
                   }
                 }
               };
               if (kCluster > 1 && tile.multicast) {
-                load_half(static_cast<int>(rank), std::true_type{});
+                load_part(static_cast<int>(rank), std::true_type{});
               } else {
-                load_half(0, std::false_type{});
-                load_half(1, std::false_type{});
+#pragma unroll
+                for (int part = 0; part < kParts; ++part) load_part(part, std::false_type{});
               }
             }
             if (!(variant & kDiagNoA)) load_k_major<kBM>(a_dst, tid, p.A, rows_now, k0, p.K);
@@ -597,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           mbar_arrive(empty_bar + 8 * s);
         } else {
 #pragma unroll
-          for (uint32_t r = 0; r < kCluster; ++r) mbar_arrive_in_cta(empty_bar + 8 * s, r);  // both CTAs fill it
+          for (uint32_t r = 0; r < kCluster; ++r) mbar_arrive_in_cta(empty_bar + 8 * s, r);  // every CTA fills it
         }
       }
     };
@@ -783,16 +787,17 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15)
 
 
 // The weight operand as a 3-D tensor (contiguous dim, rows, groups), boxes of one 128-byte-swizzled panel
-// width: nt reads [N rows × K] K-major boxes of BN/2 rows, nn reads [K rows × N] boxes of 64 × 64.
+// width: nt reads [N rows × K] K-major boxes of BN/parts rows (the weight tile's parts, see kParts), nn reads
+// [K rows × N] boxes of 64 × 64.
 // Per-group bounds make rows and columns past a group's weight read as zeros.
 template <class T, class OutT>
-CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int BN) {
+CUtensorMap weight_tensor_map(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int BN, int parts) {
   const bool nt = kind == GemmKind::nt;
   const cuuint64_t dims[3] = {static_cast<cuuint64_t>(nt ? p.K : p.N), static_cast<cuuint64_t>(nt ? p.N : p.K),
                               static_cast<cuuint64_t>(groups)};
   const cuuint64_t strides[2] = {static_cast<cuuint64_t>(p.ldb) * sizeof(T),
                                  static_cast<cuuint64_t>(p.b_group_stride) * sizeof(T)};
-  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(nt ? BN / 2 : 64), 1};
+  const cuuint32_t box[3] = {64, static_cast<cuuint32_t>(nt ? BN / parts : 64), 1};
   return encode_tensor_map(p.B, dims, strides, box, "sm90 gemm weight");
 }
 
@@ -844,11 +849,14 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
     resident = resident_clusters;
   }
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
-  int64_t units;  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile and pair)
+  // exact for tn; for nt/nn an upper bound (each group adds at most one partial m-tile, and for clusters at most
+  // one partly empty unit)
+  int64_t units;
   if constexpr (kKind == GemmKind::tn)
     units = groups * ((p.M + kBM - 1) / kBM) * n_tiles;
   else
-    units = ((M_total + kBM - 1) / kBM + 2 * std::min<int64_t>(groups, M_total) + kCluster - 1) / kCluster * n_tiles;
+    units = ((M_total + kBM - 1) / kBM + std::max(2, kCluster + 1) * std::min<int64_t>(groups, M_total) + kCluster - 1) /
+            kCluster * n_tiles;
   if (units == 0) return true;
   if (units >= (int64_t{1} << 31)) return false;  // tile indices are decoded in 32 bits (TileDivs)
   config.gridDim = dim3(static_cast<unsigned>(kCluster * std::min<int64_t>(units, resident)));
@@ -857,7 +865,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   if (kKind == GemmKind::tn && !tn_tma_off())
     tn_tma = p.b_map == RowMap::identity ? kTnTmaB : p.a_map == RowMap::identity ? kTnTmaA : kTnTmaNone;
   CUtensorMap b_map{};
-  if constexpr (kKind != GemmKind::tn) b_map = weight_tensor_map(p, kKind, groups, BN);
+  if constexpr (kKind != GemmKind::tn) b_map = weight_tensor_map(p, kKind, groups, BN, std::max(kCluster, 2));
   else if (tn_tma == kTnTmaA) b_map = routed_rows_tensor_map(p.A, p.M, p.lda, M_total);
   else if (tn_tma == kTnTmaB) b_map = routed_rows_tensor_map(p.B, p.N, p.ldb, M_total);
   static const int variant = [] {
@@ -873,7 +881,7 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
   return true;
 }
 
-// The instantiation for a runtime tile width (128 or 256) and cluster size (1 or 2; tn: 1).
+// The instantiation for a runtime tile width (128 or 256) and cluster size (1, 2 or, for 256 columns, 4; tn: 1).
 template <class T, class OutT, GemmKind kKind, bool kGated>
 bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t groups, int64_t M_total, int sms,
                  cudaStream_t stream) {
@@ -882,9 +890,10 @@ bool launch_tile(const Problem<T, OutT>& p, int block_n, int cluster, int64_t gr
                           : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   } else {
     if (block_n == 256)
-      return cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
-                          : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
-    return cluster == 2 ? launch<T, OutT, 128, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+      return cluster == 4   ? launch<T, OutT, 256, kKind, kGated, 4>(p, groups, M_total, sms, stream)
+             : cluster == 2 ? launch<T, OutT, 256, kKind, kGated, 2>(p, groups, M_total, sms, stream)
+                            : launch<T, OutT, 256, kKind, kGated, 1>(p, groups, M_total, sms, stream);
+    return cluster >= 2 ? launch<T, OutT, 128, kKind, kGated, 2>(p, groups, M_total, sms, stream)
                         : launch<T, OutT, 128, kKind, kGated, 1>(p, groups, M_total, sms, stream);
   }
 }
@@ -917,15 +926,23 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
     return false;
   // The heuristic (where the tiling leaves a field at 0): 128 × 256 tiles where the output is at least that
   // wide (fewer operand bytes per FLOP), else 128 × 128; weight-multicast pairs where the groups average at
-  // least 512 rows, single CTAs elsewhere and for a single problem (the router's GEMM). Measured on the H200 at
-  // Qwen3-30B-A3B shapes (NOTES, session 15): at T=16384 (1024 rows per expert) pairs run GEMM1 2%, dA and dX 3%
-  // faster (the multicast's lower L2 and DRAM traffic lets the clock rise under the power limit); at T=4096
-  // (256 rows) the forward was 1% slower. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1 or 2 change it.
+  // least one full m-tile (128 rows), single CTAs elsewhere and for a single problem (the router's GEMM, 9% slower
+  // in pairs). Measured on the H200 at Qwen3-30B-A3B shapes (NOTES, sessions 15–16), pairs against single CTAs:
+  // T=16384 (1024 rows per expert) GEMM1 −2%, dA and dX −3% (the multicast's lower L2 and DRAM traffic lets the
+  // clock rise under the power limit); T=4096 (256 rows) GEMM1 −4%, GEMM2 −3%, dA −16%, dX −4%, forward −2%,
+  // backward −3%; T=2048 (128 rows, where pairs mostly split the groups' single m-tile by n-tile) forward and
+  // backward −4%. FUSEDMOE_SM90_BN=128 and FUSEDMOE_SM90_CLUSTER=1, 2 or 4 change it.
+  // Quads (4; 128 × 256 tiles only, else pairs) are never the heuristic: an H200 holds only 30 clusters of four
+  // (120 of its 132 SMs), and although they run at a higher clock (GEMM1 1.65 -> 1.74 GHz) they lose 4–8%
+  // (NOTES, session 16).
   static const bool narrow_only = env_equals("FUSEDMOE_SM90_BN", "128");
-  static const int cluster_env = env_equals("FUSEDMOE_SM90_CLUSTER", "2") ? 2 : env_equals("FUSEDMOE_SM90_CLUSTER", "1") ? 1 : 0;
+  static const int cluster_env = env_equals("FUSEDMOE_SM90_CLUSTER", "4")   ? 4
+                                 : env_equals("FUSEDMOE_SM90_CLUSTER", "2") ? 2
+                                 : env_equals("FUSEDMOE_SM90_CLUSTER", "1") ? 1
+                                                                            : 0;
   auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
   const int block_n = block_n_for(p.N);
-  const bool deep_groups = groups > 1 && M_total >= 512 * groups;
+  const bool deep_groups = groups > 1 && M_total >= kBM * groups;
   const bool heuristic_pairs = tiling.cluster_m == 0 && cluster_env == 0 && deep_groups;
   const int cluster = tiling.cluster_m != 0 ? tiling.cluster_m : cluster_env != 0 ? cluster_env : heuristic_pairs ? 2 : 1;
   auto launch_nt_nn = [&](int c) {

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <numeric>
 
+#include "../../src/cluster_schedule.hpp"
 #include "testing.hpp"
 
 using namespace fmt;
@@ -316,4 +317,47 @@ TEST(Numeric, FastDivisionMatchesDivision) {
     for (uint32_t n : ns)
       if (n < 0x80000000u) ASSERT_EQ(div(n), n / d) << "n = " << n << ", d = " << d;  // (exact below 2^31)
   }
+}
+
+// The sm_90a GEMM's cluster schedule (src/cluster_schedule.hpp, the arithmetic its kernels run): for pairs and
+// quads and every group shape up to 20 m-tiles × 12 n-tiles, the units cover each tile of the group exactly once;
+// a multicast unit gives the cluster's CTAs neighbouring m-tiles of one n-tile (they share its weight tile); empty
+// slots (n_tile past the last) are fewer than a unit's CTAs, and only in the group's last unit.
+template <uint32_t kCluster>
+void check_cluster_schedule() {
+  for (uint32_t m_tiles = 0; m_tiles <= 20; ++m_tiles)
+    for (uint32_t n_tiles = 1; n_tiles <= 12; ++n_tiles) {
+      SCOPED_TRACE("cluster " + std::to_string(kCluster) + ", " + std::to_string(m_tiles) + " m-tiles × " +
+                   std::to_string(n_tiles) + " n-tiles");
+      std::vector<int> seen(m_tiles * n_tiles, 0);
+      const uint32_t units = fusedmoe::detail::cluster_units(m_tiles, n_tiles, kCluster);
+      uint32_t empty = 0;
+      for (uint32_t u = 0; u < units; ++u) {
+        fusedmoe::detail::ClusterTile t[kCluster];
+        for (uint32_t r = 0; r < kCluster; ++r) t[r] = fusedmoe::detail::cluster_tile<kCluster>(u, m_tiles, n_tiles, r);
+        for (uint32_t r = 0; r < kCluster; ++r) {
+          ASSERT_EQ(t[r].multicast, t[0].multicast) << "unit " << u;
+          if (t[0].multicast) {
+            ASSERT_EQ(t[r].n_tile, t[0].n_tile) << "unit " << u;
+            ASSERT_EQ(t[r].m_tile, t[0].m_tile + r) << "unit " << u;
+            ASSERT_EQ(t[0].m_tile % kCluster, 0u) << "unit " << u;
+          }
+          if (t[r].n_tile >= n_tiles) {
+            ++empty;
+            ASSERT_EQ(u, units - 1) << "an empty tile before the group's last unit";
+            continue;
+          }
+          ASSERT_LT(t[r].m_tile, m_tiles) << "unit " << u << ", rank " << r;
+          ++seen[t[r].m_tile * n_tiles + t[r].n_tile];
+        }
+      }
+      EXPECT_LT(empty, kCluster);
+      for (uint32_t i = 0; i < seen.size(); ++i)
+        ASSERT_EQ(seen[i], 1) << "tile (" << i / n_tiles << ", " << i % n_tiles << ")";
+    }
+}
+
+TEST(Schedule, ClusterUnitsCoverEachTileOnce) {
+  check_cluster_schedule<2>();
+  check_cluster_schedule<4>();
 }
