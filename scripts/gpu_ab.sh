@@ -9,6 +9,8 @@
 #   AB_EXAMPLE_ARGS="--hidden 4096 --intermediate 1536": moe_example's shape (default Qwen3-30B-A3B); with it
 #   the runs skip the CPU oracle (--no-check), which takes minutes at the larger shapes.
 #   AB_NCU_METRICS="dram__bytes_read.sum,…": more ncu metrics.
+#   AB_CUDA_FLAGS="-DFUSEDMOE_SM90_SPLIT_TAIL": extra CUDA flags of the build (compile-time experiments whose
+#   variant bits the variants then switch), in a build directory of its own (build/gpu-flags).
 #   AB_DENSE=1: also profiles the dense cuBLAS GEMMs of the same FLOPs (torch.matmul, bf16, [T·k, H]·[H, 2I]
 #   and [T·k, I]·[I, H]) with the same metrics, under "== ncu dense".
 # $OUT gets three files (the GPU machine returns only a few): ab.txt, ncu_summary.txt and the build log;
@@ -21,8 +23,9 @@ mkdir -p "$OUT" "$LOGS"
 export PATH="/usr/local/cuda/bin:$PATH"
 variants=${AB_VARIANTS:-"pairs=FUSEDMOE_SM90_CLUSTER=2 single=FUSEDMOE_SM90_CLUSTER=1"}
 t0=$(date +%s)
-if ! { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON &&
-       cmake --build build/gpu -j "$(nproc)" --target moe_example $([ "${AB_TESTS:-1}" = 0 ] || echo fusedmoe_tests); } \
+BUILD=build/gpu${AB_CUDA_FLAGS:+-flags}
+if ! { cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON ${AB_CUDA_FLAGS:+"-DCMAKE_CUDA_FLAGS=$AB_CUDA_FLAGS"} &&
+       cmake --build "$BUILD" -j "$(nproc)" --target moe_example $([ "${AB_TESTS:-1}" = 0 ] || echo fusedmoe_tests); } \
        >"$OUT/build.log" 2>&1; then
   tail -30 "$OUT/build.log"; exit 1
 fi
@@ -37,17 +40,17 @@ for v in $variants; do
   IFS=',' read -ra kv <<<"$envs"
   ( export "${kv[@]}"
     # Variants named diag* compute wrong results on purpose (kernel diagnostics): timings only.
-    [[ $name == diag* || " ${AB_UNTESTED:-} " == *" $name "* || ${AB_TESTS:-1} == 0 ]] || ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" \
+    [[ $name == diag* || " ${AB_UNTESTED:-} " == *" $name "* || ${AB_TESTS:-1} == 0 ]] || ./$BUILD/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" \
       --gtest_repeat="${AB_TEST_REPEAT:-1}" >"$LOGS/tests_$name.log" 2>&1
     echo "$name tests: $(grep -E '^\[  (PASSED|FAILED)' "$LOGS/tests_$name.log" 2>/dev/null | sort | uniq -c | tr '\n' ' ')" >>"$table"
     grep -E -B2 -A12 '^\[  FAILED  \]|Failure' "$LOGS/tests_$name.log" 2>/dev/null | head -60 >>"$table"
     for T in ${AB_TOKENS:-2048 16384}; do
-      ./build/gpu/moe_example --tokens "$T" --repeats 10 $example_args >"$LOGS/example_${name}_$T.log" 2>&1
+      ./$BUILD/moe_example --tokens "$T" --repeats 10 $example_args >"$LOGS/example_${name}_$T.log" 2>&1
       echo "$name T=$T $(grep -E '^(forward|backward|inference)' "$LOGS/example_${name}_$T.log" | tr -s ' ' | tr '\n' ' ')" >>"$table"
     done
     if [ "${AB_NCU:-1}" = 1 ]; then
       ncu --clock-control none -k regex:gemm --metrics "$metrics" \
-        ./build/gpu/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 $example_args >"$LOGS/ncu_$name.txt" 2>&1
+        ./$BUILD/moe_example --tokens "${AB_NCU_TOKENS:-16384}" --repeats 1 $example_args >"$LOGS/ncu_$name.txt" 2>&1
       { echo "== ncu $name"; grep -E "gemm|duration|grid_size|lts__|hmma|dram__|sm__" "$LOGS/ncu_$name.txt" | grep -v "==PROF==" |
           sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g; s/  +/ /g' | cut -c1-150 | head -130; } >>"$OUT/ncu_summary.txt"
     fi )

@@ -79,6 +79,15 @@ constexpr int kDiagTnOnly = 32;
 #ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
 constexpr int kDiagSmemRead = 16, kDiagGlobalStore = 64, kDiagDouble = 128;
 #endif
+// Experiment (compiled only with -DFUSEDMOE_SM90_SPLIT_TAIL, switched on by this variant bit; NOTES, session 16): an
+// nt/nn tile with at most 64 of its group's rows left (a group's last, partial m-tile) is split by columns instead
+// of rows: both consumer warpgroups multiply the tile's first 64 A rows, each by its half of the B tile (m64n128
+// wgmmas; gated: the matching 64 gate and 64 up columns, two m64n64), and each stores its 64 × BN/2 half. Normally
+// the second warpgroup multiplies zero rows and stores nothing, so such a tile costs a full tile; split, its
+// mainloop and epilogue are about half as long if the producer keeps up. The producer is unchanged.
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+constexpr int kSplitTail = 256;
+#endif
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -610,13 +619,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t phase = 0;
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
       const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+      // Split by columns (kSplitTail): both warpgroups take the tile's first 64 rows.
+      const bool split = kKind != GemmKind::tn && BN == 256 && (variant & kSplitTail) && tile.rows - tile.m0 <= 64;
+#else
+      constexpr bool split = false;
+#endif
+      const int row_half = split ? 0 : consumer;  // which 64 of the tile's rows this warpgroup multiplies and stores
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
       float row_scale[2] = {1.f, 1.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+        const int64_t m = tile.m0 + row_half * 64 + warp * 16 + lane / 4 + 8 * h;
         if constexpr (kKind == GemmKind::tn) {
           if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
         } else if (m < tile.rows) {
@@ -639,13 +655,40 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
         wgmma_fence();
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+        if constexpr (kKind != GemmKind::tn && BN == 256) {
+          if (split) {
+            // This warpgroup's half of the B tile: nt, B rows (output columns) consumer·BN/2 … (gated: gate rows
+            // consumer·BN/4 … and up rows BN/2 + consumer·BN/4 …); nn, panels consumer·BN/128 ….
 #pragma unroll
-        for (int k16 = 0; k16 < kBK / 16; ++k16) {
-          // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
-          const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                      : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
-          const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
-          Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
+            for (int k16 = 0; k16 < kBK / 16; ++k16) {
+              const uint64_t da = smem_desc(a + k16 * 32, 16, 1024);
+              if constexpr (kGated) {
+                float(&gate)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(acc);
+                float(&up)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(acc + BN / 8);
+                Wgmma<T, BN / 4>::template mma<0, 0>(gate, da, smem_desc(b + consumer * (BN / 4) * 128 + k16 * 32, 16, 1024));
+                Wgmma<T, BN / 4>::template mma<0, 0>(
+                    up, da, smem_desc(b + (BN / 2 + consumer * (BN / 4)) * 128 + k16 * 32, 16, 1024));
+              } else {
+                float(&half)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(acc);
+                const uint64_t db = kTransB ? smem_desc(b + consumer * (BN / 128) * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                            : smem_desc(b + consumer * (BN / 2) * 128 + k16 * 32, 16, 1024);
+                Wgmma<T, BN / 2>::template mma<kTransA, kTransB>(half, da, db);
+              }
+            }
+          }
+        }
+        if (!split)
+#endif
+        {
+#pragma unroll
+          for (int k16 = 0; k16 < kBK / 16; ++k16) {
+            // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
+            const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                        : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
+            const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
+            Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
+          }
         }
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
@@ -713,40 +756,57 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tile.k_tiles > 0)
         staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
+      // kSplit: this warpgroup stores its column half of a tile split by columns (kSplitTail): 64 rows × BN/2
+      // output columns (gated: BN/4 act columns from BN/4 gate and BN/4 up accumulators).
+      auto store_tile = [&](auto split_tag) {
+        constexpr bool kSplit = decltype(split_tag)::value;
+        constexpr int kWidth = kSplit ? BN / 2 : BN;  // this warpgroup's accumulator columns
+        const int64_t n0 = tile.n0 + (kSplit ? consumer * (kGated ? BN / 4 : BN / 2) : 0);
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
-        if constexpr (kKind == GemmKind::nt && kGated) {
-          // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values.
-          const int64_t I = p.N / 2;
-          const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
+        for (int h = 0; h < 2; ++h) {
+          auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
+          if constexpr (kKind == GemmKind::nt && kGated) {
+            // Gate (column groups < kWidth/16) and up (the rest) of act columns n0 + …; act from their stored values.
+            const int64_t I = p.N / 2;
+            const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
 #pragma unroll
-          for (int q = 0; q < (BN / 2) / Sl::kCols; ++q) {
-            const int64_t col0 = tile.n0 + q * Sl::kCols;
-            auto gate = [&](int jj) { return pair(q * G + jj); };
-            auto up = [&](int jj) { return pair(q * G + jj + BN / 16); };
-            auto act = [&](int jj) {
-              const float2 g = gate(jj), u = up(jj);
-              return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
-                                 act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
-            };
-            if (p.C != nullptr) {  // null: act only (an inference forward keeps no Y1)
-              store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
-              store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
+            for (int q = 0; q < (kWidth / 2) / Sl::kCols; ++q) {
+              const int64_t col0 = n0 + q * Sl::kCols;
+              auto gate = [&](int jj) { return pair(q * G + jj); };
+              auto up = [&](int jj) { return pair(q * G + jj + kWidth / 16); };
+              auto act = [&](int jj) {
+                const float2 g = gate(jj), u = up(jj);
+                return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
+                                   act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
+              };
+              if (p.C != nullptr) {  // null: act only (an inference forward keeps no Y1)
+                store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
+                store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
+              }
+              store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
             }
-            store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
-          }
-        } else {
-          const float scale = row_scale[h];
+          } else {
+            const float scale = row_scale[h];
 #pragma unroll
-          for (int q = 0; q < BN / Sl::kCols; ++q) {
-            auto scaled = [&](int jj) {
-              const float2 v = pair(q * G + jj);
-              return make_float2(v.x * scale, v.y * scale);
-            };
-            store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
+            for (int q = 0; q < kWidth / Sl::kCols; ++q) {
+              auto scaled = [&](int jj) {
+                const float2 v = pair(q * G + jj);
+                return make_float2(v.x * scale, v.y * scale);
+              };
+              store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, n0 + q * Sl::kCols, p.N, p.accumulate);
+            }
           }
         }
+      };
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+      if (split) {
+        // The first warpgroup stages into A rows 0…63 of the last stage, which the second one's wgmmas read too.
+        asm volatile("bar.sync 4, 256;\n" ::: "memory");
+        store_tile(std::true_type{});
+      } else
+#endif
+      {
+        store_tile(std::false_type{});
       }
       tile_clock.lap(kTlEpilogue);
       if (tile.k_tiles > 0) release(prev_stage);
