@@ -664,16 +664,19 @@ __global__ void __launch_bounds__(kThreads, 1)
             for (int k16 = 0; k16 < kBK / 16; ++k16) {
               const uint64_t da = smem_desc(a + k16 * 32, 16, 1024);
               if constexpr (kGated) {
+                // m64n(BN/4) each: gate into the first BN/8 accumulators, up into the next BN/8.
                 float(&gate)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(acc);
                 float(&up)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(acc + BN / 8);
-                Wgmma<T, BN / 4>::template mma<0, 0>(gate, da, smem_desc(b + consumer * (BN / 4) * 128 + k16 * 32, 16, 1024));
-                Wgmma<T, BN / 4>::template mma<0, 0>(
-                    up, da, smem_desc(b + (BN / 2 + consumer * (BN / 4)) * 128 + k16 * 32, 16, 1024));
+                const uint32_t gate_rows = b + consumer * (BN / 4) * 128, up_rows = gate_rows + (BN / 2) * 128;
+                Wgmma<T, BN / 4>::template mma<0, 0>(gate, da, smem_desc(gate_rows + k16 * 32, 16, 1024));
+                Wgmma<T, BN / 4>::template mma<0, 0>(up, da, smem_desc(up_rows + k16 * 32, 16, 1024));
               } else {
-                float(&half)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(acc);
-                const uint64_t db = kTransB ? smem_desc(b + consumer * (BN / 128) * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                            : smem_desc(b + consumer * (BN / 2) * 128 + k16 * 32, 16, 1024);
-                Wgmma<T, BN / 2>::template mma<kTransA, kTransB>(half, da, db);
+                // m64n(BN/2) into the first BN/4 accumulators.
+                float(&cols)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(acc);
+                const uint64_t db =
+                    kTransB ? smem_desc(b + consumer * (BN / 128) * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                            : smem_desc(b + consumer * (BN / 2) * 128 + k16 * 32, 16, 1024);
+                Wgmma<T, BN / 2>::template mma<kTransA, kTransB>(cols, da, db);
               }
             }
           }
