@@ -279,7 +279,8 @@ struct Tile {
 // same unit and step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
-                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
+                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs,
+                                            bool split_tail = false) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   // nt/nn: the group of prefix position `key` (an m-tile, or a cluster unit): the last g with prefix[g] <= key
@@ -301,8 +302,19 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.rows = s_offsets[lo + 1] - tile.row_begin;
     // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
     const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM);
-    const ClusterTile ct = cluster_tile<kCluster>(static_cast<uint32_t>(t - s_prefix[lo]), m_tiles,
-                                                  static_cast<uint32_t>(n_tiles), rank);
+    const uint32_t u = static_cast<uint32_t>(t - s_prefix[lo]);
+    ClusterTile ct;
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+    if (split_tail) {  // kSplitTail: a last m-tile of at most 64 rows runs as a tail tile (multicast_m_tiles)
+      const bool small_last = m_tiles > 0 && tile.rows - static_cast<int64_t>(m_tiles - 1) * kBM <= 64;
+      ct = cluster_tile<kCluster, true>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank,
+                                        multicast_m_tiles(m_tiles, kCluster, small_last));
+    } else
+#endif
+    {
+      ct = cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
+    }
+    (void)split_tail;
     const uint32_t m_tile = ct.m_tile, n_index = ct.n_tile;
     tile.multicast = ct.multicast;
     tile.m0 = static_cast<int64_t>(m_tile) * kBM;
@@ -348,6 +360,12 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kParts = kCluster > 2 ? kCluster : 2;
   static_assert(kKind != GemmKind::nn || BN / 64 % kParts == 0, "nn: whole panels per part");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+  // kSplitTail: nt/nn 128 × 256 tiles of at most 64 rows run split by columns (and in clusters, as tail tiles).
+  const bool split_tail = kKind != GemmKind::tn && BN == 256 && (variant & kSplitTail);
+#else
+  constexpr bool split_tail = false;
+#endif
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
   extern __shared__ uint8_t smem_raw[];
@@ -388,6 +406,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int m_tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
           const int n_tiles = static_cast<int>(column_tiles<BN, kGated>(p));
           tiles = kCluster == 1 ? m_tiles : static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster));
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+          if (kCluster > 1 && split_tail) {  // as decode_tile counts them
+            const bool small_last = m_tiles > 0 && rt.offset(e + 1) - rt.offset(e) - int64_t{m_tiles - 1} * kBM <= 64;
+            tiles = static_cast<int>(
+                cluster_units(m_tiles, n_tiles, kCluster, multicast_m_tiles(m_tiles, kCluster, small_last)));
+          }
+#endif
         }
         const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
@@ -447,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, split_tail);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
@@ -463,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       while (global_ns() - start < wait_ns) __nanosleep(500);
     }
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, split_tail);
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
@@ -618,10 +643,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, split_tail);
 #ifdef FUSEDMOE_SM90_SPLIT_TAIL
       // Split by columns (kSplitTail): both warpgroups take the tile's first 64 rows.
-      const bool split = kKind != GemmKind::tn && BN == 256 && (variant & kSplitTail) && tile.rows - tile.m0 <= 64;
+      const bool split = split_tail && tile.rows - tile.m0 <= 64;
 #else
       constexpr bool split = false;
 #endif
