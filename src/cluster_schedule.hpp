@@ -34,7 +34,7 @@ FUSEDMOE_HD uint32_t multicast_m_tiles(uint32_t m_tiles, uint32_t cluster, bool 
 }
 
 FUSEDMOE_HD uint32_t cluster_units(uint32_t m_tiles, uint32_t n_tiles, uint32_t cluster) {
-  return m_tiles / cluster * n_tiles + (m_tiles % cluster * n_tiles + cluster - 1) / cluster;
+  return cluster_units(m_tiles, n_tiles, cluster, multicast_m_tiles(m_tiles, cluster));
 }
 
 // CTA `rank`'s tile of the group's unit u (u < cluster_units). kAnyTail: the tail may hold any number of m-tiles
@@ -57,7 +57,7 @@ FUSEDMOE_HD ClusterTile cluster_tile(uint32_t u, uint32_t m_tiles, uint32_t n_ti
 
 template <uint32_t kCluster>
 FUSEDMOE_HD ClusterTile cluster_tile(uint32_t u, uint32_t m_tiles, uint32_t n_tiles, uint32_t rank) {
-  return cluster_tile<kCluster>(u, m_tiles, n_tiles, rank, m_tiles / kCluster * kCluster);
+  return cluster_tile<kCluster>(u, m_tiles, n_tiles, rank, multicast_m_tiles(m_tiles, kCluster));
 }
 
 }  // namespace fusedmoe::detail

@@ -263,6 +263,15 @@ struct TileDivs {
   num::FastDivU31 n_tiles, per_group;
 };
 
+#ifdef FUSEDMOE_SM90_SPLIT_TAIL
+// kSplitTail in clusters: a group's m-tiles that run in multicast sets, its last m-tile left to the tail where it
+// has at most 64 of the group's `rows` (and so runs split by columns).
+template <int kCluster>
+__device__ __forceinline__ uint32_t split_tail_multicast_m_tiles(int64_t rows, uint32_t m_tiles) {
+  return multicast_m_tiles(m_tiles, kCluster, m_tiles > 0 && rows - static_cast<int64_t>(m_tiles - 1) * kBM <= 64);
+}
+#endif
+
 // One output tile of the persistent loop.
 struct Tile {
   int group;
@@ -303,18 +312,15 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
     const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM);
     const uint32_t u = static_cast<uint32_t>(t - s_prefix[lo]);
-    ClusterTile ct;
 #ifdef FUSEDMOE_SM90_SPLIT_TAIL
-    if (split_tail) {  // kSplitTail: a last m-tile of at most 64 rows runs as a tail tile (multicast_m_tiles)
-      const bool small_last = m_tiles > 0 && tile.rows - static_cast<int64_t>(m_tiles - 1) * kBM <= 64;
-      ct = cluster_tile<kCluster, true>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank,
-                                        multicast_m_tiles(m_tiles, kCluster, small_last));
-    } else
-#endif
-    {
-      ct = cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
-    }
+    const ClusterTile ct =
+        split_tail ? cluster_tile<kCluster, true>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank,
+                                                  split_tail_multicast_m_tiles<kCluster>(tile.rows, m_tiles))
+                   : cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
+#else
     (void)split_tail;
+    const ClusterTile ct = cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
+#endif
     const uint32_t m_tile = ct.m_tile, n_index = ct.n_tile;
     tile.multicast = ct.multicast;
     tile.m0 = static_cast<int64_t>(m_tile) * kBM;
@@ -403,16 +409,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int e = e0 + lane;
         int tiles = 0;
         if (e < rt.num_experts) {
-          const int m_tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
+          const int64_t rows = rt.offset(e + 1) - rt.offset(e);
+          const int m_tiles = static_cast<int>((rows + kBM - 1) / kBM);
           const int n_tiles = static_cast<int>(column_tiles<BN, kGated>(p));
-          tiles = kCluster == 1 ? m_tiles : static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster));
 #ifdef FUSEDMOE_SM90_SPLIT_TAIL
-          if (kCluster > 1 && split_tail) {  // as decode_tile counts them
-            const bool small_last = m_tiles > 0 && rt.offset(e + 1) - rt.offset(e) - int64_t{m_tiles - 1} * kBM <= 64;
-            tiles = static_cast<int>(
-                cluster_units(m_tiles, n_tiles, kCluster, multicast_m_tiles(m_tiles, kCluster, small_last)));
-          }
+          if (kCluster > 1 && split_tail)  // as decode_tile counts them
+            tiles = static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster,
+                                                   split_tail_multicast_m_tiles<kCluster>(rows, m_tiles)));
+          else
 #endif
+          tiles = kCluster == 1 ? m_tiles : static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster));
         }
         const int incl = warp_inclusive_sum(tiles, lane);
         if (e < rt.num_experts) s_prefix[e + 1] = running + incl;
