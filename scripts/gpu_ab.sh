@@ -9,8 +9,8 @@
 #   AB_EXAMPLE_ARGS="--hidden 4096 --intermediate 1536": moe_example's shape (default Qwen3-30B-A3B); with it
 #   the runs skip the CPU oracle (--no-check), which takes minutes at the larger shapes.
 #   AB_NCU_METRICS="dram__bytes_read.sum,…": more ncu metrics.
-#   AB_CUDA_FLAGS="-DFUSEDMOE_SM90_SPLIT_TAIL": extra CUDA flags of the build (compile-time experiments whose
-#   variant bits the variants then switch), in a build directory of its own (build/gpu-flags).
+#   AB_CUDA_FLAGS="-DFUSEDMOE_SM90_STAGES256=3": extra CUDA flags of the build (compile-time experiments, or ones
+#   whose variant bits the variants then switch), in a build directory of its own (build/gpu-flags).
 #   AB_DENSE=1: also profiles the dense cuBLAS GEMMs of the same FLOPs (torch.matmul, bf16, [T·k, H]·[H, 2I]
 #   and [T·k, I]·[I, H]) with the same metrics, under "== ncu dense".
 # $OUT gets three files (the GPU machine returns only a few): ab.txt, ncu_summary.txt and the build log;

@@ -15,49 +15,29 @@ struct ClusterTile {
   bool multicast;  // the cluster shares this tile's weight tile (each CTA loads a part of it into all)
 };
 
-// Work units of a group of m_tiles × n_tiles output tiles for clusters of `cluster` CTAs: the group's first shared_m
-// m-tiles (a multiple of `cluster`) in sets of `cluster` neighbouring m-tiles × each n-tile (one unit each, the weight
-// tile multicast), then its other m-tiles × its n-tiles in row order, `cluster` tiles per unit (each CTA with a
-// weight tile of its own), so the tail does not idle the other CTAs for whole tiles. (With pairs that idling cost
-// ~5% of tile slots at 1024 ± 32 rows per group and took back the 5–7% of clock the multicast gains: NOTES,
-// session 15.)
-FUSEDMOE_HD uint32_t cluster_units(uint32_t m_tiles, uint32_t n_tiles, uint32_t cluster, uint32_t shared_m) {
-  return shared_m / cluster * n_tiles + ((m_tiles - shared_m) * n_tiles + cluster - 1) / cluster;
-}
-
-// The m-tiles that run in multicast sets: all whole sets of `cluster`. With small_last (the group's last m-tile has at
-// most 64 rows and runs split by columns, kSplitTail in gemm_sm90.cu) that m-tile is left to the tail even where it
-// would complete a set: there it takes half a tile's time, beside a full partner tile it would take a whole one.
-FUSEDMOE_HD uint32_t multicast_m_tiles(uint32_t m_tiles, uint32_t cluster, bool small_last = false) {
-  const uint32_t candidates = small_last && m_tiles > 0 ? m_tiles - 1 : m_tiles;
-  return candidates / cluster * cluster;
-}
-
+// Work units of a group of m_tiles × n_tiles output tiles for clusters of `cluster` CTAs: the group's whole sets of
+// `cluster` neighbouring m-tiles × each n-tile (one unit each, the weight tile multicast), then its last
+// m_tiles % cluster m-tiles × its n-tiles, `cluster` tiles per unit (each CTA with a weight tile of its own), so the
+// tail does not idle the other CTAs for whole tiles. (With pairs that idling cost ~5% of tile slots at 1024 ± 32 rows
+// per group and took back the 5–7% of clock the multicast gains: NOTES, session 15.)
 FUSEDMOE_HD uint32_t cluster_units(uint32_t m_tiles, uint32_t n_tiles, uint32_t cluster) {
-  return cluster_units(m_tiles, n_tiles, cluster, multicast_m_tiles(m_tiles, cluster));
+  return m_tiles / cluster * n_tiles + (m_tiles % cluster * n_tiles + cluster - 1) / cluster;
 }
 
-// CTA `rank`'s tile of the group's unit u (u < cluster_units). kAnyTail: the tail may hold any number of m-tiles
-// (shared_m from multicast_m_tiles with small_last); otherwise shared_m is m_tiles / kCluster · kCluster.
-template <uint32_t kCluster, bool kAnyTail = false>
-FUSEDMOE_HD ClusterTile cluster_tile(uint32_t u, uint32_t m_tiles, uint32_t n_tiles, uint32_t rank,
-                                     uint32_t shared_m) {
-  const uint32_t shared = shared_m / kCluster * n_tiles;
+// CTA `rank`'s tile of the group's unit u (u < cluster_units).
+template <uint32_t kCluster>
+FUSEDMOE_HD ClusterTile cluster_tile(uint32_t u, uint32_t m_tiles, uint32_t n_tiles, uint32_t rank) {
+  const uint32_t shared = m_tiles / kCluster * n_tiles;
   if (u < shared) {
     const uint32_t set = u / n_tiles;
     return {kCluster * set + rank, u - set * n_tiles, true};
   }
-  // Tail tile i, row by row over the m-tiles from shared_m. (kCluster 2 without kAnyTail: one m-tile, i is the n-tile.)
+  // Tail tile i, row by row over the last m_tiles % kCluster m-tiles. (kCluster 2: one m-tile, i is the n-tile.)
   const uint32_t i = kCluster * (u - shared) + rank;
-  if (kCluster == 2 && !kAnyTail) return {m_tiles - 1, i, false};
-  const uint32_t row = i / n_tiles, m_tile = shared_m + row;
+  if (kCluster == 2) return {m_tiles - 1, i, false};
+  const uint32_t row = i / n_tiles, m_tile = m_tiles / kCluster * kCluster + row;
   if (m_tile >= m_tiles) return {m_tiles - 1, n_tiles, false};  // past the last tail tile: empty
   return {m_tile, i - row * n_tiles, false};
-}
-
-template <uint32_t kCluster>
-FUSEDMOE_HD ClusterTile cluster_tile(uint32_t u, uint32_t m_tiles, uint32_t n_tiles, uint32_t rank) {
-  return cluster_tile<kCluster>(u, m_tiles, n_tiles, rank, multicast_m_tiles(m_tiles, kCluster));
 }
 
 }  // namespace fusedmoe::detail

@@ -47,7 +47,7 @@ template <> struct Wgmma<{ctype}, {n}> {{
 
 body = HEADER
 for ctype, ptx in (("__nv_bfloat16", "bf16"), ("__half", "f16")):
-    for n in (64, 128, 192, 256):  # 64: split tail tiles of the gated GEMM1; 192: the microbenchmarks (bench/micro)
+    for n in (128, 192, 256):  # 192: the microbenchmarks (bench/micro)
         body += wrapper(ctype, ptx, n)
 body += "\n}  // namespace fusedmoe::detail::cuda::sm90\n"
 open("src/cuda/wgmma.cuh", "w").write(body)

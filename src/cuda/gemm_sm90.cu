@@ -79,15 +79,6 @@ constexpr int kDiagTnOnly = 32;
 #ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
 constexpr int kDiagSmemRead = 16, kDiagGlobalStore = 64, kDiagDouble = 128;
 #endif
-// Experiment (compiled only with -DFUSEDMOE_SM90_SPLIT_TAIL, switched on by this variant bit; NOTES, session 16): an
-// nt/nn tile with at most 64 of its group's rows left (a group's last, partial m-tile) is split by columns instead
-// of rows: both consumer warpgroups multiply the tile's first 64 A rows, each by its half of the B tile (m64n128
-// wgmmas; gated: the matching 64 gate and 64 up columns, two m64n64), and each stores its 64 × BN/2 half. Normally
-// the second warpgroup multiplies zero rows and stores nothing, so such a tile costs a full tile; split, its
-// mainloop and epilogue are about half as long if the producer keeps up. The producer is unchanged.
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-constexpr int kSplitTail = 256;
-#endif
 
 // Pipeline depth of the 128 × 256 tiles; a compile-time override for A/B builds.
 #ifndef FUSEDMOE_SM90_STAGES256
@@ -263,15 +254,6 @@ struct TileDivs {
   num::FastDivU31 n_tiles, per_group;
 };
 
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-// kSplitTail in clusters: a group's m-tiles that run in multicast sets, its last m-tile left to the tail where it
-// has at most 64 of the group's `rows` (and so runs split by columns).
-template <int kCluster>
-__device__ __forceinline__ uint32_t split_tail_multicast_m_tiles(int64_t rows, uint32_t m_tiles) {
-  return multicast_m_tiles(m_tiles, kCluster, m_tiles > 0 && rows - static_cast<int64_t>(m_tiles - 1) * kBM <= 64);
-}
-#endif
-
 // One output tile of the persistent loop.
 struct Tile {
   int group;
@@ -288,8 +270,7 @@ struct Tile {
 // same unit and step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
-                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs,
-                                            bool split_tail = false) {
+                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   // nt/nn: the group of prefix position `key` (an m-tile, or a cluster unit): the last g with prefix[g] <= key
@@ -311,16 +292,8 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.rows = s_offsets[lo + 1] - tile.row_begin;
     // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
     const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM);
-    const uint32_t u = static_cast<uint32_t>(t - s_prefix[lo]);
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-    const ClusterTile ct =
-        split_tail ? cluster_tile<kCluster, true>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank,
-                                                  split_tail_multicast_m_tiles<kCluster>(tile.rows, m_tiles))
-                   : cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
-#else
-    (void)split_tail;
-    const ClusterTile ct = cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
-#endif
+    const ClusterTile ct = cluster_tile<kCluster>(static_cast<uint32_t>(t - s_prefix[lo]), m_tiles,
+                                                  static_cast<uint32_t>(n_tiles), rank);
     const uint32_t m_tile = ct.m_tile, n_index = ct.n_tile;
     tile.multicast = ct.multicast;
     tile.m0 = static_cast<int64_t>(m_tile) * kBM;
@@ -366,12 +339,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kParts = kCluster > 2 ? kCluster : 2;
   static_assert(kKind != GemmKind::nn || BN / 64 % kParts == 0, "nn: whole panels per part");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-  // kSplitTail: nt/nn 128 × 256 tiles of at most 64 rows run split by columns (and in clusters, as tail tiles).
-  const bool split_tail = kKind != GemmKind::tn && BN == 256 && (variant & kSplitTail);
-#else
-  constexpr bool split_tail = false;
-#endif
   // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
   extern __shared__ uint8_t smem_raw[];
@@ -409,15 +376,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         const int e = e0 + lane;
         int tiles = 0;
         if (e < rt.num_experts) {
-          const int64_t rows = rt.offset(e + 1) - rt.offset(e);
-          const int m_tiles = static_cast<int>((rows + kBM - 1) / kBM);
+          const int m_tiles = static_cast<int>((rt.offset(e + 1) - rt.offset(e) + kBM - 1) / kBM);
           const int n_tiles = static_cast<int>(column_tiles<BN, kGated>(p));
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-          if (kCluster > 1 && split_tail)  // as decode_tile counts them
-            tiles = static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster,
-                                                   split_tail_multicast_m_tiles<kCluster>(rows, m_tiles)));
-          else
-#endif
           tiles = kCluster == 1 ? m_tiles : static_cast<int>(cluster_units(m_tiles, n_tiles, kCluster));
         }
         const int incl = warp_inclusive_sum(tiles, lane);
@@ -478,7 +438,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, split_tail);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
@@ -494,7 +454,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       while (global_ns() - start < wait_ns) __nanosleep(500);
     }
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, split_tail);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
@@ -649,21 +609,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
     for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, split_tail);
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-      // Split by columns (kSplitTail): both warpgroups take the tile's first 64 rows.
-      const bool split = split_tail && tile.rows - tile.m0 <= 64;
-#else
-      constexpr bool split = false;
-#endif
-      const int row_half = split ? 0 : consumer;  // which 64 of the tile's rows this warpgroup multiplies and stores
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
       float row_scale[2] = {1.f, 1.f};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t m = tile.m0 + row_half * 64 + warp * 16 + lane / 4 + 8 * h;
+        const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
         if constexpr (kKind == GemmKind::tn) {
           if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
         } else if (m < tile.rows) {
@@ -686,43 +639,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
         wgmma_fence();
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-        if constexpr (kKind != GemmKind::tn && BN == 256) {
-          if (split) {
-            // This warpgroup's half of the B tile: nt, B rows (output columns) consumer·BN/2 … (gated: gate rows
-            // consumer·BN/4 … and up rows BN/2 + consumer·BN/4 …); nn, panels consumer·BN/128 ….
 #pragma unroll
-            for (int k16 = 0; k16 < kBK / 16; ++k16) {
-              const uint64_t da = smem_desc(a + k16 * 32, 16, 1024);
-              if constexpr (kGated) {
-                // m64n(BN/4) each: gate into the first BN/8 accumulators, up into the next BN/8.
-                float(&gate)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(acc);
-                float(&up)[BN / 8] = *reinterpret_cast<float(*)[BN / 8]>(acc + BN / 8);
-                const uint32_t gate_rows = b + consumer * (BN / 4) * 128, up_rows = gate_rows + (BN / 2) * 128;
-                Wgmma<T, BN / 4>::template mma<0, 0>(gate, da, smem_desc(gate_rows + k16 * 32, 16, 1024));
-                Wgmma<T, BN / 4>::template mma<0, 0>(up, da, smem_desc(up_rows + k16 * 32, 16, 1024));
-              } else {
-                // m64n(BN/2) into the first BN/4 accumulators.
-                float(&cols)[BN / 4] = *reinterpret_cast<float(*)[BN / 4]>(acc);
-                const uint64_t db =
-                    kTransB ? smem_desc(b + consumer * (BN / 128) * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                            : smem_desc(b + consumer * (BN / 2) * 128 + k16 * 32, 16, 1024);
-                Wgmma<T, BN / 2>::template mma<kTransA, kTransB>(cols, da, db);
-              }
-            }
-          }
-        }
-        if (!split)
-#endif
-        {
-#pragma unroll
-          for (int k16 = 0; k16 < kBK / 16; ++k16) {
-            // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
-            const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                        : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
-            const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
-            Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
-          }
+        for (int k16 = 0; k16 < kBK / 16; ++k16) {
+          // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
+          const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                      : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
+          const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
+          Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
         }
         wgmma_commit();
         wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
@@ -790,57 +713,40 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (tile.k_tiles > 0)
         staging = smem + prev_stage * Cfg::kStageBytes + consumer * (kBM / 2) * 128 + warp * Sl::kBytes;
       constexpr int G = Sl::kCols / 8;  // column groups per slice
-      // kSplit: this warpgroup stores its column half of a tile split by columns (kSplitTail): 64 rows × BN/2
-      // output columns (gated: BN/4 act columns from BN/4 gate and BN/4 up accumulators).
-      auto store_tile = [&](auto split_tag) {
-        constexpr bool kSplit = decltype(split_tag)::value;
-        constexpr int kWidth = kSplit ? BN / 2 : BN;  // this warpgroup's accumulator columns
-        const int64_t n0 = tile.n0 + (kSplit ? consumer * (kGated ? BN / 4 : BN / 2) : 0);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
-          if constexpr (kKind == GemmKind::nt && kGated) {
-            // Gate (column groups < kWidth/16) and up (the rest) of act columns n0 + …; act from their stored values.
-            const int64_t I = p.N / 2;
-            const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
+      for (int h = 0; h < 2; ++h) {
+        auto pair = [&](int j) { return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
+        if constexpr (kKind == GemmKind::nt && kGated) {
+          // Gate (column groups < BN/16) and up (the rest) of act columns n0 + …; act from their stored values.
+          const int64_t I = p.N / 2;
+          const int64_t act_row = out_off[h] < 0 ? -1 : act_off[h];
 #pragma unroll
-            for (int q = 0; q < (kWidth / 2) / Sl::kCols; ++q) {
-              const int64_t col0 = n0 + q * Sl::kCols;
-              auto gate = [&](int jj) { return pair(q * G + jj); };
-              auto up = [&](int jj) { return pair(q * G + jj + kWidth / 16); };
-              auto act = [&](int jj) {
-                const float2 g = gate(jj), u = up(jj);
-                return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
-                                   act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
-              };
-              if (p.C != nullptr) {  // null: act only (an inference forward keeps no Y1)
-                store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
-                store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
-              }
-              store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
+          for (int q = 0; q < (BN / 2) / Sl::kCols; ++q) {
+            const int64_t col0 = tile.n0 + q * Sl::kCols;
+            auto gate = [&](int jj) { return pair(q * G + jj); };
+            auto up = [&](int jj) { return pair(q * G + jj + BN / 16); };
+            auto act = [&](int jj) {
+              const float2 g = gate(jj), u = up(jj);
+              return make_float2(act::silu(to_f32(from_f32<OutT>(g.x))) * to_f32(from_f32<OutT>(u.x)),
+                                 act::silu(to_f32(from_f32<OutT>(g.y))) * to_f32(from_f32<OutT>(u.y)));
+            };
+            if (p.C != nullptr) {  // null: act only (an inference forward keeps no Y1)
+              store_slice<OutT>(staging, lane, gate, out_off[h], p.C, col0, I, false);
+              store_slice<OutT>(staging, lane, up, out_off[h], p.C + I, col0, I, false);
             }
-          } else {
-            const float scale = row_scale[h];
+            store_slice<OutT>(staging, lane, act, act_row, p.act, col0, I, false);
+          }
+        } else {
+          const float scale = row_scale[h];
 #pragma unroll
-            for (int q = 0; q < kWidth / Sl::kCols; ++q) {
-              auto scaled = [&](int jj) {
-                const float2 v = pair(q * G + jj);
-                return make_float2(v.x * scale, v.y * scale);
-              };
-              store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, n0 + q * Sl::kCols, p.N, p.accumulate);
-            }
+          for (int q = 0; q < BN / Sl::kCols; ++q) {
+            auto scaled = [&](int jj) {
+              const float2 v = pair(q * G + jj);
+              return make_float2(v.x * scale, v.y * scale);
+            };
+            store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
           }
         }
-      };
-#ifdef FUSEDMOE_SM90_SPLIT_TAIL
-      if (split) {
-        // The first warpgroup stages into A rows 0…63 of the last stage, which the second one's wgmmas read too.
-        asm volatile("bar.sync 4, 256;\n" ::: "memory");
-        store_tile(std::true_type{});
-      } else
-#endif
-      {
-        store_tile(std::false_type{});
       }
       tile_clock.lap(kTlEpilogue);
       if (tile.k_tiles > 0) release(prev_stage);

@@ -320,47 +320,27 @@ TEST(Numeric, FastDivisionMatchesDivision) {
 }
 
 // The sm_90a GEMM's cluster schedule (src/cluster_schedule.hpp, the arithmetic its kernels run): for pairs and
-// quads, every group shape up to 20 m-tiles × 12 n-tiles, and both tail rules (the default: the last m_tiles % cluster
-// m-tiles; kSplitTail's: also a last m-tile of at most 64 rows), the units cover each tile of the group exactly
-// once; a multicast unit gives the cluster's CTAs neighbouring m-tiles of one n-tile (they share its weight tile);
-// empty slots (n_tile past the last) are fewer than a unit's CTAs, and only in the group's last unit.
-template <uint32_t kCluster, bool kSmallLast>
+// quads and every group shape up to 20 m-tiles × 12 n-tiles, the units cover each tile of the group exactly once;
+// a multicast unit gives the cluster's CTAs neighbouring m-tiles of one n-tile (they share its weight tile); empty
+// slots (n_tile past the last) are fewer than a unit's CTAs, and only in the group's last unit.
+template <uint32_t kCluster>
 void check_cluster_schedule() {
-  namespace d = fusedmoe::detail;
   for (uint32_t m_tiles = 0; m_tiles <= 20; ++m_tiles)
     for (uint32_t n_tiles = 1; n_tiles <= 12; ++n_tiles) {
-      SCOPED_TRACE("cluster " + std::to_string(kCluster) + (kSmallLast ? ", small last m-tile, " : ", ") +
-                   std::to_string(m_tiles) + " m-tiles × " + std::to_string(n_tiles) + " n-tiles");
-      const uint32_t shared_m = d::multicast_m_tiles(m_tiles, kCluster, kSmallLast);
-      ASSERT_EQ(shared_m % kCluster, 0u);
-      ASSERT_LE(shared_m, m_tiles);
-      if (!kSmallLast) {
-        ASSERT_EQ(shared_m, m_tiles / kCluster * kCluster);
-        ASSERT_EQ(d::cluster_units(m_tiles, n_tiles, kCluster), d::cluster_units(m_tiles, n_tiles, kCluster, shared_m));
-      } else if (m_tiles > 0) {
-        ASSERT_LT(shared_m, m_tiles) << "the small last m-tile is not multicast";
-      }
+      SCOPED_TRACE("cluster " + std::to_string(kCluster) + ", " + std::to_string(m_tiles) + " m-tiles × " +
+                   std::to_string(n_tiles) + " n-tiles");
       std::vector<int> seen(m_tiles * n_tiles, 0);
-      const uint32_t units = d::cluster_units(m_tiles, n_tiles, kCluster, shared_m);
+      const uint32_t units = fusedmoe::detail::cluster_units(m_tiles, n_tiles, kCluster);
       uint32_t empty = 0;
       for (uint32_t u = 0; u < units; ++u) {
-        d::ClusterTile t[kCluster];
-        for (uint32_t r = 0; r < kCluster; ++r) {
-          t[r] = kSmallLast ? d::cluster_tile<kCluster, true>(u, m_tiles, n_tiles, r, shared_m)
-                            : d::cluster_tile<kCluster>(u, m_tiles, n_tiles, r);
-          if (!kSmallLast) {  // the general tail rule gives the same tiles
-            const d::ClusterTile g = d::cluster_tile<kCluster, true>(u, m_tiles, n_tiles, r, shared_m);
-            if (t[r].n_tile < n_tiles || g.n_tile < n_tiles)
-              ASSERT_TRUE(g.m_tile == t[r].m_tile && g.n_tile == t[r].n_tile) << "unit " << u << ", rank " << r;
-          }
-        }
+        fusedmoe::detail::ClusterTile t[kCluster];
+        for (uint32_t r = 0; r < kCluster; ++r) t[r] = fusedmoe::detail::cluster_tile<kCluster>(u, m_tiles, n_tiles, r);
         for (uint32_t r = 0; r < kCluster; ++r) {
           ASSERT_EQ(t[r].multicast, t[0].multicast) << "unit " << u;
           if (t[0].multicast) {
             ASSERT_EQ(t[r].n_tile, t[0].n_tile) << "unit " << u;
             ASSERT_EQ(t[r].m_tile, t[0].m_tile + r) << "unit " << u;
             ASSERT_EQ(t[0].m_tile % kCluster, 0u) << "unit " << u;
-            ASSERT_LT(t[r].m_tile, shared_m) << "unit " << u;
           }
           if (t[r].n_tile >= n_tiles) {
             ++empty;
@@ -378,8 +358,6 @@ void check_cluster_schedule() {
 }
 
 TEST(Schedule, ClusterUnitsCoverEachTileOnce) {
-  check_cluster_schedule<2, false>();
-  check_cluster_schedule<4, false>();
-  check_cluster_schedule<2, true>();
-  check_cluster_schedule<4, true>();
+  check_cluster_schedule<2>();
+  check_cluster_schedule<4>();
 }
