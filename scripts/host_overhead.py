@@ -6,11 +6,12 @@ the two (the GPU waiting for launches) shows. --fwdbwd times forward+backward st
 --cprofile instead prints the host-side cProfile of 200 forward calls at the first T. With --fwdbwd the
 block's forward and backward also record CUDA events where they start and end, which shows without a
 profiler's overhead where in a synchronised step the GPU waits for the host.
---launches lists the profiled step's host-side CUDA calls next to the kernels' GPU times.
+--launches lists the profiled step's host-side CUDA calls next to the kernels' GPU times. --autotune builds the
+block with autotune=True, as the bench does (default: the shipped heuristic).
 --marks prints, for synchronised steps as the bench times them and for back-to-back ones, the host clock at
 marks inside the block's Python path (its forward, the ops' config, allocations, DLPack conversion and the
 extension call) and the GPU-side time at which the stream reaches the first extension call.
-    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--cprofile] [--launches] [--marks] [T ...]"""
+    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--autotune] [--cprofile] [--launches] [--marks] [T ...]"""
 import cProfile
 import pstats
 import statistics
@@ -74,7 +75,12 @@ def timings(step):
         step()
     host = (time.perf_counter() - t0) / n * 1e3
     torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
     events = Timer(torch.device("cuda"))(step, 0, n)  # median of synchronised steps, as the bench times them
+    after = torch.cuda.memory_stats()
+    # The caching allocator's trips to the driver during those steps (cudaMalloc / cudaFree, the latter
+    # synchronising the device, and retries after freeing its cache): none in a steady state.
+    alloc = {k: after.get(k, 0) - before.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         step()
@@ -89,7 +95,7 @@ def timings(step):
     # The GPU's idle stretches between consecutive kernels (under the profiler, whose launch overhead adds to
     # host-bound gaps): where in the step the GPU waited.
     gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(kernels, kernels[1:])]
-    return host, events, busy_ms(spans), span, per_name, gaps, prof
+    return host, events, busy_ms(spans), span, per_name, gaps, prof, alloc
 
 
 def launch_trace(prof, limit):
@@ -247,14 +253,14 @@ def cprofile(step):
 def main():
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("--")}
-    unknown = flags - {"--cprofile", "--fwdbwd", "--grouped-mm", "--launches", "--marks"}
+    unknown = flags - {"--autotune", "--cprofile", "--fwdbwd", "--grouped-mm", "--launches", "--marks"}
     if unknown:
         sys.exit(f"unknown option(s) {sorted(unknown)}; usage: {__doc__.splitlines()[-1].strip()}")
     Ts = [int(a) for a in args if not a.startswith("--")] or [2048, 16384]
     backward = "--fwdbwd" in flags
     dev, dt = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
-    impls, shape = make_impls(dev, dt, gen, False, "--grouped-mm" in flags)
+    impls, shape = make_impls(dev, dt, gen, "--autotune" in flags, "--grouped-mm" in flags)
     timeline = Timeline() if backward and "--marks" not in flags else None
     marks = None
     for T in Ts[:1] if "--cprofile" in flags else Ts:
@@ -272,10 +278,12 @@ def main():
                               f"start), {'synchronised steps' if synced else 'back to back'}:")
                         print(marks.measure(step, synced))
                 continue
-            host, events, busy, span, per_name, gaps, prof = timings(step)
+            host, events, busy, span, per_name, gaps, prof, alloc = timings(step)
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
                   f"{events:.3f} ms, GPU busy {busy:.3f} of a {span:.3f} ms kernel span "
-                  f"(kernels {sum(per_name.values()):.3f} ms)")
+                  f"(kernels {sum(per_name.values()):.3f} ms); allocator over {20} synchronised steps: {alloc}")
+            if name == "fusedmoe" and getattr(fn, "block", None) is not None:
+                print("  kernel configs:", fn.block.kernel_configs(x, *fn.params))
             if timeline and name == "fusedmoe":
                 print("  timeline (ms, medians; GPU by events, host by the clock):", timeline.measure(step))
             for kname, ms in sorted(per_name.items(), key=lambda k: -k[1])[:14]:
@@ -284,7 +292,7 @@ def main():
             for g, a, b in sorted(gaps, reverse=True)[:6]:
                 print(f"    {g:8.1f}  after {short(a)[:50]}  before {short(b)[:50]}")
             if "--launches" in flags and name == "fusedmoe":
-                launch_trace(prof, 60)
+                launch_trace(prof, 400)
 
 
 if __name__ == "__main__":
