@@ -65,11 +65,14 @@ def busy_ms(intervals):
     return total / 1e3
 
 
+TIMED_STEPS = 20
+
+
 def timings(step):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    n = 20
+    n = TIMED_STEPS
     t0 = time.perf_counter()
     for _ in range(n):
         step()
@@ -281,9 +284,9 @@ def main():
             host, events, busy, span, per_name, gaps, prof, alloc = timings(step)
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
                   f"{events:.3f} ms, GPU busy {busy:.3f} of a {span:.3f} ms kernel span "
-                  f"(kernels {sum(per_name.values()):.3f} ms); allocator over {20} synchronised steps: {alloc}")
+                  f"(kernels {sum(per_name.values()):.3f} ms); allocator over {TIMED_STEPS} synchronised steps: {alloc}")
             if name == "fusedmoe" and getattr(fn, "block", None) is not None:
-                print("  kernel configs:", fn.block.kernel_configs(x, *fn.params))
+                print("  kernel configs (forward, dX, dW; None: the heuristic):", fn.block.kernel_configs(x, *fn.params))
             if timeline and name == "fusedmoe":
                 print("  timeline (ms, medians; GPU by events, host by the clock):", timeline.measure(step))
             for kname, ms in sorted(per_name.items(), key=lambda k: -k[1])[:14]:
