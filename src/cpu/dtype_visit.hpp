@@ -34,4 +34,25 @@ inline void store_from(const Tensor& t, int64_t i, A v) {
   });
 }
 
+// Elements [i, i + n) of a floating tensor converted to Acc, with one dtype dispatch for the span rather than one
+// per element (the values are those of load_as_double cast to Acc: every storage type widens exactly).
+template <class Acc>
+inline void load_span(const Tensor& t, int64_t i, int64_t n, Acc* dst) {
+  visit_float(t.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* src = static_cast<const S*>(t.data) + i;
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<Acc>(num::load(src, j));
+  });
+}
+
+// Stores n values of Acc into elements [i, i + n) of a floating tensor (as store_from does, one dispatch per span).
+template <class Acc>
+inline void store_span(const Tensor& t, int64_t i, int64_t n, const Acc* src) {
+  visit_float(t.dtype, [&](auto tag) {
+    using S = decltype(tag);
+    S* dst = static_cast<S*>(t.data) + i;
+    for (int64_t j = 0; j < n; ++j) num::store(dst, j, src[j]);
+  });
+}
+
 }  // namespace fusedmoe::detail::cpu

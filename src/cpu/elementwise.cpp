@@ -1,4 +1,5 @@
 // Elementwise ops of the CPU backend: SiLU·mul and its backward, the top-k combine and its backward.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -19,15 +20,20 @@ void with_acc(std::initializer_list<const Tensor*> ts, Fn&& fn) {
 }
 }  // namespace
 
+// Each op below works a row at a time through row buffers in the compute type (load_span / store_span: one dtype
+// dispatch per row span, the same values and the same summation order as element-wise loads).
+
 void silu_mul(const Tensor& Y1, const Tensor& A, Stream) {
   const int64_t M = Y1.shape[0], I = A.shape[1];
   with_acc({&Y1, &A}, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    parallel_rows(M, I, [&](int64_t m) {
-      for (int64_t c = 0; c < I; ++c) {
-        const Acc g = static_cast<Acc>(load_as_double(Y1, m * 2 * I + c));
-        const Acc u = static_cast<Acc>(load_as_double(Y1, m * 2 * I + I + c));
-        store_from(A, m * I + c, act::silu(g) * u);
+    parallel_row_chunks(M, I, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> g(I), u(I), a(I);
+      for (int64_t m = begin; m < end; ++m) {
+        load_span(Y1, m * 2 * I, I, g.data());
+        load_span(Y1, m * 2 * I + I, I, u.data());
+        for (int64_t c = 0; c < I; ++c) a[c] = act::silu(g[c]) * u[c];
+        store_span(A, m * I, I, a.data());
       }
     });
   });
@@ -37,15 +43,15 @@ void silu_mul_backward(const Tensor& dA, const Tensor& Y1, const Tensor& dY1, St
   const int64_t M = Y1.shape[0], I = dA.shape[1];
   with_acc({&dA, &Y1, &dY1}, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    parallel_rows(M, I, [&](int64_t m) {
-      for (int64_t c = 0; c < I; ++c) {
-        const Acc g = static_cast<Acc>(load_as_double(Y1, m * 2 * I + c));
-        const Acc u = static_cast<Acc>(load_as_double(Y1, m * 2 * I + I + c));
-        const Acc d = static_cast<Acc>(load_as_double(dA, m * I + c));
-        Acc dg, du;
-        act::silu_mul_grad(g, u, d, dg, du);
-        store_from(dY1, m * 2 * I + c, dg);
-        store_from(dY1, m * 2 * I + I + c, du);
+    parallel_row_chunks(M, I, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> g(I), u(I), d(I), dg(I), du(I);
+      for (int64_t m = begin; m < end; ++m) {
+        load_span(Y1, m * 2 * I, I, g.data());
+        load_span(Y1, m * 2 * I + I, I, u.data());
+        load_span(dA, m * I, I, d.data());
+        for (int64_t c = 0; c < I; ++c) act::silu_mul_grad(g[c], u[c], d[c], dg[c], du[c]);
+        store_span(dY1, m * 2 * I, I, dg.data());
+        store_span(dY1, m * 2 * I + I, I, du.data());
       }
     });
   });
@@ -59,27 +65,31 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
     using Acc = decltype(acc_tag);
     visit_float(Y1.dtype, [&](auto store_tag) {
       using S = decltype(store_tag);
-      parallel_rows(M, I, [&](int64_t m) {
-        const int64_t slot = gather[m];
-        const Acc w = static_cast<Acc>(load_as_double(weights, slot));
-        Acc dw = 0;
-        for (int64_t c = 0; c < I; ++c) {
-          const Acc g = static_cast<Acc>(load_as_double(Y1, m * 2 * I + c));
-          const Acc u = static_cast<Acc>(load_as_double(Y1, m * 2 * I + I + c));
+      parallel_row_chunks(M, I, [&](int64_t begin, int64_t end) {
+        std::vector<Acc> g(I), u(I), a(I), raw(I), out0(I), out1(I);
+        for (int64_t m = begin; m < end; ++m) {
+          const int64_t slot = gather[m];
+          const Acc w = static_cast<Acc>(load_as_double(weights, slot));
+          load_span(Y1, m * 2 * I, I, g.data());
+          load_span(Y1, m * 2 * I + I, I, u.data());
           // A as forward stored it (rounded to the activation dtype): dw = ⟨dOut, Y2⟩ = ⟨dA_raw, A⟩ exactly.
-          const Acc a = static_cast<Acc>(num::Conv<S>::load(num::Conv<S>::store(act::silu(g) * u)));
-          if (scaled_act.defined()) store_from(scaled_act, m * I + c, w * a);
-          if (!dA_raw.defined()) continue;
-          const Acc raw = static_cast<Acc>(load_as_double(dA_raw, m * I + c));
-          dw += raw * a;
-          if (dY1.defined()) {
-            Acc dg, du;
-            act::silu_mul_grad(g, u, w * raw, dg, du);
-            store_from(dY1, m * 2 * I + c, dg);
-            store_from(dY1, m * 2 * I + I + c, du);
+          for (int64_t c = 0; c < I; ++c)
+            a[c] = static_cast<Acc>(num::Conv<S>::load(num::Conv<S>::store(act::silu(g[c]) * u[c])));
+          if (scaled_act.defined()) {
+            for (int64_t c = 0; c < I; ++c) out0[c] = w * a[c];
+            store_span(scaled_act, m * I, I, out0.data());
           }
+          if (!dA_raw.defined()) continue;
+          load_span(dA_raw, m * I, I, raw.data());
+          Acc dw = 0;
+          for (int64_t c = 0; c < I; ++c) dw += raw[c] * a[c];
+          if (dY1.defined()) {
+            for (int64_t c = 0; c < I; ++c) act::silu_mul_grad(g[c], u[c], w * raw[c], out0[c], out1[c]);
+            store_span(dY1, m * 2 * I, I, out0.data());
+            store_span(dY1, m * 2 * I + I, I, out1.data());
+          }
+          if (d_weights.defined()) store_from(d_weights, slot, dw);
         }
-        if (d_weights.defined() && dA_raw.defined()) store_from(d_weights, slot, dw);
       });
     });
   });
@@ -89,13 +99,16 @@ void topk_combine(const Tensor& Y2, const Tensor& weights, const Tensor& out, St
   const int64_t T = weights.shape[0], k = weights.shape[1], H = Y2.shape[1];
   with_acc({&Y2, &weights, &out}, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    parallel_rows(T, H * k, [&](int64_t t) {
-      for (int64_t h = 0; h < H; ++h) {
-        Acc sum = 0;
-        for (int64_t j = 0; j < k; ++j)
-          sum += static_cast<Acc>(load_as_double(weights, t * k + j)) *
-                 static_cast<Acc>(load_as_double(Y2, (t * k + j) * H + h));
-        store_from(out, t * H + h, sum);
+    parallel_row_chunks(T, H * k, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> w(k), y(H), sum(H);
+      for (int64_t t = begin; t < end; ++t) {
+        load_span(weights, t * k, k, w.data());
+        std::fill(sum.begin(), sum.end(), Acc(0));
+        for (int64_t j = 0; j < k; ++j) {  // the slots in order: a fixed summation order per element
+          load_span(Y2, (t * k + j) * H, H, y.data());
+          for (int64_t h = 0; h < H; ++h) sum[h] += w[j] * y[h];
+        }
+        store_span(out, t * H, H, sum.data());
       }
     });
   });
@@ -106,17 +119,22 @@ void topk_combine_backward(const Tensor& dOut, const Tensor& Y2, const Tensor& w
   const int64_t T = weights.shape[0], k = weights.shape[1], H = Y2.shape[1];
   with_acc({&dOut, &Y2, &weights}, [&](auto acc_tag) {
     using Acc = decltype(acc_tag);
-    parallel_rows(T, H * k, [&](int64_t t) {
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t f = t * k + j;
-        const Acc w = static_cast<Acc>(load_as_double(weights, f));
-        Acc dot = 0;
-        for (int64_t h = 0; h < H; ++h) {
-          const Acc d = static_cast<Acc>(load_as_double(dOut, t * H + h));
-          dot += d * static_cast<Acc>(load_as_double(Y2, f * H + h));
-          if (dY2.defined()) store_from(dY2, f * H + h, w * d);
+    parallel_row_chunks(T, H * k, [&](int64_t begin, int64_t end) {
+      std::vector<Acc> d(H), y(H), scaled(H);
+      for (int64_t t = begin; t < end; ++t) {
+        load_span(dOut, t * H, H, d.data());
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t f = t * k + j;
+          const Acc w = static_cast<Acc>(load_as_double(weights, f));
+          load_span(Y2, f * H, H, y.data());
+          Acc dot = 0;
+          for (int64_t h = 0; h < H; ++h) dot += d[h] * y[h];
+          if (dY2.defined()) {
+            for (int64_t h = 0; h < H; ++h) scaled[h] = w * d[h];
+            store_span(dY2, f * H, H, scaled.data());
+          }
+          if (d_weights.defined()) store_from(d_weights, f, dot);
         }
-        if (d_weights.defined()) store_from(d_weights, f, dot);
       }
     });
   });

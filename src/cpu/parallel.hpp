@@ -55,15 +55,13 @@ int parallel_for(int64_t n_tasks, Fn&& fn, int64_t min_tasks_per_thread = 1) {
   return workers;
 }
 
-// parallel_for over rows in chunks, for elementwise work.
+// parallel_for over rows in chunks of about 2^15 elements' work, for elementwise work: fn(begin, end) per chunk
+// (so a chunk can set up its row buffers once).
 template <class Fn>
-void parallel_rows(int64_t rows, int64_t row_cost, Fn&& fn) {
+void parallel_row_chunks(int64_t rows, int64_t row_cost, Fn&& fn) {
   const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, row_cost));
   const int64_t n_chunks = (rows + chunk - 1) / chunk;
-  parallel_for(n_chunks, [&](int64_t c, int) {
-    const int64_t end = std::min(rows, (c + 1) * chunk);
-    for (int64_t r = c * chunk; r < end; ++r) fn(r);
-  });
+  parallel_for(n_chunks, [&](int64_t c, int) { fn(c * chunk, std::min(rows, (c + 1) * chunk)); });
 }
 
 }  // namespace fusedmoe::detail::cpu
