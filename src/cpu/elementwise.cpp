@@ -66,7 +66,7 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
     visit_float(Y1.dtype, [&](auto store_tag) {
       using S = decltype(store_tag);
       parallel_row_chunks(M, I, [&](int64_t begin, int64_t end) {
-        std::vector<Acc> g(I), u(I), a(I), raw(I), out0(I), out1(I);
+        std::vector<Acc> g(I), u(I), a(I), raw(I), scaled(I), dg(I), du(I);
         for (int64_t m = begin; m < end; ++m) {
           const int64_t slot = gather[m];
           const Acc w = static_cast<Acc>(load_as_double(weights, slot));
@@ -76,17 +76,17 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
           for (int64_t c = 0; c < I; ++c)
             a[c] = static_cast<Acc>(num::Conv<S>::load(num::Conv<S>::store(act::silu(g[c]) * u[c])));
           if (scaled_act.defined()) {
-            for (int64_t c = 0; c < I; ++c) out0[c] = w * a[c];
-            store_span(scaled_act, m * I, I, out0.data());
+            for (int64_t c = 0; c < I; ++c) scaled[c] = w * a[c];
+            store_span(scaled_act, m * I, I, scaled.data());
           }
           if (!dA_raw.defined()) continue;
           load_span(dA_raw, m * I, I, raw.data());
           Acc dw = 0;
           for (int64_t c = 0; c < I; ++c) dw += raw[c] * a[c];
           if (dY1.defined()) {
-            for (int64_t c = 0; c < I; ++c) act::silu_mul_grad(g[c], u[c], w * raw[c], out0[c], out1[c]);
-            store_span(dY1, m * 2 * I, I, out0.data());
-            store_span(dY1, m * 2 * I + I, I, out1.data());
+            for (int64_t c = 0; c < I; ++c) act::silu_mul_grad(g[c], u[c], w * raw[c], dg[c], du[c]);
+            store_span(dY1, m * 2 * I, I, dg.data());
+            store_span(dY1, m * 2 * I + I, I, du.data());
           }
           if (d_weights.defined()) store_from(d_weights, slot, dw);
         }

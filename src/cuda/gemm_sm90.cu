@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kParts = kCluster > 2 ? kCluster : 2;
   static_assert(kKind != GemmKind::nn || BN / 64 % kParts == 0, "nn: whole panels per part");
   const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
-  // Work units are dealt out per cluster: both CTAs of a cluster take the same units.
+  // Work units are dealt out per cluster: every CTA of a cluster takes the same units.
   const int64_t first_unit = blockIdx.x / kCluster, unit_stride = gridDim.x / kCluster;
   extern __shared__ uint8_t smem_raw[];
   // Aligned by offsetting the shared array itself (not via an integer round trip), so the compiler still
@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if constexpr (kKind != GemmKind::tn) {
-    // Unit prefix over the groups (one warp scan: single CTAs count m-tiles, pairs units; see decode_tile), and
+    // Unit prefix over the groups (one warp scan: single CTAs count m-tiles, clusters units; see decode_tile), and
     // from it the number of units.
     if (threadIdx.x < 32) {
       const int lane = threadIdx.x;
