@@ -11,7 +11,10 @@ block with autotune=True, as the bench does (default: the shipped heuristic).
 --marks prints, for synchronised steps as the bench times them and for back-to-back ones, the host clock at
 marks inside the block's Python path (its forward, the ops' config, allocations, DLPack conversion and the
 extension call) and the GPU-side time at which the stream reaches the first extension call.
-    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--autotune] [--cprofile] [--launches] [--marks] [T ...]"""
+--ops prints the host cost of single calls the block's path is made of (an allocation, a DLPack conversion, a
+kernel launch through torch and through the extension, ...), each right after a synchronisation (as the bench's
+steps start) and back to back.
+    python scripts/host_overhead.py [--fwdbwd] [--grouped-mm] [--autotune] [--cprofile] [--launches] [--marks] [--ops] [T ...]"""
 import cProfile
 import pstats
 import statistics
@@ -240,6 +243,51 @@ class HostMarks:
         return "\n".join(lines)
 
 
+def op_costs():
+    """Median host µs of single calls after a synchronisation (the GPU idle, as at a bench step's start) and back
+    to back (the same call repeated without a sync)."""
+    dev = torch.device("cuda")
+    x = torch.randn(4096, 2048, device=dev, dtype=torch.bfloat16)
+    small = torch.zeros(256, device=dev)
+    ids = torch.randint(0, 128, (512, 8), device=dev, dtype=torch.int32)
+    gather, m_sizes, offsets = (torch.empty(4096, device=dev, dtype=torch.int32),
+                                torch.empty(128, device=dev, dtype=torch.int32), torch.empty(129, device=dev, dtype=torch.int32))
+    cfg = fusedmoe._C.Config(2048, 768, 128, 8, True, "bfloat16", [])
+    raw = torch._C._cuda_getCurrentRawStream
+    to_dlpack = torch.utils.dlpack.to_dlpack
+    ops = {
+        "torch.empty(1 MiB, uint8, cuda)": lambda: torch.empty(1 << 20, dtype=torch.uint8, device=dev),
+        "x.new_empty(x.shape)": lambda: x.new_empty(x.shape),
+        "to_dlpack(x)": lambda: to_dlpack(x),
+        "x.__dlpack__()": lambda: x.__dlpack__(),
+        "x.data_ptr()": lambda: x.data_ptr(),
+        "x.device": lambda: x.device,
+        "raw current stream": lambda: raw(0),
+        "Event() + record()": lambda: torch.cuda.Event(enable_timing=True).record(),
+        "small.add_(1) (a torch kernel launch)": lambda: small.add_(1),
+        "_C.moe_saved_bytes (no tensors)": lambda: fusedmoe._C.moe_saved_bytes(cfg, 4096),
+        "_C.sort_by_expert (4 DLPack, 3 launches)": lambda: fusedmoe._C.sort_by_expert(
+            to_dlpack(ids), 128, to_dlpack(gather), to_dlpack(m_sizes), to_dlpack(offsets), raw(0)),
+    }
+    for name, fn in ops.items():
+        for _ in range(20):
+            fn()
+        after_sync, back = [], []
+        for _ in range(50):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            after_sync.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(20):
+                fn()
+            back.append((time.perf_counter() - t0) / 20 * 1e6)
+        torch.cuda.synchronize()
+        print(f"  {statistics.median(after_sync):7.1f} µs after a sync, {min(back):7.1f} back to back  {name}")
+
+
 def cprofile(step):
     for _ in range(5):
         step()
@@ -256,9 +304,13 @@ def cprofile(step):
 def main():
     args = sys.argv[1:]
     flags = {a for a in args if a.startswith("--")}
-    unknown = flags - {"--autotune", "--cprofile", "--fwdbwd", "--grouped-mm", "--launches", "--marks"}
+    unknown = flags - {"--autotune", "--cprofile", "--fwdbwd", "--grouped-mm", "--launches", "--marks", "--ops"}
     if unknown:
         sys.exit(f"unknown option(s) {sorted(unknown)}; usage: {__doc__.splitlines()[-1].strip()}")
+    if "--ops" in flags:
+        print("host cost of single calls (medians):")
+        op_costs()
+        return
     Ts = [int(a) for a in args if not a.startswith("--")] or [2048, 16384]
     backward = "--fwdbwd" in flags
     dev, dt = torch.device("cuda"), torch.bfloat16

@@ -149,6 +149,40 @@ template <> __device__ __forceinline__ double from_f32<double>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
+// V consecutive elements of a row, held as float: 16-byte loads and stores for V = 8 of 16-bit data (what a
+// memory-bound pass needs to keep enough bytes in flight; the row start must be 16-byte aligned), else one
+// element at a time.
+template <int V, class T>
+struct Lanes {
+  float v[V];
+  __device__ __forceinline__ void load(const T* p) {
+    if constexpr (V == 8 && sizeof(T) == 2) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = to_f32(e[i]);
+    } else if constexpr (V == 8 && sizeof(T) == 4) {
+      const float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
+      v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) v[i] = to_f32(p[i]);
+    }
+  }
+  __device__ __forceinline__ void store(T* p) const {
+    if constexpr (V == 8 && sizeof(T) == 2) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] = from_f32<T>(v[i]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i) p[i] = from_f32<T>(v[i]);
+    }
+  }
+};
+
 // Calls fn(T{}) with the CUDA storage type of a floating dtype.
 template <class Fn>
 void visit_float(DType dt, Fn&& fn) {

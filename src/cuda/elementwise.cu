@@ -5,6 +5,7 @@
 
 #include "../activation.hpp"
 #include "common.cuh"
+#include "slot_sum.cuh"
 
 namespace fusedmoe::detail::cuda {
 
@@ -16,37 +17,6 @@ constexpr int kThreads = 256;
 // stores of 16-bit data, which a memory-bound pass needs to keep enough bytes in flight; V = 1 where rows
 // or pointers are not aligned for that). Per-row sums are fixed-order warp trees (deterministic).
 constexpr int kRowsPerBlock = kThreads / 32;
-
-template <int V, class T>
-struct Lanes {
-  float v[V];
-  __device__ __forceinline__ void load(const T* p) {
-    if constexpr (V == 8 && sizeof(T) == 2) {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = to_f32(e[i]);
-    } else if constexpr (V == 8 && sizeof(T) == 4) {
-      const float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
-      v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) v[i] = to_f32(p[i]);
-    }
-  }
-  __device__ __forceinline__ void store(T* p) const {
-    if constexpr (V == 8 && sizeof(T) == 2) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) e[i] = from_f32<T>(v[i]);
-      *reinterpret_cast<uint4*>(p) = raw;
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i) p[i] = from_f32<T>(v[i]);
-    }
-  }
-};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -120,26 +90,6 @@ __global__ void routed_silu_backward_kernel(const DeviceRouting rt, const R* dA_
   if (dA_raw && d_weights) {
     dw = warp_sum(dw);
     if (threadIdx.x % 32 == 0) d_weights[slot] = from_f32<DW>(dw);
-  }
-}
-
-// One warp per token: out[t] = Σ_j w[t, j] · Y2[t·k + j], j ascending.
-template <int V, class Y, class W, class O>
-__global__ void topk_combine_kernel(const Y* Y2, const W* weights, O* out, int64_t T, int k, int64_t H) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
-  if (t >= T) return;
-  for (int64_t h = (threadIdx.x % 32) * V; h < H; h += 32 * V) {
-    Lanes<V, O> s;
-#pragma unroll
-    for (int i = 0; i < V; ++i) s.v[i] = 0.f;
-    for (int j = 0; j < k; ++j) {
-      const float w = to_f32(weights[t * k + j]);
-      Lanes<V, Y> y;
-      y.load(Y2 + (t * k + j) * H + h);
-#pragma unroll
-      for (int i = 0; i < V; ++i) s.v[i] += w * y.v[i];
-    }
-    s.store(out + t * H + h);
   }
 }
 
@@ -242,16 +192,11 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
 void topk_combine(const Tensor& Y2, const Tensor& weights, const Tensor& out, Stream s) {
   const int64_t T = weights.shape[0], H = Y2.shape[1];
   const int k = static_cast<int>(weights.shape[1]);
-  if (T * H == 0) return;
   visit_floats([&](auto y_tag, auto w_tag, auto o_tag) {
     using Y = decltype(y_tag);
     using W = decltype(w_tag);
     using O = decltype(o_tag);
-    with_width(H, {Y2.data, out.data}, [&](auto v) {
-      topk_combine_kernel<v(), Y, W, O><<<row_blocks(T), kThreads, 0, stream_of(s)>>>(
-          Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), T, k, H);
-    });
-    check_launch("topk_combine_kernel");
+    sum_slot_rows(Y2.ptr<const Y>(), weights.ptr<const W>(), out.ptr<O>(), T, k, H, false, stream_of(s));
   }, Y2.dtype, weights.dtype, out.dtype);
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "gemm_problem.cuh"
+#include "slot_sum.cuh"
 
 namespace fusedmoe::detail::cuda {
 
@@ -319,33 +320,6 @@ void with_types(const char* op, const Tensor& in, const Tensor& out, Fn&& fn) {
   if (in.dtype == DType::bf16) with_out(__nv_bfloat16{}); else with_out(__half{});
 }
 
-// dX[t, c] (+)= Σ_j slots[t·k + j, c], j ascending, in float32: the deterministic sum of a token's k slots
-// (each slot already rounded to dX's type). One block per token; 16 bytes of a row per thread and step
-// where the row length allows (V = 16 / sizeof(S)), else one element.
-template <int V, class S, class OutT>
-__global__ void sum_slots_kernel(const S* slots, OutT* out, int64_t K, int top_k, bool accumulate) {
-  const int64_t t = blockIdx.x;
-  for (int64_t c = threadIdx.x * V; c < K; c += blockDim.x * V) {
-    float s[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) s[i] = accumulate ? to_f32(out[t * K + c + i]) : 0.f;
-    for (int j = 0; j < top_k; ++j) {
-      const S* src = slots + (t * top_k + j) * K + c;
-      if constexpr (V * sizeof(S) == 16) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(src);
-        const S* v = reinterpret_cast<const S*>(&raw);
-#pragma unroll
-        for (int i = 0; i < V; ++i) s[i] += to_f32(v[i]);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) s[i] += to_f32(src[i]);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[t * K + c + i] = from_f32<OutT>(s[i]);
-  }
-}
-
 }  // namespace
 
 void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
@@ -397,16 +371,9 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
-      if (r.T * K > 0) {
-        constexpr int kVec = 16 / sizeof(O);
-        if (K % kVec == 0)  // scratch rows are 16-byte aligned then (cudaMallocAsync bases are)
-          sum_slots_kernel<kVec, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              slots.as<const O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
-        else
-          sum_slots_kernel<1, O, O><<<static_cast<unsigned>(r.T), 256, 0, stream>>>(
-              slots.as<const O>(), g.dX.ptr<O>(), K, r.top_k, g.accumulate);
-        check_launch("sum_slots_kernel");
-      }
+      // dX[t] (+)= Σ_j slots[t·k + j], j ascending, in float32 (each slot already rounded to dX's type).
+      sum_slot_rows(slots.as<const O>(), static_cast<const O*>(nullptr), g.dX.ptr<O>(), r.T, r.top_k, K, g.accumulate,
+                    stream);
     } else {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       g.dX.ptr<O>(), K, 0, g.dx_map, nullptr, g.accumulate, device_routing(r), 0, K, N};
@@ -485,6 +452,7 @@ __global__ void convert_kernel(const In* in, Out* out, int64_t n) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = from_f32<Out>(to_f32(in[i]));
 }
+
 }  // namespace
 
 void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, Stream s) {

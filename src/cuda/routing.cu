@@ -1,5 +1,6 @@
 // Router kernels: fused float32 softmax + top-k + renormalisation (a warp per token), a stable counting
-// sort by expert with no host synchronisation, and the router backward.
+// sort by expert with no host synchronisation (one block for few slots, else three kernels over the GPU), and the
+// router backward.
 #include <cfloat>
 #include <cstdint>
 
@@ -213,6 +214,78 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
   }
 }
 
+// The whole stable counting sort in one block of 32 warps, for few slots (one launch where the three-kernel sort
+// takes three, each mostly launch latency at small T). Warp w owns the slots [w·chunk, (w+1)·chunk), held in
+// registers (at most kSmallSortRounds per lane) so that their loads are in flight together:
+//   (1) each warp counts its slots per expert;
+//   (2) per expert, those counts become the rows of the expert in earlier warps (exclusive over warps) and the
+//       total (m_sizes);
+//   (3) warp 0 scans the totals into the expert offsets;
+//   (4) each warp writes its slots in order: row = offsets[e] + rows of e in earlier warps + earlier in this warp.
+// The rows come out as the multi-block sort's: the stable order is unique.
+constexpr int kSmallSortWarps = 32;
+constexpr int kSmallSortRounds = 4;  // 32-slot rounds per warp: up to 32 · 32 · 4 = 4096 slots
+constexpr int kSmallSortMaxExperts = 256;
+constexpr int64_t kSmallSortMaxSlots = int64_t{32} * kSmallSortWarps * kSmallSortRounds;
+
+__global__ void __launch_bounds__(kSmallSortWarps * 32)
+sort_small_kernel(const int32_t* ids, int64_t M, int E, int32_t* m_sizes, int32_t* offsets, int32_t* gather) {
+  __shared__ int32_t before[kSmallSortWarps][kSmallSortMaxExperts];  // per warp and expert: counts, then prefixes
+  __shared__ int32_t first_row[kSmallSortMaxExperts];                // per expert: totals, then offsets
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int i = threadIdx.x; i < kSmallSortWarps * E; i += blockDim.x) before[i / E][i % E] = 0;
+  // Chunks of whole 32-slot rounds, so that a round never straddles two warps.
+  const int64_t chunk = ((M + kSmallSortWarps - 1) / kSmallSortWarps + 31) / 32 * 32;
+  const int64_t begin = warp * chunk, end = min(begin + chunk, M);
+  int id[kSmallSortRounds];
+#pragma unroll
+  for (int r = 0; r < kSmallSortRounds; ++r) {
+    const int64_t f = begin + 32 * r + lane;
+    id[r] = f < end ? min(max(ids[f], 0), E - 1) : -1;  // out-of-range ids are clamped; -1: no slot
+  }
+  __syncthreads();
+  int32_t* mine = before[warp];
+#pragma unroll
+  for (int r = 0; r < kSmallSortRounds; ++r) {
+    const unsigned mask = __match_any_sync(0xffffffffu, id[r]);
+    if (id[r] >= 0 && lane == __ffs(mask) - 1) mine[id[r]] += __popc(mask);
+    __syncwarp();
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    int32_t rows = 0;
+    for (int w = 0; w < kSmallSortWarps; ++w) {
+      const int32_t c = before[w][e];
+      before[w][e] = rows;
+      rows += c;
+    }
+    first_row[e] = rows;
+    m_sizes[e] = rows;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    int32_t carry = 0;
+    for (int e0 = 0; e0 < E; e0 += 32) {
+      const int e = e0 + lane;
+      const int32_t size = e < E ? first_row[e] : 0;
+      const int32_t incl = warp_inclusive_sum(size, lane);
+      if (e < E) first_row[e] = offsets[e] = carry + incl - size;
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) offsets[E] = carry;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kSmallSortRounds; ++r) {
+    const unsigned mask = __match_any_sync(0xffffffffu, id[r]);
+    const int rank = __popc(mask & ((1u << lane) - 1u));  // earlier lanes with the same expert: stable
+    if (id[r] >= 0) gather[first_row[id[r]] + mine[id[r]] + rank] = static_cast<int32_t>(begin + 32 * r + lane);
+    __syncwarp();
+    if (id[r] >= 0 && lane == __ffs(mask) - 1) mine[id[r]] += __popc(mask);
+    __syncwarp();
+  }
+}
+
 template <class L, class DW, class DL>
 __global__ void route_topk_backward_kernel(const L* logits, const int32_t* ids, const DW* d_weights, DL* d_logits,
                                            int64_t T, int E, int k, bool norm) {
@@ -276,6 +349,12 @@ void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor
   if (M == 0) {
     check_cuda(cudaMemsetAsync(m_sizes.data, 0, sizeof(int32_t) * E, stream), "cudaMemsetAsync");
     check_cuda(cudaMemsetAsync(offsets.data, 0, sizeof(int32_t) * (E + 1), stream), "cudaMemsetAsync");
+    return;
+  }
+  if (M <= kSmallSortMaxSlots && E <= kSmallSortMaxExperts) {
+    sort_small_kernel<<<1, kSmallSortWarps * 32, 0, stream>>>(ids.ptr<const int32_t>(), M, E, m_sizes.ptr<int32_t>(),
+                                                              offsets.ptr<int32_t>(), gather.ptr<int32_t>());
+    check_launch("sort_small_kernel");
     return;
   }
   // The caller's scratch where it gives one (the block's forward workspace), else the pool's: the allocation

@@ -43,14 +43,44 @@ struct Routing {
 
 TEST(CudaOps, SortByExpertMatchesCpuExactly) {
   REQUIRE_GPU();
+  // Up to 4096 slots and 256 experts one block sorts; beyond either, three kernels over the GPU (both at their
+  // edges: 4096 and 4104 slots, 256 and 300 experts).
   for (auto [T, E, k, hot] : {std::tuple{1, 8, 2, 0.0}, std::tuple{3000, 128, 8, 0.0}, std::tuple{777, 10, 10, 0.0},
-                              std::tuple{5000, 6, 1, 1.0}, std::tuple{4096, 64, 4, 0.7}}) {
+                              std::tuple{5000, 6, 1, 1.0}, std::tuple{4096, 64, 4, 0.7}, std::tuple{512, 128, 8, 0.0},
+                              std::tuple{513, 128, 8, 0.3}, std::tuple{300, 256, 8, 0.0}, std::tuple{100, 300, 4, 0.0}}) {
     Routing r(T, E, k, hot);
     DeviceCopy ids(r.ids, kGpu), gather(r.gather, kGpu, false), ms(r.m_sizes, kGpu, false), offs(r.offsets, kGpu, false);
     sort_by_expert(ids.t, E, gather.t, ms.t, offs.t);
     EXPECT_EQ(gather.download().values(), r.gather.values()) << "T=" << T << " E=" << E;
     EXPECT_EQ(ms.download().values(), r.m_sizes.values());
     EXPECT_EQ(offs.download().values(), r.offsets.values());
+  }
+}
+
+// The router's logits: the tensor-core GEMM for 16-byte rows (one m-tile and several), the portable one for others.
+TEST(CudaOps, RouterLogitsMatchCpu) {
+  REQUIRE_GPU();
+  for (auto [T, E, H] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 2048}, {7, 7, 64}, {512, 128, 256},
+                         {513, 40, 128}, {100, 300, 40}, {33, 16, 61}}) {
+    HostTensor x(DType::bf16, {T, H}), gate(DType::bf16, {E, H}), logits(DType::bf16, {T, E});
+    x.randn(), gate.randn();
+    router_logits(x.t, gate.t, logits.t);
+    DeviceCopy gx(x, kGpu), gg(gate, kGpu), gl(logits, kGpu, false);
+    router_logits(gx.t, gg.t, gl.t);
+    EXPECT_CLOSE(gl.download().values(), logits.values(), 1e-2) << "T=" << T << " E=" << E << " H=" << H;
+  }
+}
+
+// The top-k combine with 16-byte column groups and single elements, and with more slots than one batch of loads.
+TEST(CudaOps, TopkCombineMatchesCpu) {
+  REQUIRE_GPU();
+  for (auto [T, k, H] : {std::tuple<int64_t, int64_t, int64_t>{1, 8, 2048}, {37, 10, 256}, {300, 8, 72}, {5, 3, 90}}) {
+    HostTensor Y2(DType::bf16, {T * k, H}), w(DType::bf16, {T, k}), out(DType::bf16, {T, H});
+    Y2.randn(), w.uniform(0, 1);
+    topk_combine(Y2.t, w.t, out.t);
+    DeviceCopy gY2(Y2, kGpu), gw(w, kGpu), gout(out, kGpu, false);
+    topk_combine(gY2.t, gw.t, gout.t);
+    EXPECT_CLOSE(gout.download().values(), out.values(), 1e-2) << "T=" << T << " k=" << k << " H=" << H;
   }
 }
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A/B of two source trees through the Python benchmark, in one GPU call (from the repo root; carry .deps and the
+# old tree): this working tree ("new") against AB_OLD_TREE (default ab_old, e.g. `git archive <commit> | tar -x
+# -C ab_old`). Builds both packages side by side (pip --target build/py_old, build/py_new) and the new tree's C++
+# tests and moe_example, runs the new tree's GPU tests, then `fusedmoe.bench` with the two packages' runs
+# interleaved (AB_ROUNDS rounds; the torch_grouped_mm block beside the new tree's), and ncu's per-kernel times of
+# one new-tree moe_example forward+backward at each AB_NCU_TOKENS. Output: $OUT/ab_bench.txt.
+#   AB_TOKENS="1 8 64 512 2048 4096 16384"   AB_MODES="fwd fwdbwd"   AB_ROUNDS=2   AB_NCU_TOKENS="64 2048 16384"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/out}"
+mkdir -p "$OUT" build
+export PATH="/usr/local/cuda/bin:$PATH"
+old_tree=${AB_OLD_TREE:-ab_old}
+out="$OUT/ab_bench.txt"
+t0=$(date +%s)
+pip_install() {  # tree, target
+  rm -rf "$2" && python3 -m pip install --no-build-isolation --no-deps -q --target "$2" "$1" >"$2.log" 2>&1
+}
+pip_install "./$old_tree" build/py_old & old_job=$!
+pip_install . build/py_new & new_job=$!
+{ cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON &&
+  cmake --build build/gpu -j 8 --target fusedmoe_tests moe_example; } >build/new_build.log 2>&1 ||
+  { tail -30 build/new_build.log; exit 1; }
+wait $old_job || { tail -20 build/py_old.log; exit 1; }
+wait $new_job || { tail -20 build/py_new.log; exit 1; }
+echo "builds ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | head -1)" | tee "$out"
+timeout ${AB_TEST_TIMEOUT:-300} ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" >build/new_tests.log 2>&1
+echo "new tests: $(grep -E '^\[  (PASSED|FAILED)' build/new_tests.log | tr '\n' ' ')" | tee -a "$out"
+grep -E -B2 -A12 '^\[  FAILED  \]|Failure' build/new_tests.log | head -60 | tee -a "$out"
+for round in $(seq "${AB_ROUNDS:-2}"); do
+  for tree in old new; do
+    impls=fusedmoe; [ "$tree" = new ] && impls="fusedmoe torch_grouped_mm"
+    PYTHONPATH="$PWD/build/py_$tree" python3 -m fusedmoe.bench --tokens ${AB_TOKENS:-1 8 64 512 2048 4096 16384} \
+      --modes ${AB_MODES:-fwd fwdbwd} --impls $impls --repeats 20 --out "$OUT/bench_${tree}_$round" \
+      >"$OUT/bench_${tree}_$round.log" 2>&1
+    echo "== $tree, round $round" | tee -a "$out"
+    grep -E '^\[|^ +[0-9]+ +[0-9.]+ ' "$OUT/bench_${tree}_$round.log" | tee -a "$out"
+  done
+done
+for T in ${AB_NCU_TOKENS:-64 2048 16384}; do
+  echo "== ncu, new tree, T=$T (µs: min max avg)" | tee -a "$out"
+  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
+    ./build/gpu/moe_example --tokens "$T" --repeats 1 --no-check 2>&1 | grep -E "^  [a-zA-Z_]|gpu__time_duration" |
+    sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//; s/^ +void //; s/^ +//; s/(sm90::)?<?unnamed>:://g; s/__nv_bfloat16/bf16/g' | paste - - |
+    sed -E 's/^(.{80}).* us +([0-9.]+) +([0-9.]+) +([0-9.]+)$/\1  \2 \3 \4/' | tee -a "$out"
+done
