@@ -5,7 +5,8 @@
 # tests and moe_example, runs the new tree's GPU tests, then `fusedmoe.bench` with the two packages' runs
 # interleaved (AB_ROUNDS rounds; the torch_grouped_mm block beside the new tree's), and ncu's per-kernel times of
 # one new-tree moe_example forward+backward at each AB_NCU_TOKENS. Output: $OUT/ab_bench.txt.
-#   AB_TOKENS="1 8 64 512 2048 4096 16384"   AB_MODES="fwd fwdbwd"   AB_ROUNDS=2   AB_NCU_TOKENS="64 2048 16384"
+#   AB_TOKENS="1 8 64 512 2048 4096 16384"   AB_MODES="fwd fwdbwd"   AB_ROUNDS=2   AB_NCU_TOKENS="64 2048 16384" (" ": none)
+#   AB_BENCH_EXTRA="--skew 2.0" (more fusedmoe.bench arguments)   AB_TEST_FILTER (gtest filter of the GPU tests)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -32,7 +33,7 @@ for round in $(seq "${AB_ROUNDS:-2}"); do
   for tree in old new; do
     impls=fusedmoe; [ "$tree" = new ] && impls="fusedmoe torch_grouped_mm"
     PYTHONPATH="$PWD/build/py_$tree" python3 -m fusedmoe.bench --tokens ${AB_TOKENS:-1 8 64 512 2048 4096 16384} \
-      --modes ${AB_MODES:-fwd fwdbwd} --impls $impls --repeats 20 --out "$OUT/bench_${tree}_$round" \
+      --modes ${AB_MODES:-fwd fwdbwd} --impls $impls --repeats 20 ${AB_BENCH_EXTRA:-} --out "$OUT/bench_${tree}_$round" \
       >"$OUT/bench_${tree}_$round.log" 2>&1
     echo "== $tree, round $round" | tee -a "$out"
     grep -E '^\[|^ +[0-9]+ +[0-9.]+ ' "$OUT/bench_${tree}_$round.log" | tee -a "$out"
