@@ -71,7 +71,8 @@ TEST(CudaOps, RouterLogitsMatchCpu) {
   }
 }
 
-// The top-k combine with 16-byte column groups and single elements, and with more slots than one batch of loads.
+// The top-k combine with 16-byte column groups and single elements, and slot counts that are no multiple of the
+// kernel's unrolling by 4 (k = 10, 3).
 TEST(CudaOps, TopkCombineMatchesCpu) {
   REQUIRE_GPU();
   for (auto [T, k, H] : {std::tuple<int64_t, int64_t, int64_t>{1, 8, 2048}, {37, 10, 256}, {300, 8, 72}, {5, 3, 90}}) {
