@@ -40,9 +40,6 @@ for round in $(seq "${AB_ROUNDS:-2}"); do
   done
 done
 for T in ${AB_NCU_TOKENS:-64 2048 16384}; do
-  echo "== ncu, new tree, T=$T (µs: min max avg)" | tee -a "$out"
-  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-    ./build/gpu/moe_example --tokens "$T" --repeats 1 --no-check 2>&1 | grep -E "^  [a-zA-Z_]|gpu__time_duration" |
-    sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//; s/^ +void //; s/^ +//; s/(sm90::)?<?unnamed>:://g; s/__nv_bfloat16/bf16/g' | paste - - |
-    sed -E 's/^(.{80}).* us +([0-9.]+) +([0-9.]+) +([0-9.]+)$/\1  \2 \3 \4/' | tee -a "$out"
+  echo "== ncu, new tree, T=$T (min max avg)" | tee -a "$out"
+  bash scripts/ncu_kernels.sh ./build/gpu/moe_example "$T" | tee -a "$out"
 done

@@ -50,10 +50,7 @@ fi
 
 # Per-kernel times of one forward+backward at Qwen3-30B-A3B, T=16384 (ncu, clocks left alone).
 if [ "${GPU_CHECK_PROFILE:-0}" = 1 ] && command -v ncu >/dev/null; then
-  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-    ./build/gpu/moe_example --tokens "${PROFILE_TOKENS:-16384}" --repeats 1 >"$OUT/ncu_raw.txt" 2>&1
-  grep -E "^  [a-zA-Z_]|gpu__time_duration" "$OUT/ncu_raw.txt" | sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g' |
-    cut -c1-160 >"$OUT/ncu.txt"
+  bash scripts/ncu_kernels.sh ./build/gpu/moe_example "${PROFILE_TOKENS:-16384}" >"$OUT/ncu.txt"
   note "ncu per-kernel" "ncu.txt"
 fi
 

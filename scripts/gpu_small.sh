@@ -18,9 +18,7 @@ python3 -m fusedmoe.bench --tokens ${SMALL_TOKENS:-1 8 64 256 512 1024 2048} --m
   --impls fusedmoe torch_grouped_mm --repeats 20 --out "$OUT/small" >"$OUT/small.log" 2>&1
 tail -22 "$OUT/small.log"
 for T in ${SMALL_NCU_TOKENS:-8 64 512}; do
-  ncu --clock-control none --metrics gpu__time_duration.sum --print-summary per-kernel \
-    ./build/gpu/moe_example --tokens "$T" --repeats 1 --no-check 2>&1 | grep -E "^  [a-zA-Z_]|gpu__time_duration" |
-    sed -E 's/\(fusedmoe::detail::cuda::[^)]*\)//g' | cut -c1-150 >"$OUT/ncu_$T.txt"
+  bash scripts/ncu_kernels.sh ./build/gpu/moe_example "$T" >"$OUT/ncu_$T.txt"
   echo "ncu T=$T:"; cat "$OUT/ncu_$T.txt"
 done
 python3 scripts/host_overhead.py --marks 1 512 2>&1 | tail -45

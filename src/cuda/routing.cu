@@ -137,6 +137,45 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
   }
 }
 
+// The counting sort's pieces, shared by its three-kernel and one-block forms. A warp handles 32 slots at a time (a
+// round); id is the slot's expert (out-of-range ids clamped), or -1 for a lane without a slot.
+__device__ __forceinline__ int slot_expert(const int32_t* ids, int64_t f, int64_t end, int E) {
+  return f < end ? min(max(ids[f], 0), E - 1) : -1;
+}
+
+// counts[e] += the round's slots of expert e (one lane per expert adds; a warp's counts are its own).
+__device__ __forceinline__ void count_round(int id, int lane, int32_t* counts) {
+  const unsigned mask = __match_any_sync(0xffffffffu, id);
+  if (id >= 0 && lane == __ffs(mask) - 1) counts[id] += __popc(mask);
+  __syncwarp();
+}
+
+// Writes the round's slots in lane order: row next_row[e] + the earlier lanes of expert e (stable), then moves
+// next_row[e] past them.
+__device__ __forceinline__ void scatter_round(int id, int lane, int32_t slot, int32_t* next_row, int32_t* gather) {
+  const unsigned mask = __match_any_sync(0xffffffffu, id);
+  const int rank = __popc(mask & ((1u << lane) - 1u));
+  if (id >= 0) gather[next_row[id] + rank] = slot;
+  __syncwarp();
+  if (id >= 0 && lane == __ffs(mask) - 1) next_row[id] += __popc(mask);
+  __syncwarp();
+}
+
+// One warp's exclusive scan of the experts' sizes, 32 experts a round: first(e, first row of e) for each expert;
+// returns the total (every lane).
+template <class Size, class First>
+__device__ __forceinline__ int32_t scan_expert_sizes(int E, int lane, Size size_of, First first) {
+  int32_t carry = 0;  // rows of the experts before this round's 32
+  for (int e0 = 0; e0 < E; e0 += 32) {
+    const int e = e0 + lane;
+    const int32_t size = e < E ? size_of(e) : 0;
+    const int32_t incl = warp_inclusive_sum(size, lane);
+    if (e < E) first(e, carry + incl - size);
+    carry += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  return carry;
+}
+
 // Per-block expert counts of a chunk of slots: counts[e * blocks + b].
 __global__ void sort_count_kernel(const int32_t* ids, int64_t M, int E, int32_t* counts, int64_t blocks) {
   extern __shared__ int32_t local[];
@@ -144,14 +183,8 @@ __global__ void sort_count_kernel(const int32_t* ids, int64_t M, int E, int32_t*
   for (int e = lane; e < E; e += 32) local[e] = 0;
   __syncwarp();
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
-  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32) {
-    const int64_t f = f0 + lane;
-    const bool live = f < M;
-    const int id = live ? min(max(ids[f], 0), E - 1) : -1;  // out-of-range ids are clamped
-    const unsigned mask = __match_any_sync(0xffffffffu, id);
-    if (live && lane == __ffs(mask) - 1) local[id] += __popc(mask);
-    __syncwarp();
-  }
+  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32)
+    count_round(slot_expert(ids, f0 + lane, M, E), lane, local);
   for (int e = lane; e < E; e += 32) counts[static_cast<int64_t>(e) * blocks + blockIdx.x] = local[e];
 }
 
@@ -186,32 +219,15 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
                                     const int32_t* m_sizes, int32_t* offsets, int32_t* gather) {
   extern __shared__ int32_t next_row[];
   const int lane = threadIdx.x;
-  int32_t carry = 0;  // rows of the experts before this round's 32
-  for (int e0 = 0; e0 < E; e0 += 32) {
-    const int e = e0 + lane;
-    const int32_t size = e < E ? m_sizes[e] : 0;
-    const int32_t incl = warp_inclusive_sum(size, lane);
-    if (e < E) {
-      const int32_t first = carry + incl - size;
-      next_row[e] = first + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
-      if (blockIdx.x == 0) offsets[e] = first;
-    }
-    carry += __shfl_sync(0xffffffffu, incl, 31);
-  }
-  if (blockIdx.x == 0 && lane == 0) offsets[E] = carry;
+  const int32_t total = scan_expert_sizes(E, lane, [&](int e) { return m_sizes[e]; }, [&](int e, int32_t first) {
+    next_row[e] = first + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
+    if (blockIdx.x == 0) offsets[e] = first;
+  });
+  if (blockIdx.x == 0 && lane == 0) offsets[E] = total;
   __syncwarp();
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
-  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32) {
-    const int64_t f = f0 + lane;
-    const bool live = f < M;
-    const int id = live ? min(max(ids[f], 0), E - 1) : -1;
-    const unsigned mask = __match_any_sync(0xffffffffu, id);
-    const int rank = __popc(mask & ((1u << lane) - 1u));  // earlier lanes with the same expert: stable
-    if (live) gather[next_row[id] + rank] = static_cast<int32_t>(f);
-    __syncwarp();
-    if (live && lane == __ffs(mask) - 1) next_row[id] += __popc(mask);
-    __syncwarp();
-  }
+  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32)
+    scatter_round(slot_expert(ids, f0 + lane, M, E), lane, static_cast<int32_t>(f0 + lane), next_row, gather);
 }
 
 // The whole stable counting sort in one block of 32 warps, for few slots (one launch where the three-kernel sort
@@ -221,7 +237,8 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
 //   (2) per expert, those counts become the rows of the expert in earlier warps (exclusive over warps) and the
 //       total (m_sizes);
 //   (3) warp 0 scans the totals into the expert offsets;
-//   (4) each warp writes its slots in order: row = offsets[e] + rows of e in earlier warps + earlier in this warp.
+//   (4) each warp writes its slots in order: row = offsets[e] + rows of e in earlier warps + earlier in this warp
+//       (the first two summed into the warp's next row of e).
 // The rows come out as the multi-block sort's: the stable order is unique.
 constexpr int kSmallSortWarps = 32;
 constexpr int kSmallSortRounds = 4;  // 32-slot rounds per warp: up to 32 · 32 · 4 = 4096 slots
@@ -239,18 +256,11 @@ sort_small_kernel(const int32_t* ids, int64_t M, int E, int32_t* m_sizes, int32_
   const int64_t begin = warp * chunk, end = min(begin + chunk, M);
   int id[kSmallSortRounds];
 #pragma unroll
-  for (int r = 0; r < kSmallSortRounds; ++r) {
-    const int64_t f = begin + 32 * r + lane;
-    id[r] = f < end ? min(max(ids[f], 0), E - 1) : -1;  // out-of-range ids are clamped; -1: no slot
-  }
+  for (int r = 0; r < kSmallSortRounds; ++r) id[r] = slot_expert(ids, begin + 32 * r + lane, end, E);
   __syncthreads();
   int32_t* mine = before[warp];
 #pragma unroll
-  for (int r = 0; r < kSmallSortRounds; ++r) {
-    const unsigned mask = __match_any_sync(0xffffffffu, id[r]);
-    if (id[r] >= 0 && lane == __ffs(mask) - 1) mine[id[r]] += __popc(mask);
-    __syncwarp();
-  }
+  for (int r = 0; r < kSmallSortRounds; ++r) count_round(id[r], lane, mine);
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int32_t rows = 0;
@@ -264,26 +274,16 @@ sort_small_kernel(const int32_t* ids, int64_t M, int E, int32_t* m_sizes, int32_
   }
   __syncthreads();
   if (warp == 0) {
-    int32_t carry = 0;
-    for (int e0 = 0; e0 < E; e0 += 32) {
-      const int e = e0 + lane;
-      const int32_t size = e < E ? first_row[e] : 0;
-      const int32_t incl = warp_inclusive_sum(size, lane);
-      if (e < E) first_row[e] = offsets[e] = carry + incl - size;
-      carry += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) offsets[E] = carry;
+    const int32_t total = scan_expert_sizes(E, lane, [&](int e) { return first_row[e]; },
+                                            [&](int e, int32_t first) { first_row[e] = offsets[e] = first; });
+    if (lane == 0) offsets[E] = total;
   }
   __syncthreads();
+  for (int e = lane; e < E; e += 32) mine[e] += first_row[e];  // this warp's next row of each expert
+  __syncwarp();
 #pragma unroll
-  for (int r = 0; r < kSmallSortRounds; ++r) {
-    const unsigned mask = __match_any_sync(0xffffffffu, id[r]);
-    const int rank = __popc(mask & ((1u << lane) - 1u));  // earlier lanes with the same expert: stable
-    if (id[r] >= 0) gather[first_row[id[r]] + mine[id[r]] + rank] = static_cast<int32_t>(begin + 32 * r + lane);
-    __syncwarp();
-    if (id[r] >= 0 && lane == __ffs(mask) - 1) mine[id[r]] += __popc(mask);
-    __syncwarp();
-  }
+  for (int r = 0; r < kSmallSortRounds; ++r)
+    scatter_round(id[r], lane, static_cast<int32_t>(begin + 32 * r + lane), mine, gather);
 }
 
 template <class L, class DW, class DL>
