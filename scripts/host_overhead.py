@@ -1,7 +1,8 @@
 """Where a block call's time goes on the GPU machine, for the fusedmoe block at a few token counts:
 host (Python + launch) time per call without a sync, GPU time by CUDA events (one synchronised step at a
-time, as the bench measures), and the profiler's kernel list with the GPU's busy time, so the gap between
-the two (the GPU waiting for launches) shows. --fwdbwd times forward+backward steps as the bench does
+time, as the bench measures, and back to back, where the host's latency at a step's start hides behind the
+previous step), and the profiler's kernel list with the GPU's busy time, so the gap between the two (the GPU
+waiting for launches) shows. --fwdbwd times forward+backward steps as the bench does
 (weights and x requiring grad); --grouped-mm adds the bench's torch._grouped_mm block for comparison;
 --cprofile instead prints the host-side cProfile of 200 forward calls at the first T. With --fwdbwd the
 block's forward and backward also record CUDA events where they start and end, which shows without a
@@ -341,8 +342,8 @@ def main():
                 continue
             host, events, busy, span, per_name, gaps, prof, alloc, pipelined = timings(step)
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
-                  f"{events:.3f} ms (synchronised steps) / {pipelined:.3f} ms (back to back), GPU busy {busy:.3f} of a {span:.3f} ms kernel span "
-                  f"(kernels {sum(per_name.values()):.3f} ms); allocator over {TIMED_STEPS} synchronised steps: {alloc}")
+                  f"{events:.3f} ms (synchronised steps) / {pipelined:.3f} ms (back to back), GPU busy {busy:.3f} of "
+                  f"a {span:.3f} ms kernel span (kernels {sum(per_name.values()):.3f} ms); allocator over {TIMED_STEPS} synchronised steps: {alloc}")
             if name == "fusedmoe" and getattr(fn, "block", None) is not None:
                 print("  kernel configs (forward, dX, dW; None: the heuristic):", fn.block.kernel_configs(x, *fn.params))
             if timeline and name == "fusedmoe":
