@@ -343,7 +343,8 @@ def main():
             host, events, busy, span, per_name, gaps, prof, alloc, pipelined = timings(step)
             print(f"{name} T={T} {'fwd+bwd' if backward else 'fwd'}: host {host:.3f} ms/step (no sync), events "
                   f"{events:.3f} ms (synchronised steps) / {pipelined:.3f} ms (back to back), GPU busy {busy:.3f} of "
-                  f"a {span:.3f} ms kernel span (kernels {sum(per_name.values()):.3f} ms); allocator over {TIMED_STEPS} synchronised steps: {alloc}")
+                  f"a {span:.3f} ms kernel span (kernels {sum(per_name.values()):.3f} ms); allocator over "
+                  f"{TIMED_STEPS} synchronised steps: {alloc}")
             if name == "fusedmoe" and getattr(fn, "block", None) is not None:
                 print("  kernel configs (forward, dX, dW; None: the heuristic):", fn.block.kernel_configs(x, *fn.params))
             if timeline and name == "fusedmoe":

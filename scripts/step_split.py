@@ -25,8 +25,8 @@ def sampled(label, fn):
     """Runs fn() with nvidia-smi sampling the SM clock, power and clock-limit reasons every 20 ms; prints their
     medians and the most frequent reason mask (0x4 software power cap, 0x8 hardware slowdown, 0x20 / 0x40 software /
     hardware thermal, 0x80 power brake)."""
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu=clocks.sm,power.draw,{REASONS}", "--format=csv,noheader,nounits",
-                            "-lms", "20"], stdout=subprocess.PIPE, text=True)
+    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu=clocks.sm,power.draw,{REASONS}",
+                            "--format=csv,noheader,nounits", "-lms", "20"], stdout=subprocess.PIPE, text=True)
     time.sleep(0.1)
     try:
         result = fn()
