@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from fusedmoe.bench import PRESETS, DenseEquivalent, Shape, Timer, build_impls, make_tokens, make_weights
+from fusedmoe.bench import DenseEquivalent, Timer
+from host_overhead import make_impls, step_of  # this folder: the bench's impls and steps
 
 STEPS = 30
 
@@ -60,56 +61,34 @@ def main():
     tokens = [int(a) for a in sys.argv[1:]] or [16384]
     dev, dt = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator(device=dev).manual_seed(0)
-    p = PRESETS["qwen3-30b-a3b"]
-    shape = Shape(p["hidden"], p["intermediate"], p["experts"], p["top_k"])
-    weights, direction = make_weights(shape, dev, dt, 0.0, gen)
-    impls, _ = build_impls(["fusedmoe"], shape, weights, True, dev, dt, autotune=False)
+    impls, shape = make_impls(dev, dt, gen, autotune=False, grouped_mm=False)
     fn = impls["fusedmoe"]
-    params = fn.params
     print(f"{torch.cuda.get_device_name()}; {STEPS} steps per loop")
     for T in tokens:
-        x = make_tokens(T, shape.H, dev, dt, 0.0, direction, gen)
-        for q in params:
-            q.requires_grad_(True)
+        x = torch.randn(T, shape.H, device=dev, dtype=dt, generator=gen)
+        forward_inference = step_of(fn, x, backward=False)
+        forward_backward = step_of(fn, x, backward=True)  # (its parameters now require grad)
         xg = x.clone().requires_grad_()
-        grad = torch.randn_like(fn(xg)[0])
-
-        def clear():
-            for q in params:
-                q.grad = None
-            xg.grad = None
+        kept = fn(xg)[0]
+        grad = torch.randn_like(kept)
 
         def forward_train():
             fn(xg)
 
-        def forward_inference():
-            with torch.no_grad():
-                fn(x)
-
-        kept = fn(xg)[0]
-
         def backward_only():
             kept.backward(grad, retain_graph=True)
-            clear()
-
-        def forward_backward():
-            fn(xg)[0].backward(grad)
-            clear()
-
-        dense = DenseEquivalent(shape, T, dev, dt)
-        dense_grad = torch.randn_like(dense(xg)[0])
-
-        def dense_forward_backward():
-            dense(xg)[0].backward(dense_grad)
-            for q in dense.parameters():
+            for q in fn.params:
                 q.grad = None
             xg.grad = None
+
+        dense = DenseEquivalent(shape, T, dev, dt)
+        dense.params = list(dense.parameters())
 
         print(f"T={T}:")
         for label, step in (("forward (inference, no_grad)", forward_inference), ("forward (training, state kept)",
                             forward_train), ("backward only (retained graph)", backward_only),
                             ("forward+backward", forward_backward),
-                            ("dense equivalent forward+backward", dense_forward_backward)):
+                            ("dense equivalent forward+backward", step_of(dense, x, backward=True))):
             sampled(label, lambda: loops(step))
         del kept, dense
 
