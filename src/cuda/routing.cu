@@ -13,7 +13,7 @@ namespace {
 constexpr int kRouteWarps = 4;   // tokens per block
 constexpr int kMaxExperts = 4096;
 constexpr int kRegisterTopkExperts = 256;  // route_topk keeps a token's keys in registers up to here (8 per lane)
-// kSortChunk (backend.hpp): slots per sort block (one warp, 8 rounds of 32).
+// kSortChunk (backend.hpp): slots per sort block (one warp, kSortRounds rounds of 32).
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -46,6 +46,30 @@ __device__ void softmax_row(const L* row, float* p, int E, int lane) {
   __syncwarp();
 }
 
+// softmax_row for E <= 32·V with the row in registers: p[i] is expert lane + 32·i (unset past E). Every load is issued
+// before the first use, where softmax_row's loads wait for one another (its shared stores may alias the generic row
+// pointer, so the compiler keeps them in order): a token then costs one memory latency, not E/32 of them. The
+// same operations in the same order as softmax_row, so the same bits.
+template <int V, class L>
+__device__ __forceinline__ void softmax_registers(const L* row, float (&p)[V], int E, int lane) {
+#pragma unroll
+  for (int i = 0; i < V; ++i) p[i] = lane + 32 * i < E ? to_f32(row[lane + 32 * i]) : 0.f;
+  float mx = -INFINITY;
+  bool nan = false;
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    if (lane + 32 * i < E) nan |= isnan(p[i]), mx = fmaxf(mx, p[i]);
+  mx = warp_max(mx);
+  nan = __any_sync(0xffffffffu, nan);
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < V; ++i)
+    if (lane + 32 * i < E) s += (p[i] = nan ? NAN : expf(p[i] - mx));
+  s = warp_sum(s);
+#pragma unroll
+  for (int i = 0; i < V; ++i) p[i] /= s;
+}
+
 // Top-k order: larger first, NaN above every number, ties to the lower expert id.
 __device__ __forceinline__ bool ranks_before(float a, int ia, float b, int ib) {
   const bool na = isnan(a), nb = isnan(b);
@@ -62,23 +86,25 @@ __device__ __forceinline__ uint64_t selection_key(float p, int e) {
   return (static_cast<uint64_t>(bits) << 32) | static_cast<uint32_t>(~e);
 }
 
-// Softmax, top-k and renormalisation of one token per warp. V > 0 (E <= 32·V): each lane keeps the keys of its
-// experts lane, lane + 32, … sorted in registers, so a selection round is one warp argmax over the lanes' best
-// keys (two warp reductions), and the winning lane moves on to its next. V = 0 (any E): each round scans the row
-// in shared memory, where the taken flags follow the probabilities.
+// Softmax, top-k and renormalisation of one token per warp. V > 0 (E <= 32·V, k <= 32): the row stays in registers
+// (softmax_registers) and each lane keeps the keys of its experts lane, lane + 32, … sorted there, so a selection
+// round is one warp argmax over the lanes' best keys (two warp reductions), and the winning lane moves on to its
+// next. V = 0 (any E, any k): each round scans the row in shared memory, where the taken flags follow the
+// probabilities.
 template <int V, class L, class W>
 __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int64_t T, int E, int k, bool norm) {
   extern __shared__ float smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
   if (t >= T) return;
-  float* p = smem + warp * E;
+  float* p = smem + warp * E;  // V = 0 only
   unsigned char* taken = reinterpret_cast<unsigned char*>(smem + kRouteWarps * E) + warp * E;
-  softmax_row(logits + t * E, p, E, lane);
   uint64_t keys[V > 0 ? V : 1];
   if constexpr (V > 0) {
+    float pr[V];
+    softmax_registers(logits + t * E, pr, E, lane);
 #pragma unroll
-    for (int i = 0; i < V; ++i) keys[i] = lane + 32 * i < E ? selection_key(p[lane + 32 * i], lane + 32 * i) : 0;
+    for (int i = 0; i < V; ++i) keys[i] = lane + 32 * i < E ? selection_key(pr[i], lane + 32 * i) : 0;
 #pragma unroll
     for (int i = 0; i < V; ++i)  // sorted, largest first (a compile-time network: the keys stay in registers)
 #pragma unroll
@@ -88,6 +114,7 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
           keys[j] = keys[j + 1], keys[j + 1] = x;
         }
   } else {
+    softmax_row(logits + t * E, p, E, lane);
     for (int e = lane; e < E; e += 32) taken[e] = 0;
     __syncwarp();
   }
@@ -110,7 +137,7 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
       for (int i = 0; i + 1 < V; ++i) keys[i] = won ? keys[i + 1] : keys[i];
       keys[V - 1] = won ? 0 : keys[V - 1];
       bi = static_cast<int>(best_id);
-      bv = p[bi];
+      bv = top == 0xFFFFFFFFu ? NAN : __uint_as_float(top);  // the probability the key holds (selection_key)
     } else {
       for (int e = lane; e < E; e += 32)
         if (!taken[e] && (bi == INT32_MAX || ranks_before(p[e], e, bv, bi))) bv = p[e], bi = e;
@@ -127,7 +154,8 @@ __global__ void route_topk_kernel(const L* logits, W* weights, int32_t* ids, int
     if ((j % 32 == 31 || j == k - 1) && lane <= j % 32) ids[t * k + j - j % 32 + lane] = held_id;
     __syncwarp();
   }
-  // The weights need the final sum: the last round's from registers, earlier rounds' (k > 32) through their ids.
+  // The weights need the final sum: the last round's from registers, earlier rounds' (k > 32, V = 0) through their
+  // ids.
   for (int j0 = 0; j0 < k; j0 += 32) {
     const int j = j0 + lane;
     if (j < k) {
@@ -176,15 +204,25 @@ __device__ __forceinline__ int32_t scan_expert_sizes(int E, int lane, Size size_
   return carry;
 }
 
+// A sort block's chunk of slot experts, loaded before anything else: the rounds' shared-memory writes would
+// otherwise keep each round's load waiting for the previous round (one memory latency per round).
+constexpr int kSortRounds = static_cast<int>(kSortChunk / 32);
+__device__ __forceinline__ void load_chunk(const int32_t* ids, int64_t M, int E, int lane, int (&id)[kSortRounds]) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
+#pragma unroll
+  for (int r = 0; r < kSortRounds; ++r) id[r] = slot_expert(ids, begin + 32 * r + lane, M, E);
+}
+
 // Per-block expert counts of a chunk of slots: counts[e * blocks + b].
 __global__ void sort_count_kernel(const int32_t* ids, int64_t M, int E, int32_t* counts, int64_t blocks) {
   extern __shared__ int32_t local[];
   const int lane = threadIdx.x;
+  int id[kSortRounds];
+  load_chunk(ids, M, E, lane, id);
   for (int e = lane; e < E; e += 32) local[e] = 0;
   __syncwarp();
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
-  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32)
-    count_round(slot_expert(ids, f0 + lane, M, E), lane, local);
+#pragma unroll
+  for (int r = 0; r < kSortRounds; ++r) count_round(id[r], lane, local);
   for (int e = lane; e < E; e += 32) counts[static_cast<int64_t>(e) * blocks + blockIdx.x] = local[e];
 }
 
@@ -219,6 +257,8 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
                                     const int32_t* m_sizes, int32_t* offsets, int32_t* gather) {
   extern __shared__ int32_t next_row[];
   const int lane = threadIdx.x;
+  int id[kSortRounds];
+  load_chunk(ids, M, E, lane, id);
   const int32_t total = scan_expert_sizes(E, lane, [&](int e) { return m_sizes[e]; }, [&](int e, int32_t first) {
     next_row[e] = first + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
     if (blockIdx.x == 0) offsets[e] = first;
@@ -226,8 +266,9 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
   if (blockIdx.x == 0 && lane == 0) offsets[E] = total;
   __syncwarp();
   const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSortChunk;
-  for (int64_t f0 = begin; f0 < min(begin + kSortChunk, M); f0 += 32)
-    scatter_round(slot_expert(ids, f0 + lane, M, E), lane, static_cast<int32_t>(f0 + lane), next_row, gather);
+#pragma unroll
+  for (int r = 0; r < kSortRounds; ++r)
+    scatter_round(id[r], lane, static_cast<int32_t>(begin + 32 * r + lane), next_row, gather);
 }
 
 // The whole stable counting sort in one block of 32 warps, for few slots (one launch where the three-kernel sort
@@ -286,7 +327,9 @@ sort_small_kernel(const int32_t* ids, int64_t M, int E, int32_t* m_sizes, int32_
     scatter_round(id[r], lane, static_cast<int32_t>(begin + 32 * r + lane), mine, gather);
 }
 
-template <class L, class DW, class DL>
+// V > 0 (E <= 32·V, k <= 32): the softmax in registers (softmax_registers) and lane j's selection (id, weight
+// gradient) loaded with the row, so a token costs one memory latency; V = 0: any E and k.
+template <int V, class L, class DW, class DL>
 __global__ void route_topk_backward_kernel(const L* logits, const int32_t* ids, const DW* d_weights, DL* d_logits,
                                            int64_t T, int E, int k, bool norm) {
   extern __shared__ float smem[];
@@ -294,15 +337,29 @@ __global__ void route_topk_backward_kernel(const L* logits, const int32_t* ids, 
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
   if (t >= T) return;
   float* p = smem + warp * E;
-  softmax_row(logits + t * E, p, E, lane);
-  auto id_of = [&](int j) { return min(max(ids[t * k + j], 0), E - 1); };
+  int lane_id = 0;       // V > 0: selection `lane`'s expert and weight gradient
+  float lane_dw = 0.f;
+  if constexpr (V > 0) {
+    if (lane < k) lane_id = min(max(ids[t * k + lane], 0), E - 1), lane_dw = to_f32(d_weights[t * k + lane]);
+    float pr[V];
+    softmax_registers(logits + t * E, pr, E, lane);
+#pragma unroll
+    for (int i = 0; i < V; ++i)
+      if (lane + 32 * i < E) p[lane + 32 * i] = pr[i];
+    __syncwarp();
+  } else {
+    softmax_row(logits + t * E, p, E, lane);
+  }
+  // Below, j runs over lane, lane + 32, … < k: with V > 0 (k <= 32) only j = lane, whose values the lane holds.
+  auto id_of = [&](int j) { return V > 0 ? lane_id : min(max(ids[t * k + j], 0), E - 1); };
+  auto dw_of = [&](int j) { return V > 0 ? lane_dw : to_f32(d_weights[t * k + j]); };
   float s = 0.f, dot = 0.f;
   for (int j = lane; j < k; j += 32) s += p[id_of(j)];
   s = warp_sum(s);
-  for (int j = lane; j < k; j += 32) dot += to_f32(d_weights[t * k + j]) * p[id_of(j)] / s;
+  for (int j = lane; j < k; j += 32) dot += dw_of(j) * p[id_of(j)] / s;
   dot = warp_sum(dot);
   // With renormalisation w_j = p_j / s: dp_j = (dw_j − Σ_l dw_l w_l) / s. Softmax: dl_e = p_e (dp_e − Σ p dp).
-  auto dp_of = [&](int j) { const float dw = to_f32(d_weights[t * k + j]); return norm ? (dw - dot) / s : dw; };
+  auto dp_of = [&](int j) { const float dw = dw_of(j); return norm ? (dw - dot) / s : dw; };
   float pdp = 0.f;
   for (int j = lane; j < k; j += 32) pdp += p[id_of(j)] * dp_of(j);
   pdp = warp_sum(pdp);
@@ -324,8 +381,8 @@ void route_topk(const Tensor& logits, int top_k, bool norm, const Tensor& weight
   const int E = static_cast<int>(logits.shape[1]);
   check_experts("route_topk", E);
   if (T == 0) return;
-  const bool scan = E > kRegisterTopkExperts;
-  const size_t smem = kRouteWarps * E * (sizeof(float) + (scan ? 1 : 0));  // taken flags: the scan only
+  const bool scan = E > kRegisterTopkExperts || top_k > 32;
+  const size_t smem = scan ? kRouteWarps * E * (sizeof(float) + 1) : 0;  // the scan's probabilities and taken flags
   visit_floats([&](auto l_tag, auto w_tag) {
     using L = decltype(l_tag);
     using W = decltype(w_tag);
@@ -384,8 +441,11 @@ void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& 
     using L = decltype(l_tag);
     using DW = decltype(w_tag);
     using DL = decltype(o_tag);
-    auto kernel = route_topk_backward_kernel<L, DW, DL>;
-    allow_dynamic_smem<route_topk_backward_kernel<L, DW, DL>>(kRouteWarps * kMaxExperts * sizeof(float));
+    const bool scan = E > kRegisterTopkExperts || k > 32;
+    auto kernel = scan ? route_topk_backward_kernel<0, L, DW, DL> : E <= 32 ? route_topk_backward_kernel<1, L, DW, DL>
+                : E <= 64 ? route_topk_backward_kernel<2, L, DW, DL> : E <= 128 ? route_topk_backward_kernel<4, L, DW, DL>
+                : route_topk_backward_kernel<8, L, DW, DL>;
+    if (scan) allow_dynamic_smem<route_topk_backward_kernel<0, L, DW, DL>>(kRouteWarps * kMaxExperts * sizeof(float));
     kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
         logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k, norm);
     check_launch("route_topk_backward_kernel");

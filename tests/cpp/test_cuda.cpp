@@ -116,6 +116,25 @@ TEST(CudaOps, RouteTopkMatchesCpu) {
     }
 }
 
+// The router backward's kernels: the softmax in registers (E up to 256, k up to 32) and the shared-memory one (E or k
+// beyond), against the CPU's, at the forward's own selections.
+TEST(CudaOps, RouteTopkBackwardMatchesCpu) {
+  REQUIRE_GPU();
+  for (bool norm : {true, false})
+    for (auto [E, k] : {std::pair{40, 8}, std::pair{40, 33}, std::pair{128, 8}, std::pair{16, 4}, std::pair{256, 32},
+                        std::pair{300, 8}}) {
+      const int64_t T = 777;
+      HostTensor logits(DType::bf16, {T, E}), w(DType::bf16, {T, k}), ids(DType::i32, {T, k});
+      HostTensor dw(DType::bf16, {T, k}), dlogits(DType::f32, {T, E});
+      logits.randn(2.0), dw.randn();
+      route_topk(logits.t, k, norm, w.t, ids.t);
+      route_topk_backward(logits.t, ids.t, dw.t, norm, dlogits.t);
+      DeviceCopy gl(logits, kGpu), gi(ids, kGpu), gdw(dw, kGpu), gdl(dlogits, kGpu, false);
+      route_topk_backward(gl.t, gi.t, gdw.t, norm, gdl.t);
+      EXPECT_CLOSE(gdl.download().values(), dlogits.values(), 1e-4) << "E " << E << " k " << k << " norm " << norm;
+    }
+}
+
 struct GemmCase { DType dtype; int64_t T; int E, k; int64_t N, K; bool px, py; double hot; };
 
 class CudaGroupedGemm : public ::testing::TestWithParam<GemmCase> {};
