@@ -277,13 +277,11 @@ __global__ void sort_scan_blocks_kernel(int32_t* counts, int64_t blocks, int32_t
   if (threadIdx.x == 0) m_sizes[blockIdx.x] = total;
 }
 
-// Warp-level scatter of chunk `chunk`'s slots to their expert-order rows: row = first[e] + rows of e in earlier chunks
-// (counts, scanned) + rank in this chunk. next_row: the warp's E ints of shared memory.
-template <class First>
-__device__ __forceinline__ void scatter_chunk(const int (&id)[kSortRounds], int64_t chunk, int E, int lane,
-                                              const int32_t* counts, int64_t chunks, First first, int32_t* next_row,
+// Warp-level scatter of chunk `chunk`'s slots (ids: load_chunk) to their expert-order rows, next_row[e] (the warp's
+// E ints of shared memory) holding the first row of expert e for this chunk (the expert's first row + its rows in
+// earlier chunks).
+__device__ __forceinline__ void scatter_chunk(const int (&id)[kSortRounds], int64_t chunk, int lane, int32_t* next_row,
                                               int32_t* gather) {
-  for (int e = lane; e < E; e += 32) next_row[e] = first(e) + __ldcg(counts + static_cast<int64_t>(e) * chunks + chunk);
   __syncwarp();
 #pragma unroll
   for (int r = 0; r < kSortRounds; ++r)
@@ -299,12 +297,11 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
   int id[kSortRounds];
   load_chunk(ids, M, E, blockIdx.x, lane, id);
   const int32_t total = scan_expert_sizes(E, lane, [&](int e) { return m_sizes[e]; }, [&](int e, int32_t first) {
-    next_row[e] = first;
+    next_row[e] = first + counts[static_cast<int64_t>(e) * blocks + blockIdx.x];
     if (blockIdx.x == 0) offsets[e] = first;
   });
   if (blockIdx.x == 0 && lane == 0) offsets[E] = total;
-  __syncwarp();
-  scatter_chunk(id, blockIdx.x, E, lane, counts, blocks, [&](int e) { return next_row[e]; }, next_row, gather);
+  scatter_chunk(id, blockIdx.x, lane, next_row, gather);
 }
 
 // route_topk and the counting sort of its ids in one cooperative launch (E <= 256, k <= 32 dividing kSortChunk), in
@@ -312,11 +309,12 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
 // small T, where each kernel runs a few µs):
 //   (1) block b routes the tokens of chunks b, b + grid, …: a chunk's kSortChunk slots are kSortChunk / k whole
 //       tokens, one per warp at a time, and the block counts the chunk's experts in shared memory;
-//   (2) block b scans the per-chunk counts of experts b, b + grid, … (sort_scan_blocks_kernel's work);
+//   (2) the per-chunk counts of each expert are scanned (sort_scan_blocks_kernel's work) by a warp or a block;
 //   (3) warp w of block b scatters chunk b + w·grid, … (sort_scatter_kernel's).
 // The same ids, weights and rows as route_topk + sort_by_expert. Data other blocks wrote is read through L2 (__ldcg),
 // never from a line this SM's L1 may hold from before the barrier.
 constexpr int kRouteSortThreads = 1024;
+constexpr int kWarpScanRounds = 8;  // phase (2): a warp scans up to 32 · 8 chunks in registers
 template <int V, class L, class W>
 __global__ void __launch_bounds__(kRouteSortThreads, 2)
     route_sort_kernel(const L* logits, W* weights, int32_t* ids, int64_t T, int E, int k, bool norm, int32_t* counts,
@@ -339,25 +337,69 @@ __global__ void __launch_bounds__(kRouteSortThreads, 2)
     __syncthreads();
   }
   cooperative_groups::this_grid().sync();
-  for (int e = blockIdx.x; e < E; e += gridDim.x) {
-    const int32_t total = scan_chunk_counts(counts + static_cast<int64_t>(e) * chunks, chunks);
-    if (threadIdx.x == 0) m_sizes[e] = total;
+  // (2) Expert e's counts over the chunks scanned by one warp, all of them loaded first (one memory latency), where
+  // they fit its registers; else by a whole block per expert.
+  if (chunks <= 32 * kWarpScanRounds) {
+    for (int64_t e = static_cast<int64_t>(blockIdx.x) * warps + warp; e < E;
+         e += static_cast<int64_t>(gridDim.x) * warps) {
+      int32_t* row = counts + e * chunks;
+      int32_t v[kWarpScanRounds];
+#pragma unroll
+      for (int r = 0; r < kWarpScanRounds; ++r) v[r] = 32 * r + lane < chunks ? __ldcg(row + 32 * r + lane) : 0;
+      int32_t carry = 0;
+#pragma unroll
+      for (int r = 0; r < kWarpScanRounds; ++r)
+        if (32 * r < chunks) {
+          const int32_t incl = warp_inclusive_sum(v[r], lane);
+          if (32 * r + lane < chunks) row[32 * r + lane] = carry + incl - v[r];
+          carry += __shfl_sync(0xffffffffu, incl, 31);
+        }
+      if (lane == 0) m_sizes[e] = carry;
+    }
+  } else {
+    for (int e = blockIdx.x; e < E; e += gridDim.x) {
+      const int32_t total = scan_chunk_counts(counts + static_cast<int64_t>(e) * chunks, chunks);
+      if (threadIdx.x == 0) m_sizes[e] = total;
+    }
   }
   cooperative_groups::this_grid().sync();
+  // (3) Warp w scatters chunks b + w·grid, …; the first one's ids and expert counts are loaded beside warp 0's scan of
+  // the experts' sizes into their first rows.
+  constexpr int kLaneExperts = kRegisterTopkExperts / 32;
+  const int64_t first_chunk = blockIdx.x + static_cast<int64_t>(warp) * gridDim.x;
+  const int64_t chunk_stride = static_cast<int64_t>(gridDim.x) * warps;
+  int id[kSortRounds];
+  int32_t* earlier = next_row[warp];  // expert e's rows in earlier chunks, then its first row for this chunk
+  auto load = [&](int64_t c) {
+    load_chunk(ids, M, E, c, lane, id);
+#pragma unroll
+    for (int i = 0; i < kLaneExperts; ++i)
+      if (lane + 32 * i < E) earlier[lane + 32 * i] = __ldcg(counts + static_cast<int64_t>(lane + 32 * i) * chunks + c);
+  };
+  if (first_chunk < chunks) load(first_chunk);
   if (warp == 0) {
-    const int32_t total = scan_expert_sizes(E, lane, [&](int e) { return __ldcg(m_sizes + e); },
-                                            [&](int e, int32_t first) {
-                                              first_row[e] = first;
-                                              if (blockIdx.x == 0) offsets[e] = first;
-                                            });
-    if (blockIdx.x == 0 && lane == 0) offsets[E] = total;
+    int32_t size[kLaneExperts];
+#pragma unroll
+    for (int i = 0; i < kLaneExperts; ++i) size[i] = lane + 32 * i < E ? __ldcg(m_sizes + lane + 32 * i) : 0;
+    int32_t carry = 0;
+#pragma unroll
+    for (int i = 0; i < kLaneExperts; ++i) {
+      const int32_t incl = warp_inclusive_sum(size[i], lane);
+      if (lane + 32 * i < E) {
+        first_row[lane + 32 * i] = carry + incl - size[i];
+        if (blockIdx.x == 0) offsets[lane + 32 * i] = carry + incl - size[i];
+      }
+      carry += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (blockIdx.x == 0 && lane == 0) offsets[E] = carry;
   }
   __syncthreads();
-  for (int64_t c = blockIdx.x + static_cast<int64_t>(warp) * gridDim.x; c < chunks;
-       c += static_cast<int64_t>(gridDim.x) * warps) {
-    int id[kSortRounds];
-    load_chunk(ids, M, E, c, lane, id);
-    scatter_chunk(id, c, E, lane, counts, chunks, [&](int e) { return first_row[e]; }, next_row[warp], gather);
+  for (int64_t c = first_chunk; c < chunks; c += chunk_stride) {
+    if (c != first_chunk) load(c);
+#pragma unroll
+    for (int i = 0; i < kLaneExperts; ++i)
+      if (lane + 32 * i < E) earlier[lane + 32 * i] += first_row[lane + 32 * i];
+    scatter_chunk(id, c, lane, next_row[warp], gather);
     __syncwarp();
   }
 }
