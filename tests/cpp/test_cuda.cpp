@@ -376,7 +376,7 @@ TEST(CudaBlock, QwenShapeMatchesCpuOracle) {
 }
 
 #ifdef FUSEDMOE_WITH_CUDA
-// The block's routing either in one cooperative launch (E = 64, k = 8) or in separate kernels (k = 3).
+// The block's routing either in one cooperative launch (E = 64, k = 8, 4800 slots) or in separate kernels (k = 3).
 class CudaGraphCapture : public ::testing::TestWithParam<MoeConfig> {};
 INSTANTIATE_TEST_SUITE_P(Routing, CudaGraphCapture,
                          ::testing::Values(MoeConfig{256, 128, 12, 3, true, DType::bf16},
@@ -385,7 +385,7 @@ INSTANTIATE_TEST_SUITE_P(Routing, CudaGraphCapture,
 
 TEST_P(CudaGraphCapture, ReplaysIdentically) {
   REQUIRE_GPU();
-  SecondRun run(GetParam(), 333);
+  SecondRun run(GetParam(), 600);
   DeviceBlock& d = run.d;
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
@@ -411,14 +411,16 @@ TEST_P(CudaGraphCapture, ReplaysIdentically) {
   cudaStreamDestroy(stream);
 }
 
-// The block forward's routing (route_and_sort: one cooperative launch where k divides the sort chunk and E <= 256,
-// else route_topk and the sort's kernels) against route_topk on the same logits and the CPU's sort of its ids,
-// exactly: several chunks per block and per warp (T = 20000), one token (T = 1), a chunk of 8 to 256 tokens (k = 32
-// to 1), and the fallbacks (E > 256, k = 3).
+// The block forward's routing (route_and_sort: one cooperative launch beyond 4096 slots where k divides the sort
+// chunk and E <= 256, else route_topk and the sort's kernels) against route_topk on the same logits and the CPU's sort
+// of its ids, exactly: several chunks per block and per warp (T = 20000: the experts' counts scanned by blocks), few
+// chunks (T = 600: by warps), a chunk of 8 to 256 tokens (k = 32 to 1), and the other paths (4096 slots or fewer,
+// E > 256, k = 3).
 TEST(CudaBlock, RoutingMatchesRouteTopkAndSort) {
   REQUIRE_GPU();
-  for (auto [T, E, k] : {std::tuple<int64_t, int, int>{1, 128, 8}, {2048, 128, 8}, {20000, 128, 8}, {777, 64, 4},
-                         {3000, 256, 16}, {500, 32, 32}, {5000, 8, 1}, {999, 40, 2}, {300, 300, 8}, {333, 12, 3}}) {
+  for (auto [T, E, k] : {std::tuple<int64_t, int, int>{600, 128, 8}, {2048, 128, 8}, {20000, 128, 8}, {1100, 64, 4},
+                         {3000, 256, 16}, {500, 32, 32}, {5000, 8, 1}, {2999, 40, 2}, {1, 128, 8}, {777, 64, 4},
+                         {600, 300, 8}, {2000, 12, 3}}) {
     BlockTensors b(MoeConfig{64, 32, E, k, true, DType::bf16}, T);
     DeviceBlock d(b, random_dout(b), kGpu);
     d.forward();
