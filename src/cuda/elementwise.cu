@@ -56,19 +56,14 @@ __global__ void silu_mul_backward_kernel(const D* dA, const S* Y1, O* dY1, int64
 
 // One warp per routed row m (expert order), w = the slot's routing weight, a = silu(g)·u as forward stored it:
 //   scaled_act = w·a;  d_weights[slot] = Σ_c dA_raw·a;  dY1 = dsilu_mul(w·dA_raw).
-// kUnroll (A/B experiment): restrict-qualified pointers and the column loop unrolled by 4, so that a row's loads of
-// several column steps are in flight together (the stores of one step no longer order the next step's loads).
-template <int V, bool kUnroll, class S, class W, class R, class DW>
-__global__ void routed_silu_backward_kernel(const DeviceRouting rt, const R* __restrict__ dA_raw,
-                                            const S* __restrict__ Y1, const W* __restrict__ weights,
-                                            S* __restrict__ dY1, S* __restrict__ scaled_act,
-                                            DW* __restrict__ d_weights, int64_t I) {
+template <int V, class S, class W, class R, class DW>
+__global__ void routed_silu_backward_kernel(const DeviceRouting rt, const R* dA_raw, const S* Y1, const W* weights,
+                                            S* dY1, S* scaled_act, DW* d_weights, int64_t I) {
   const int64_t m = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (m >= rt.M) return;
   const int64_t slot = rt.slot(m);
   const float w = to_f32(weights[slot]);
   float dw = 0.f;
-#pragma unroll (kUnroll ? 4 : 1)
   for (int64_t c = (threadIdx.x % 32) * V; c < I; c += 32 * V) {
     Lanes<V, S> g, u, a;
     g.load(Y1 + m * 2 * I + c), u.load(Y1 + m * 2 * I + I + c);
@@ -185,11 +180,8 @@ void routed_silu_backward(const Routing& r, const Tensor& dA_raw, const Tensor& 
     using W = decltype(w_tag);
     using R = decltype(r_tag);
     using DW = decltype(dw_tag);
-    static const bool unroll = !env_equals("FUSEDMOE_ROUTED_SILU_V0", "1");
     with_width(I, {dA_raw.data, Y1.data, dY1.data, scaled_act.data}, [&](auto v) {
-      auto kernel = unroll ? routed_silu_backward_kernel<v(), true, S, W, R, DW>
-                           : routed_silu_backward_kernel<v(), false, S, W, R, DW>;
-      kernel<<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
+      routed_silu_backward_kernel<v(), S, W, R, DW><<<row_blocks(M), kThreads, 0, stream_of(s)>>>(
           device_routing(r), cptr<R>(dA_raw), Y1.ptr<const S>(), weights.ptr<const W>(), mptr<S>(dY1),
           mptr<S>(scaled_act), mptr<DW>(d_weights), I);
     });

@@ -1,6 +1,6 @@
 // Router kernels: fused float32 softmax + top-k + renormalisation (a warp per token), a stable counting
-// sort by expert with no host synchronisation (one block for few slots, else three kernels over the GPU), and the
-// router backward.
+// sort by expert with no host synchronisation (one block for few slots, else three kernels over the GPU), both in one
+// cooperative launch for the block's forward (route_and_sort), and the router backward.
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
@@ -184,7 +184,7 @@ __global__ void route_topk_scan_kernel(const L* logits, W* weights, int32_t* ids
 // The counting sort's pieces, shared by its three-kernel and one-block forms. A warp handles 32 slots at a time (a
 // round); id is the slot's expert (out-of-range ids clamped), or -1 for a lane without a slot.
 __device__ __forceinline__ int slot_expert(const int32_t* ids, int64_t f, int64_t end, int E) {
-  return f < end ? min(max(ids[f], 0), E - 1) : -1;
+  return f < end ? min(max(__ldcg(ids + f), 0), E - 1) : -1;  // L2: in route_and_sort other blocks wrote the ids
 }
 
 // counts[e] += the round's slots of expert e (one lane per expert adds; a warp's counts are its own).
@@ -223,15 +223,10 @@ __device__ __forceinline__ int32_t scan_expert_sizes(int E, int lane, Size size_
 // A sort block's chunk of slot experts, loaded before anything else: the rounds' shared-memory writes would
 // otherwise keep each round's load waiting for the previous round (one memory latency per round).
 constexpr int kSortRounds = static_cast<int>(kSortChunk / 32);
-// (L2 loads: in the one-launch route_and_sort, other blocks wrote the ids.)
 __device__ __forceinline__ void load_chunk(const int32_t* ids, int64_t M, int E, int64_t chunk, int lane,
                                            int (&id)[kSortRounds]) {
-  const int64_t begin = chunk * kSortChunk;
 #pragma unroll
-  for (int r = 0; r < kSortRounds; ++r) {
-    const int64_t f = begin + 32 * r + lane;
-    id[r] = f < M ? min(max(__ldcg(ids + f), 0), E - 1) : -1;
-  }
+  for (int r = 0; r < kSortRounds; ++r) id[r] = slot_expert(ids, chunk * kSortChunk + 32 * r + lane, M, E);
 }
 
 // Per-block expert counts of a chunk of slots: counts[e * blocks + b].
@@ -313,6 +308,7 @@ __global__ void sort_scatter_kernel(const int32_t* ids, int64_t M, int E, const 
 //   (3) warp w of block b scatters chunk b + w·grid, … (sort_scatter_kernel's).
 // The same ids, weights and rows as route_topk + sort_by_expert. Data other blocks wrote is read through L2 (__ldcg),
 // never from a line this SM's L1 may hold from before the barrier.
+// Two blocks per SM (64 warps: phase 1 is latency-bound), hence 32 registers a thread and a few bytes spilled.
 constexpr int kRouteSortThreads = 1024;
 constexpr int kWarpScanRounds = 8;  // phase (2): a warp scans up to 32 · 8 chunks in registers
 template <int V, class L, class W>
@@ -507,10 +503,6 @@ void check_experts(const char* op, int64_t E) {
                 " experts, got " + std::to_string(E));
 }
 
-}  // namespace
-
-namespace {
-
 // fn(std::integral_constant<int, V>) with the register kernels' keys per lane for E <= kRegisterTopkExperts.
 template <class Fn>
 void with_keys_per_lane(int E, Fn&& fn) {
@@ -640,13 +632,17 @@ void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& 
     using L = decltype(l_tag);
     using DW = decltype(w_tag);
     using DL = decltype(o_tag);
-    const bool scan = E > kRegisterTopkExperts || k > 32;
-    auto kernel = scan ? route_topk_backward_kernel<0, L, DW, DL> : E <= 32 ? route_topk_backward_kernel<1, L, DW, DL>
-                : E <= 64 ? route_topk_backward_kernel<2, L, DW, DL> : E <= 128 ? route_topk_backward_kernel<4, L, DW, DL>
-                : route_topk_backward_kernel<8, L, DW, DL>;
-    if (scan) allow_dynamic_smem<route_topk_backward_kernel<0, L, DW, DL>>(kRouteWarps * kMaxExperts * sizeof(float));
-    kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
-        logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k, norm);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks_for(T, kRouteWarps), kRouteWarps * 32, smem, stream_of(s)>>>(
+          logits.ptr<const L>(), ids.ptr<const int32_t>(), d_weights.ptr<const DW>(), d_logits.ptr<DL>(), T, E, k,
+          norm);
+    };
+    if (register_topk(E, k)) {
+      with_keys_per_lane(E, [&](auto v) { launch(route_topk_backward_kernel<v(), L, DW, DL>); });
+    } else {
+      allow_dynamic_smem<route_topk_backward_kernel<0, L, DW, DL>>(kRouteWarps * kMaxExperts * sizeof(float));
+      launch(route_topk_backward_kernel<0, L, DW, DL>);
+    }
     check_launch("route_topk_backward_kernel");
   }, logits.dtype, d_weights.dtype, d_logits.dtype);
 }
