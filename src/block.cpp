@@ -201,16 +201,21 @@ void check_routing(const char* op, const MoeConfig& c, int64_t T, const Tensor& 
   check_tensor(op, "topk_ids", ids, {T, c.top_k}, kInt32, &dev);
 }
 
-// The experts' forward, arguments checked.
+// The experts' forward, arguments checked. logits: the router's, for the routing (route_topk) and the sort in one
+// backend call (the block's forward); null: topk_weights and topk_ids are given, only the sort runs.
 void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Tensor& topk_weights,
                      const Tensor& topk_ids, const MoeWeights& w, const Tensor& out, const MoeSaved& saved,
-                     Workspace ws, Stream s) {
+                     Workspace ws, Stream s, const Tensor* logits = nullptr) {
   const Device dev = x.device;
   Carver cv(ws.data, dev);
   const ForwardScratch tmp = carve_forward(cfg, T, cv);
   const Routing r = routing_of(cfg, T, saved);
-  FUSEDMOE_DISPATCH(dev, sort_by_expert, topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
-                    saved.expert_offsets, tmp.sort_counts, s);
+  if (logits != nullptr)
+    FUSEDMOE_DISPATCH(dev, route_and_sort, *logits, cfg.top_k, cfg.norm_topk_prob, topk_weights, topk_ids,
+                      cfg.num_experts, saved.gather_indices, saved.m_sizes, saved.expert_offsets, tmp.sort_counts, s);
+  else
+    FUSEDMOE_DISPATCH(dev, sort_by_expert, topk_ids, cfg.num_experts, saved.gather_indices, saved.m_sizes,
+                      saved.expert_offsets, tmp.sort_counts, s);
   // GEMM1 with the token gather fused into its row loads: Y1 = x[gather/k] · W1ᵀ (expert order), and
   // A = silu(gate)·up of Y1 (fused into the GEMM's epilogue where the backend can). Without saved.gate_up_out
   // (inference) only A is produced.
@@ -325,8 +330,7 @@ void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, con
   check_saved(op, cfg, T, saved, dev, false);
   check_workspace(op, ws, moe_forward_workspace_bytes(cfg, T));
   FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, s);
-  FUSEDMOE_DISPATCH(dev, route_topk, logits, cfg.top_k, cfg.norm_topk_prob, saved.topk_weights, saved.topk_ids, s);
-  experts_forward(cfg, T, x, saved.topk_weights, saved.topk_ids, w, out, saved, ws, s);
+  experts_forward(cfg, T, x, saved.topk_weights, saved.topk_ids, w, out, saved, ws, s, &logits);
 }
 
 void moe_backward(const MoeConfig& cfg, const Tensor& d_out, const Tensor& x, const MoeWeights& w,

@@ -106,6 +106,13 @@ void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor
   for (int64_t f = 0; f < M; ++f) g[cursor[id[f]]++] = static_cast<int32_t>(f);  // stable: slots ascending
 }
 
+void route_and_sort(const Tensor& logits, int top_k, bool norm, const Tensor& weights, const Tensor& ids, int E,
+                    const Tensor& gather, const Tensor& m_sizes, const Tensor& offsets, const Tensor& scratch,
+                    Stream s) {
+  cpu::route_topk(logits, top_k, norm, weights, ids, s);
+  cpu::sort_by_expert(ids, E, gather, m_sizes, offsets, scratch, s);
+}
+
 void route_topk_backward(const Tensor& logits, const Tensor& ids, const Tensor& d_weights, bool norm,
                          const Tensor& d_logits, Stream) {
   const int64_t T = logits.shape[0], E = logits.shape[1], k = ids.shape[1];

@@ -31,10 +31,12 @@ inline unsigned blocks_for(int64_t n, int per_block) { return static_cast<unsign
 // higher ones still work, uncached.
 constexpr int kCachedDevices = 64;
 
-// The current device's SM count and whether it is sm_90 (the wgmma kernels' target), queried once per device.
+// The current device's SM count, whether it is sm_90 (the wgmma kernels' target) and takes cooperative launches,
+// queried once per device.
 struct DeviceInfo {
   int sms = 0;
   bool sm90 = false;
+  bool cooperative = false;  // cooperative launches (grid-wide barriers)
 };
 inline DeviceInfo current_device_info() {
   int device = 0;
@@ -46,6 +48,9 @@ inline DeviceInfo current_device_info() {
     check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
     info.sm90 = major == 9 && minor == 0;
+    int coop = 0;
+    check_cuda(cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, device), "cudaDeviceGetAttribute");
+    info.cooperative = coop != 0;
     return info;
   };
   static DeviceInfo cached[kCachedDevices];

@@ -376,9 +376,16 @@ TEST(CudaBlock, QwenShapeMatchesCpuOracle) {
 }
 
 #ifdef FUSEDMOE_WITH_CUDA
-TEST(CudaBlock, GraphCaptureReplaysIdentically) {
+// The block's routing either in one cooperative launch (E = 64, k = 8, 4800 slots) or in separate kernels (k = 3).
+class CudaGraphCapture : public ::testing::TestWithParam<MoeConfig> {};
+INSTANTIATE_TEST_SUITE_P(Routing, CudaGraphCapture,
+                         ::testing::Values(MoeConfig{256, 128, 12, 3, true, DType::bf16},
+                                           MoeConfig{256, 128, 64, 8, true, DType::bf16}),
+                         [](const auto& info) { return info.param.top_k == 3 ? "SeparateKernels" : "OneLaunch"; });
+
+TEST_P(CudaGraphCapture, ReplaysIdentically) {
   REQUIRE_GPU();
-  SecondRun run(MoeConfig{256, 128, 12, 3, true, DType::bf16}, 333);
+  SecondRun run(GetParam(), 600);
   DeviceBlock& d = run.d;
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
@@ -402,6 +409,33 @@ TEST(CudaBlock, GraphCaptureReplaysIdentically) {
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);
   cudaStreamDestroy(stream);
+}
+
+// The block forward's routing (route_and_sort: one cooperative launch beyond 4096 slots where k divides the sort
+// chunk and E <= 256, else route_topk and the sort's kernels) against route_topk on the same logits and the CPU's sort
+// of its ids, exactly: several chunks per block and per warp (T = 20000: the experts' counts scanned by blocks), few
+// chunks (T = 600: by warps), a chunk of 8 to 256 tokens (k = 32 to 1), and the other paths (4096 slots or fewer,
+// E > 256, k = 3).
+TEST(CudaBlock, RoutingMatchesRouteTopkAndSort) {
+  REQUIRE_GPU();
+  for (auto [T, E, k] : {std::tuple<int64_t, int, int>{600, 128, 8}, {2048, 128, 8}, {20000, 128, 8}, {1100, 64, 4},
+                         {3000, 256, 16}, {500, 32, 32}, {5000, 8, 1}, {2999, 40, 2}, {1, 128, 8}, {777, 64, 4},
+                         {600, 300, 8}, {2000, 12, 3}}) {
+    BlockTensors b(MoeConfig{64, 32, E, k, true, DType::bf16}, T);
+    DeviceBlock d(b, random_dout(b), kGpu);
+    d.forward();
+    const std::string what = "T " + std::to_string(T) + " E " + std::to_string(E) + " k " + std::to_string(k);
+    DeviceCopy w(HostTensor(DType::bf16, {T, k}), kGpu, false), ids(HostTensor(DType::i32, {T, k}), kGpu, false);
+    route_topk(d.logits.t, k, true, w.t, ids.t);
+    const HostTensor ids_ref = ids.download();
+    EXPECT_TRUE(d.fetch(d.saved.topk_ids).bitwise_equal(ids_ref)) << what;
+    EXPECT_TRUE(d.fetch(d.saved.topk_weights).bitwise_equal(w.download())) << what;
+    HostTensor gather(DType::i32, {T * k}), m_sizes(DType::i32, {E}), offsets(DType::i32, {E + 1});
+    sort_by_expert(ids_ref.t, E, gather.t, m_sizes.t, offsets.t);
+    EXPECT_EQ(d.fetch(d.saved.gather_indices).values(), gather.values()) << what;
+    EXPECT_EQ(d.fetch(d.saved.m_sizes).values(), m_sizes.values()) << what;
+    EXPECT_EQ(d.fetch(d.saved.expert_offsets).values(), offsets.values()) << what;
+  }
 }
 
 // Output and input tensors of more than 2^31 elements: the row offsets must be 64-bit everywhere.
