@@ -550,14 +550,16 @@ void route_and_sort(const Tensor& logits, int top_k, bool norm, const Tensor& we
   static const bool separate = env_equals("FUSEDMOE_SEPARATE_ROUTING", "1");
   // Up to kSmallSortMaxSlots slots, route_topk and the one-block sort take two launches and less GPU time than the
   // one launch's barriers (H200, T=64: 14.6 µs against 4 + 4.7).
-  if (separate || M <= kSmallSortMaxSlots || !register_topk(E, top_k) || kSortChunk % top_k != 0 ||
-      !scratch.defined() || !current_device_info().cooperative) {
+  auto separate_kernels = [&] {
     cuda::route_topk(logits, top_k, norm, weights, ids, s);
     cuda::sort_by_expert(ids, E, gather, m_sizes, offsets, scratch, s);
-    return;
-  }
+  };
+  if (separate || M <= kSmallSortMaxSlots || !register_topk(E, top_k) || kSortChunk % top_k != 0 ||
+      !scratch.defined() || !current_device_info().cooperative)
+    return separate_kernels();
   const int64_t chunks = sort_chunks(M);
   const int sms = current_device_info().sms;
+  bool launched = false;
   visit_floats([&](auto l_tag, auto w_tag) {
     using L = decltype(l_tag);
     using W = decltype(w_tag);
@@ -570,7 +572,7 @@ void route_and_sort(const Tensor& logits, int top_k, bool norm, const Tensor& we
                    "cudaOccupancyMaxActiveBlocksPerMultiprocessor (route_sort_kernel)");
         return n;
       }();
-      if (per_sm < 1) throw Error("route_and_sort: route_sort_kernel cannot be resident on this device");
+      if (per_sm < 1) return;
       cudaLaunchConfig_t config = {};
       config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(chunks, int64_t{per_sm} * sms)));
       config.blockDim = dim3(kRouteSortThreads);
@@ -580,12 +582,19 @@ void route_and_sort(const Tensor& logits, int top_k, bool norm, const Tensor& we
       cooperative.val.cooperative = 1;
       config.attrs = &cooperative;
       config.numAttrs = 1;
-      check_cuda(cudaLaunchKernelEx(&config, kernel, logits.ptr<const L>(), weights.ptr<W>(), ids.ptr<int32_t>(), T, E,
-                                    top_k, norm, scratch.ptr<int32_t>(), chunks, m_sizes.ptr<int32_t>(),
-                                    offsets.ptr<int32_t>(), gather.ptr<int32_t>()),
-                 "route_sort_kernel");
+      const cudaError_t err = cudaLaunchKernelEx(&config, kernel, logits.ptr<const L>(), weights.ptr<W>(),
+                                                 ids.ptr<int32_t>(), T, E, top_k, norm, scratch.ptr<int32_t>(), chunks,
+                                                 m_sizes.ptr<int32_t>(), offsets.ptr<int32_t>(), gather.ptr<int32_t>());
+      // Fewer SMs than the device reports (an MPS share, say) refuse the grid: the separate kernels run instead.
+      if (err == cudaErrorCooperativeLaunchTooLarge) {
+        (void)cudaGetLastError();
+        return;
+      }
+      check_cuda(err, "route_sort_kernel");
+      launched = true;
     });
   }, logits.dtype, weights.dtype);
+  if (!launched) separate_kernels();
 }
 
 void sort_by_expert(const Tensor& ids, int E, const Tensor& gather, const Tensor& m_sizes, const Tensor& offsets,
