@@ -377,15 +377,20 @@ TEST(CudaBlock, QwenShapeMatchesCpuOracle) {
 
 #ifdef FUSEDMOE_WITH_CUDA
 // The block's routing either in one cooperative launch (E = 64, k = 8, 4800 slots) or in separate kernels (k = 3).
-class CudaGraphCapture : public ::testing::TestWithParam<MoeConfig> {};
+struct CaptureCase {
+  const char* name;
+  MoeConfig cfg;
+};
+void PrintTo(const CaptureCase& c, std::ostream* os) { *os << c.name; }
+class CudaGraphCapture : public ::testing::TestWithParam<CaptureCase> {};
 INSTANTIATE_TEST_SUITE_P(Routing, CudaGraphCapture,
-                         ::testing::Values(MoeConfig{256, 128, 12, 3, true, DType::bf16},
-                                           MoeConfig{256, 128, 64, 8, true, DType::bf16}),
-                         [](const auto& info) { return info.param.top_k == 3 ? "SeparateKernels" : "OneLaunch"; });
+                         ::testing::Values(CaptureCase{"SeparateKernels", MoeConfig{256, 128, 12, 3, true, DType::bf16}},
+                                           CaptureCase{"OneLaunch", MoeConfig{256, 128, 64, 8, true, DType::bf16}}),
+                         [](const auto& info) { return std::string(info.param.name); });
 
 TEST_P(CudaGraphCapture, ReplaysIdentically) {
   REQUIRE_GPU();
-  SecondRun run(GetParam(), 600);
+  SecondRun run(GetParam().cfg, 600);
   DeviceBlock& d = run.d;
   cudaStream_t stream;
   ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
