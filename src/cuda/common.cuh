@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <mutex>
@@ -72,6 +73,20 @@ void allow_dynamic_smem(size_t bytes) {
   check_cuda(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
              "cudaFuncSetAttribute");
   if (cached) done[device].store(true, std::memory_order_release);
+}
+
+// The grid for a kernel of kThreads-thread blocks whose blocks must all be resident at once (a grid stride, grid-wide
+// barriers): `needed` blocks, or as many as the GPU holds at once if fewer (the kernel's occupancy, queried once per
+// kernel; at least one block per SM).
+template <auto kKernel, int kThreads>
+unsigned resident_grid(int64_t needed, int sms) {
+  static const int per_sm = [] {
+    int n = 0;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kThreads, 0),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+    return n > 0 ? n : 1;
+  }();
+  return static_cast<unsigned>(std::min<int64_t>(needed, int64_t{per_sm} * sms));
 }
 
 // Inclusive prefix sum over the warp's 32 lanes in lane order (every lane must take part).

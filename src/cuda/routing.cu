@@ -1,7 +1,6 @@
 // Router kernels: fused float32 softmax + top-k + renormalisation (a warp per token), a stable counting
 // sort by expert with no host synchronisation (one block for few slots, else three kernels over the GPU), both in one
 // cooperative launch for the block's forward (route_and_sort), and the router backward.
-#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>
@@ -554,27 +553,20 @@ void route_and_sort(const Tensor& logits, int top_k, bool norm, const Tensor& we
     cuda::route_topk(logits, top_k, norm, weights, ids, s);
     cuda::sort_by_expert(ids, E, gather, m_sizes, offsets, scratch, s);
   };
+  const DeviceInfo device = current_device_info();
   if (separate || M <= kSmallSortMaxSlots || !register_topk(E, top_k) || kSortChunk % top_k != 0 ||
-      !scratch.defined() || !current_device_info().cooperative)
+      !scratch.defined() || !device.cooperative)
     return separate_kernels();
   const int64_t chunks = sort_chunks(M);
-  const int sms = current_device_info().sms;
   bool launched = false;
   visit_floats([&](auto l_tag, auto w_tag) {
     using L = decltype(l_tag);
     using W = decltype(w_tag);
     with_keys_per_lane(E, [&](auto v) {
       auto kernel = route_sort_kernel<v(), L, W>;
-      // Every block must be resident at once (the grid barriers): at most the occupancy times the SMs.
-      static const int per_sm = [&] {
-        int n = 0;
-        check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kRouteSortThreads, 0),
-                   "cudaOccupancyMaxActiveBlocksPerMultiprocessor (route_sort_kernel)");
-        return n;
-      }();
-      if (per_sm < 1) return;
       cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(chunks, int64_t{per_sm} * sms)));
+      // Every block must be resident at once (the grid barriers).
+      config.gridDim = dim3(resident_grid<route_sort_kernel<v(), L, W>, kRouteSortThreads>(chunks, device.sms));
       config.blockDim = dim3(kRouteSortThreads);
       config.stream = stream_of(s);
       cudaLaunchAttribute cooperative;
@@ -585,7 +577,8 @@ void route_and_sort(const Tensor& logits, int top_k, bool norm, const Tensor& we
       const cudaError_t err = cudaLaunchKernelEx(&config, kernel, logits.ptr<const L>(), weights.ptr<W>(),
                                                  ids.ptr<int32_t>(), T, E, top_k, norm, scratch.ptr<int32_t>(), chunks,
                                                  m_sizes.ptr<int32_t>(), offsets.ptr<int32_t>(), gather.ptr<int32_t>());
-      // Fewer SMs than the device reports (an MPS share, say) refuse the grid: the separate kernels run instead.
+      // A grid the device cannot hold (fewer SMs than it reports, as in an MPS share) is refused: the separate
+      // kernels run instead.
       if (err == cudaErrorCooperativeLaunchTooLarge) {
         (void)cudaGetLastError();
         return;

@@ -2,8 +2,6 @@
 // the dX pass (backward: the k slot products of a token added into dX).
 #pragma once
 
-#include <algorithm>
-
 #include "common.cuh"
 
 namespace fusedmoe::detail::cuda {
@@ -51,19 +49,6 @@ __global__ void sum_slot_rows_kernel(const R* rows, const W* weights, O* out, in
   }
 }
 
-// The grid for a grid-stride kernel: `needed` blocks, or as many as stay resident on the GPU at once if fewer
-// (the kernel's occupancy, queried once per kernel).
-template <auto kKernel>
-unsigned resident_grid(int64_t needed, int sms) {
-  static const int per_sm = [] {
-    int n = 0;
-    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kKernel, kSlotSumThreads, 0),
-               "cudaOccupancyMaxActiveBlocksPerMultiprocessor (sum_slot_rows_kernel)");
-    return n > 0 ? n : 1;
-  }();
-  return static_cast<unsigned>(std::min<int64_t>(needed, int64_t{per_sm} * sms));
-}
-
 // Launches sum_slot_rows_kernel: 16-byte column groups where cols and every row start allow them.
 template <class R, class W, class O>
 void sum_slot_rows(const R* rows, const W* weights, O* out, int64_t T, int k, int64_t cols, bool accumulate,
@@ -75,10 +60,10 @@ void sum_slot_rows(const R* rows, const W* weights, O* out, int64_t T, int k, in
   const int64_t needed = (items + kSlotSumThreads - 1) / kSlotSumThreads;
   const int sms = current_device_info().sms;
   if (wide)
-    sum_slot_rows_kernel<8, R, W, O><<<resident_grid<sum_slot_rows_kernel<8, R, W, O>>(needed, sms), kSlotSumThreads,
+    sum_slot_rows_kernel<8, R, W, O><<<resident_grid<sum_slot_rows_kernel<8, R, W, O>, kSlotSumThreads>(needed, sms), kSlotSumThreads,
                                        0, stream>>>(rows, weights, out, T, k, cols, accumulate);
   else
-    sum_slot_rows_kernel<1, R, W, O><<<resident_grid<sum_slot_rows_kernel<1, R, W, O>>(needed, sms), kSlotSumThreads,
+    sum_slot_rows_kernel<1, R, W, O><<<resident_grid<sum_slot_rows_kernel<1, R, W, O>, kSlotSumThreads>(needed, sms), kSlotSumThreads,
                                        0, stream>>>(rows, weights, out, T, k, cols, accumulate);
   check_launch("sum_slot_rows_kernel");
 }
