@@ -70,6 +70,10 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 // With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
 // GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
 constexpr int kDiagTnOnly = 32;
+// Experiments (v47): nt/nn units taken from a global counter as CTAs (clusters) finish, instead of every
+// unit_stride-th, so that units sharing a weight tile or A rows run at the same time (L2 reuse); and a group's
+// cluster units in bands (all m-tile sets of one n-tile, then the next n-tile).
+constexpr int kDynamicUnits = 64, kBandOrder = 128;
 // Diagnostics for why every overlapped epilogue slowed the mainloop (NOTES, sessions 10–12): the producer adds
 // traffic during the mainloop of the 128 × 256 nt/nn kernels (not BN = 128, so the router's GEMM and the routing
 // stay exact): per k-step 16 KB of shared-memory reads (kDiagSmemRead; 32 KB with kDiagDouble), or 8 KB of global
@@ -91,8 +95,10 @@ struct Config {
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
+  // Dynamic units: one mbarrier (a unit published) and a unit word per stage, padded to 8 bytes.
+  static constexpr int kUnitBytes = 8 + (kStages * 4 + 7) / 8 * 8;
   static constexpr size_t smem_bytes(int groups) {
-    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + 4 * kSlotChunk * 8 +
+    return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + kUnitBytes + 4 * kSlotChunk * 8 +
            2 * (groups + 1) * 4;  // s_row_off, s_prefix and s_offsets
   }
 };
@@ -148,6 +154,28 @@ __device__ __forceinline__ void mbar_arrive_in_cta(uint32_t bar, uint32_t rank) 
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
   asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
+// Dynamic units: cluster rank 0 publishes the next unit into the unit word of every CTA of the cluster and
+// arrives on each CTA's unit barrier (cluster-scope release: once per tile, so its memory barrier is cheap).
+__device__ __forceinline__ void publish_unit(uint32_t word, uint32_t bar, uint32_t rank, uint32_t unit) {
+  uint32_t remote_word, remote_bar;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_word) : "r"(word), "r"(rank));
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(rank));
+  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote_word), "r"(unit) : "memory");
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Dynamic units' counter ({next, clusters done}); the last cluster to finish resets it for the next launch.
+// (Experiment: one per translation unit, so launches on concurrent streams would share it.)
+__device__ unsigned int g_unit_counter[2];
+
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
@@ -270,7 +298,8 @@ struct Tile {
 // same unit and step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
-                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
+                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs,
+                                            bool band) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   // nt/nn: the group of prefix position `key` (an m-tile, or a cluster unit): the last g with prefix[g] <= key
@@ -292,8 +321,10 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.rows = s_offsets[lo + 1] - tile.row_begin;
     // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
     const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM);
-    const ClusterTile ct = cluster_tile<kCluster>(static_cast<uint32_t>(t - s_prefix[lo]), m_tiles,
-                                                  static_cast<uint32_t>(n_tiles), rank);
+    uint32_t u = static_cast<uint32_t>(t - s_prefix[lo]);
+    const uint32_t sets = m_tiles / kCluster;
+    if (band && u < sets * static_cast<uint32_t>(n_tiles)) u = (u % sets) * static_cast<uint32_t>(n_tiles) + u / sets;
+    const ClusterTile ct = cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
     const uint32_t m_tile = ct.m_tile, n_index = ct.n_tile;
     tile.multicast = ct.multicast;
     tile.m0 = static_cast<int64_t>(m_tile) * kBM;
@@ -349,8 +380,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   // S barriers: stage filled (128 producer cp.async arrivals, plus the TMA issuer's expect-tx arrival)
   const uint32_t full_bar = stages + S * Cfg::kStageBytes;
   const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
+  // Dynamic units: the barrier of a published unit, then per stage the unit after the tile whose first stage it is.
+  const uint32_t unit_bar = empty_bar + S * 8, unit_words = unit_bar + 8;
+  volatile int32_t* s_unit = reinterpret_cast<volatile int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8 + 8);
   // tn: [2 buffers][A, B][kSlotChunk] byte offsets of the staged rows (MnMajorCopy::kPastEnd past the group's end).
-  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8);
+  int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8 + Cfg::kUnitBytes);
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] units before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
@@ -364,6 +398,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full_bar + 8 * s, 128 + 1);
       mbar_init(empty_bar + 8 * s, 8 * kCluster);
     }
+    mbar_init(unit_bar, 1);
     if constexpr (kCluster > 1) asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   if constexpr (kKind != GemmKind::tn) {
@@ -392,6 +427,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kKind != GemmKind::tn)
     total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * (kCluster == 1 ? column_tiles<BN, kGated>(p) : 1);
 
+  // Dynamic units need every tile to span at least S stages (the unit barrier's phases then cannot run ahead of
+  // a peer CTA's producer, see the producer loop) and none empty (consumers read the unit at a tile's first stage).
+  const bool dynamic = kKind != GemmKind::tn && (variant & kDynamicUnits) && (p.K + kBK - 1) / kBK >= S;
+  const bool band = kKind != GemmKind::tn && kCluster > 1 && (variant & kBandOrder);
   const int64_t n_tiles = kKind == GemmKind::tn ? column_tiles<BN, kGated>(p) : 1;  // (unused by nt/nn)
   const int64_t tiles_per_group = kKind == GemmKind::tn ? ((p.M + kBM - 1) / kBM) * n_tiles : 1;
   const TileDivs divs{num::FastDivU31(static_cast<uint32_t>(n_tiles > 0 ? n_tiles : 1)),
@@ -438,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, band);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
@@ -453,13 +492,15 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t start = global_ns();
       while (global_ns() - start < wait_ns) __nanosleep(500);
     }
-    for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+    uint32_t units_taken = 0;  // dynamic units: phases of the unit barrier
+    for (int64_t t = first_unit, t_next; t < total_tiles; t = t_next) {
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, band);
+      t_next = t + unit_stride;
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
 #pragma unroll
         for (int i = 0; i < kBM / 16; ++i) rows_now[i] = a_off[i];
-        first_lookup(t + unit_stride);  // lands while this tile's stages are copied
+        if (!dynamic) first_lookup(t_next);  // lands while this tile's stages are copied
         const int group = tile.group, n0 = static_cast<int>(tile.n0);
 #ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
         const int diag = BN == 256 ? variant & (kDiagSmemRead | kDiagGlobalStore) : 0;
@@ -475,6 +516,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
+            if (dynamic && kt == 0) {
+              // The tile's first stage is free: cluster rank 0 takes the next unit and writes it into this stage's
+              // unit word in every CTA; the consumers read it when the stage is full. (The word's previous value
+              // was read before that stage was released, by the consumers of every CTA.)
+              if (rank == 0 && tid == 0) {
+                const int64_t taken = unit_stride + atomicAdd(&g_unit_counter[0], 1u);
+                const uint32_t unit = static_cast<uint32_t>(taken < total_tiles ? taken : total_tiles);
+                for (uint32_t r = 0; r < kCluster; ++r) publish_unit(unit_words + 4 * stage, unit_bar, r, unit);
+              }
+              mbar_wait_cluster(unit_bar, units_taken++ & 1);
+              t_next = s_unit[stage];
+            }
             if (tid == 0) {
               // The weight tile comes in kParts parts; in a cluster sharing it each CTA loads one into all CTAs. The
               // stage is full with all BN rows. (Rows or columns past the group's weight read as zeros or as other
@@ -513,10 +566,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             if (diag) diagnostic_traffic(diag, variant & kDiagDouble, a_dst, tid, p.C, diag_rows);
 #endif
           });
+          if (dynamic && kt == 0) first_lookup(t_next);
         }
       } else {
         // Both operands' rows are the group's routed rows k0 + r, through the row offsets staged in s_row_off.
-        if (tile.k_tiles == 0) first_lookup(t + unit_stride);  // nothing to stage: move on to the next tile's rows
+        if (tile.k_tiles == 0) first_lookup(t_next);  // nothing to stage: move on to the next tile's rows
         const MnMajorCopy<kBM, T> copy_a(tid, p.A, tile.m0, p.M);
         const MnMajorCopy<BN, T> copy_b(tid, p.B, tile.n0, p.N);
         for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
@@ -540,7 +594,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             asm volatile("bar.sync 1, 128;\n" ::: "memory");  // the producer warpgroup only
             if (kt + kChunkStages < tile.k_tiles) prefetch(tile, (kt + kChunkStages) * kBK);
-            else first_lookup(t + unit_stride);
+            else first_lookup(t_next);
           }
           const int64_t* staged =
               s_row_off + ((chunk_count - 1) & 1) * 2 * kSlotChunk + (kt % kChunkStages) * kBK + (tid / 16) * 8;
@@ -582,6 +636,16 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    if (dynamic && rank == 0 && tid == 0) {
+      // This cluster took its last unit (past the end). The last cluster to get here resets the counter: every
+      // other cluster's takes came before its count (fenced), so none reads the counter after the reset.
+      __threadfence();
+      if (atomicAdd(&g_unit_counter[1], 1u) == static_cast<unsigned>(unit_stride) - 1) {
+        g_unit_counter[0] = 0;
+        g_unit_counter[1] = 0;
+        __threadfence();
+      }
+    }
   } else {
     // ---- consumers ----
     const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
@@ -608,8 +672,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[BN / 2];
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
-    for (int64_t t = first_unit; t < total_tiles; t += unit_stride) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+    for (int64_t t = first_unit, t_next; t < total_tiles; t = t_next) {
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, band);
+      t_next = t + unit_stride;  // dynamic units: the unit word of the tile's first stage
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
       int64_t act_off[2] = {0, 0};    // gated: and in act
@@ -635,7 +700,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       tile_clock.add(kTlKSteps, static_cast<unsigned>(tile.k_tiles));
       for (int64_t kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(full_bar + 8 * stage, phase);
-        if (kt == 0) tile_clock.lap(kTlFirstWait);
+        if (kt == 0) {
+          tile_clock.lap(kTlFirstWait);
+          if (dynamic) t_next = s_unit[stage];
+        }
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
         wgmma_fence();
