@@ -95,8 +95,9 @@ struct Config {
   static constexpr int kABytes = kBM * kBK * 2;
   static constexpr int kBBytes = BN * kBK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // Dynamic units: one mbarrier (a unit published) and a unit word per stage, padded to 8 bytes.
-  static constexpr int kUnitBytes = 8 + (kStages * 4 + 7) / 8 * 8;
+  // Dynamic units: one mbarrier (a unit published) and a unit word per stage, padded to 16 bytes (the tn row
+  // offsets after them are read as 16-byte pairs).
+  static constexpr int kUnitBytes = (8 + kStages * 4 + 15) / 16 * 16;
   static constexpr size_t smem_bytes(int groups) {
     return 1024 /* alignment slack */ + kStages * kStageBytes + 2 * kStages * 8 + kUnitBytes + 4 * kSlotChunk * 8 +
            2 * (groups + 1) * 4;  // s_row_off, s_prefix and s_offsets
@@ -385,6 +386,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   volatile int32_t* s_unit = reinterpret_cast<volatile int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8 + 8);
   // tn: [2 buffers][A, B][kSlotChunk] byte offsets of the staged rows (MnMajorCopy::kPastEnd past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8 + Cfg::kUnitBytes);
+  static_assert((2 * S * 8 + Cfg::kUnitBytes) % 16 == 0, "s_row_off is read as 16-byte pairs");
   int32_t* s_prefix = reinterpret_cast<int32_t*>(s_row_off + 4 * kSlotChunk);  // [E+1] units before group e
   int32_t* s_offsets = s_prefix + p.routing.num_experts + 1;  // [E+1] the groups' first routed rows
   const DeviceRouting& rt = p.routing;
