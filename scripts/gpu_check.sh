@@ -36,6 +36,13 @@ fi
 rc=$?
 note "C++ tests (CPU + GPU)" "$( [ $rc -eq 0 ] && echo ok || echo FAILED ): $(grep -E '^\[  (PASSED|FAILED)' "$OUT/cpp_tests.log" | tr '\n' ' ')"
 [ $rc -ne 0 ] && grep -E "Failure|FAILED|error|Expected|Which is|relative" "$OUT/cpp_tests.log" | head -40
+# The GPU tests again with dynamic work units forced on every nt/nn GEMM that allows them (the heuristic keeps
+# them to GEMMs of many tiles per CTA, larger than most tests' shapes).
+FUSEDMOE_SM90_DYNAMIC=1 ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter='Cuda*:*/Cuda*' \
+  >"$OUT/cpp_tests_dynamic.log" 2>&1
+rc=$?
+note "GPU tests, dynamic units forced" "$( [ $rc -eq 0 ] && echo ok || echo FAILED ): $(grep -E '^\[  (PASSED|FAILED)' "$OUT/cpp_tests_dynamic.log" | tr '\n' ' ')"
+[ $rc -ne 0 ] && grep -E "Failure|FAILED|error|Expected|Which is|relative" "$OUT/cpp_tests_dynamic.log" | head -40
 
 if [ "${GPU_CHECK_QUICK:-0}" != 1 ]; then
   subset='CudaOps.SortBy*:CudaOps.RouteTopk*:CudaOps.Elementwise*:Shapes/CudaGroupedGemm.*:EdgeCases/CudaBlock.*:CudaBlock.Deterministic*'

@@ -35,13 +35,19 @@ struct Routing {
 // With act defined ([M, N/2], y_map identity, no slot_scale): also act = silu(Y[:, :N/2]) · Y[:, N/2:] from
 // the Y values as stored (GEMM1 with SiLU·mul fused where the backend can); Y may then be undefined (act only:
 // Y is not written, or lives in the backend's scratch where SiLU·mul is a separate pass).
-struct GemmNT { Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; Tensor act = {}; GemmTiling tiling = {}; };
+// unit_counter (GemmNT, GemmNN): room the caller may lend (int32, at least one element) for a backend whose tile
+// loop takes its work units from a counter; the backend zeroes it before each use (else it allocates its own).
+struct GemmNT {
+  Tensor X; RowMap x_map; Tensor W; Tensor Y; RowMap y_map; Tensor slot_scale; Tensor act = {}; GemmTiling tiling = {};
+  Tensor unit_counter = {};
+};
 // dX[dx_map(i)] (=, or += with accumulate) dY[dy_map(i)] · W[e(i)]; dx_map = token sums a token's k slots
 // in slot order (deterministic). slot_scratch: room the caller lends for those k-slot products ([M, K] of dX's
 // dtype, 16-byte aligned), which a backend that stages them in dX's dtype uses instead of allocating its own.
 struct GemmNN {
   Tensor dY; RowMap dy_map; Tensor W; Tensor dX; RowMap dx_map; bool accumulate = false; GemmTiling tiling = {};
   Tensor slot_scratch = {};
+  Tensor unit_counter = {};
 };
 // dW[e] = Σ_{i∈e} dY[dy_map(i)]ᵀ · X[x_map(i)],  dW [E,N,K]; experts without rows get zeros. A backend may split
 // one long reduction (a single group of M rows: the router's dgate) into at most max_split_k(M) row chunks, whose

@@ -66,11 +66,12 @@ MoeSaved carve_saved(const MoeConfig& c, int64_t T, bool keep_gate_up, Carver& c
   return s;
 }
 
-struct ForwardScratch { Tensor act, down_out, sort_counts; };
+// unit_counter: the expert GEMMs' work-unit counter (GemmNT), for one GEMM at a time.
+struct ForwardScratch { Tensor act, down_out, sort_counts, unit_counter; };
 ForwardScratch carve_forward(const MoeConfig& c, int64_t T, Carver& cv) {
   const int64_t M = T * c.top_k;
   return {cv.take(c.dtype, {M, c.intermediate_size}), cv.take(c.dtype, {M, c.hidden_size}),
-          cv.take(DType::i32, {sort_scratch_elements(M, c.num_experts)})};
+          cv.take(DType::i32, {sort_scratch_elements(M, c.num_experts)}), cv.take(DType::i32, {1})};
 }
 
 // What the experts' backward computes, from the gradients wanted.
@@ -94,13 +95,14 @@ ExpertsPlan plan_experts(const MoeExpertGrads& g) {
 // Reductions feeding dw and the router stay in float32 (float64 for float64 inputs).
 DType acc_dtype(const MoeConfig& c) { return c.dtype == DType::f64 ? DType::f64 : DType::f32; }
 
-struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act, dx_slots, dgate_partials; };
+struct ExpertsScratch { Tensor d_act_raw, d_gate_up, act, dx_slots, dgate_partials, unit_counter; };
 // dgate_partials: [chunks, E, H] float32 for the router's split dgate reduction (block backward; chunks = 0: none),
 // which runs right after routed_silu_backward: over dA_raw, dead by then, where it fits there.
 ExpertsScratch carve_experts_backward(const MoeConfig& c, int64_t T, const ExpertsPlan& p, Carver& cv,
                                       int64_t dgate_chunks = 0) {
   const int64_t M = T * c.top_k, I = c.intermediate_size;
   ExpertsScratch s;
+  if (p.d_act_raw || p.dx) s.unit_counter = cv.take(DType::i32, {1});  // the dA and dX GEMMs' (GemmNN)
   if (p.d_gate_up) s.d_gate_up = cv.take(c.dtype, {M, 2 * I});
   // dA_raw (a GEMM output, fp32-accumulated) is stored in the activation dtype like Y1, A and dY1: it is the
   // dA GEMM's largest write and routed_silu_backward's largest read, and dw sums its products in float32.
@@ -221,10 +223,10 @@ void experts_forward(const MoeConfig& cfg, int64_t T, const Tensor& x, const Ten
   // (inference) only A is produced.
   FUSEDMOE_DISPATCH(dev, gemm_nt, r,
                     GemmNT{x, RowMap::token, w.gate_up_proj, saved.gate_up_out, RowMap::identity, {}, tmp.act,
-                           cfg.kernels.forward}, s);
+                           cfg.kernels.forward, tmp.unit_counter}, s);
   // GEMM2 with the scatter to slot order fused into its stores.
   FUSEDMOE_DISPATCH(dev, gemm_nt, r, GemmNT{tmp.act, RowMap::identity, w.down_proj, tmp.down_out, RowMap::slot, {}, {},
-                                            cfg.kernels.forward}, s);
+                                            cfg.kernels.forward, tmp.unit_counter}, s);
   FUSEDMOE_DISPATCH(dev, topk_combine, tmp.down_out, topk_weights, out, s);
 }
 
@@ -251,7 +253,7 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
   // dA_raw[i] = dOut[t_i] · W2[e(i)]; then dw, dY1 and w·A in one elementwise pass.
   if (p.d_act_raw)
     FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{d_out, RowMap::token, w.down_proj, tmp.d_act_raw, RowMap::identity, false,
-                                              cfg.kernels.backward_dx}, s);
+                                              cfg.kernels.backward_dx, {}, tmp.unit_counter}, s);
   if (p.d_act_raw || p.act)
     FUSEDMOE_DISPATCH(dev, routed_silu_backward, r, tmp.d_act_raw, Y1, topk_weights, tmp.d_gate_up, tmp.act,
                       g.d_topk_weights, s);
@@ -270,7 +272,7 @@ void experts_backward(const MoeConfig& cfg, int64_t T, const Tensor& d_out, cons
   if (g.dx.defined())  // dx[t] = Σ_j dY1[row(t,j)] · W1[e]
     FUSEDMOE_DISPATCH(dev, gemm_nn, r, GemmNN{tmp.d_gate_up, RowMap::identity, w.gate_up_proj, g.dx, RowMap::token,
                                               /*accumulate=*/router.logits != nullptr, cfg.kernels.backward_dx,
-                                              tmp.dx_slots}, s);
+                                              tmp.dx_slots, tmp.unit_counter}, s);
 }
 
 void check_expert_grads(const char* op, const MoeConfig& c, int64_t T, const MoeExpertGrads& g, const Device& dev) {

@@ -320,6 +320,14 @@ void with_types(const char* op, const Tensor& in, const Tensor& out, Fn&& fn) {
   if (in.dtype == DType::bf16) with_out(__nv_bfloat16{}); else with_out(__half{});
 }
 
+// The unit counter a caller lends (GemmNT / GemmNN), or null (the sm90 launch then allocates one where it needs it).
+unsigned* lent_unit_counter(const Tensor& lent, const char* op) {
+  if (!lent.defined()) return nullptr;
+  if (lent.dtype != DType::i32 || lent.numel() < 1)
+    throw Error(std::string(op) + ": the lent unit counter must hold at least one int32, got " + lent.describe());
+  return static_cast<unsigned*>(lent.data);
+}
+
 }  // namespace
 
 void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
@@ -334,6 +342,7 @@ void gemm_nt(const Routing& r, const GemmNT& g, Stream s) {
     Problem<T, O> p{g.X.ptr<const T>(), K, g.x_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                     g.Y.defined() ? g.Y.ptr<O>() : nullptr, N, 0, g.y_map,
                     g.slot_scale.defined() ? g.slot_scale.ptr<const T>() : nullptr, false, device_routing(r), 0, N, K};
+    p.unit_counter = lent_unit_counter(g.unit_counter, "grouped_gemm");
     if (g.act.defined()) {
       if (g.Y.defined() && g.act.dtype != g.Y.dtype)
         throw Error("grouped_gemm: the fused activation output must have Y's dtype, got " + g.act.describe());
@@ -370,6 +379,7 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
     if (sum_slots) {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       slots.as<O>(), K, 0, RowMap::slot, nullptr, false, device_routing(r), 0, K, N};
+      p.unit_counter = lent_unit_counter(g.unit_counter, "grouped_gemm_dX");
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
       // dX[t] (+)= Σ_j slots[t·k + j], j ascending, in float32 (each slot already rounded to dX's type).
       sum_slot_rows(slots.as<const O>(), static_cast<const O*>(nullptr), g.dX.ptr<O>(), r.T, r.top_k, K, g.accumulate,
@@ -377,6 +387,7 @@ void gemm_nn(const Routing& r, const GemmNN& g, Stream s) {
     } else {
       Problem<T, O> p{g.dY.ptr<const T>(), N, g.dy_map, g.W.ptr<const T>(), K, N * K, RowMap::identity,
                       g.dX.ptr<O>(), K, 0, g.dx_map, nullptr, g.accumulate, device_routing(r), 0, K, N};
+      p.unit_counter = lent_unit_counter(g.unit_counter, "grouped_gemm_dX");
       launch<T, O, true, false, Mode::grouped_m>(p, r.num_experts, r.M, g.tiling, stream);
     }
   });

@@ -25,6 +25,8 @@ struct Problem {
   int64_t ld_act = 0;
   // tn, sm90 only: C[e] holds the product transposed (element (m, n) at c_group_stride·e + n·ldc + m).
   bool c_transposed = false;
+  // nt/nn, sm90 only: room the caller lends for the tile loop's unit counter (null: the launch allocates it).
+  unsigned* unit_counter = nullptr;
 };
 
 // The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not

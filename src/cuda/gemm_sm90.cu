@@ -70,10 +70,6 @@ constexpr int kDiagNoStore = 2, kDiagNoA = 4, kNoStagger = 8;
 // With this bit the two diagnostics apply to the dW (tn) kernels only, so the routing (the router GEMM) and the
 // GEMMs before dW stay correct and a dW kernel's tiles are the real ones.
 constexpr int kDiagTnOnly = 32;
-// Experiments (v47): nt/nn units taken from a global counter as CTAs (clusters) finish, instead of every
-// unit_stride-th, so that units sharing a weight tile or A rows run at the same time (L2 reuse); and a group's
-// cluster units in bands (all m-tile sets of one n-tile, then the next n-tile).
-constexpr int kDynamicUnits = 64, kBandOrder = 128;
 // Diagnostics for why every overlapped epilogue slowed the mainloop (NOTES, sessions 10–12): the producer adds
 // traffic during the mainloop of the 128 × 256 nt/nn kernels (not BN = 128, so the router's GEMM and the routing
 // stay exact): per k-step 16 KB of shared-memory reads (kDiagSmemRead; 32 KB with kDiagDouble), or 8 KB of global
@@ -173,10 +169,6 @@ __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity)
       "r"(parity)
       : "memory");
 }
-// Dynamic units' counter ({next, clusters done}); the last cluster to finish resets it for the next launch.
-// (Experiment: one per translation unit, so launches on concurrent streams would share it.)
-__device__ unsigned int g_unit_counter[2];
-
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
@@ -299,8 +291,7 @@ struct Tile {
 // same unit and step through the same k-tiles.
 template <GemmKind kKind, int BN, bool kGated, int kCluster, class T, class OutT>
 __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int32_t* s_prefix,
-                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs,
-                                            bool band) {
+                                            const int32_t* s_offsets, int64_t t, uint32_t rank, const TileDivs& divs) {
   const DeviceRouting& rt = p.routing;
   const int64_t n_tiles = column_tiles<BN, kGated>(p);
   // nt/nn: the group of prefix position `key` (an m-tile, or a cluster unit): the last g with prefix[g] <= key
@@ -322,10 +313,8 @@ __device__ __forceinline__ Tile decode_tile(const Problem<T, OutT>& p, const int
     tile.rows = s_offsets[lo + 1] - tile.row_begin;
     // Unit counts stay below 2^31 (the launch declines more): 32-bit arithmetic.
     const uint32_t m_tiles = static_cast<uint32_t>((tile.rows + kBM - 1) / kBM);
-    uint32_t u = static_cast<uint32_t>(t - s_prefix[lo]);
-    const uint32_t sets = m_tiles / kCluster;
-    if (band && u < sets * static_cast<uint32_t>(n_tiles)) u = (u % sets) * static_cast<uint32_t>(n_tiles) + u / sets;
-    const ClusterTile ct = cluster_tile<kCluster>(u, m_tiles, static_cast<uint32_t>(n_tiles), rank);
+    const ClusterTile ct = cluster_tile<kCluster>(static_cast<uint32_t>(t - s_prefix[lo]), m_tiles,
+                                                  static_cast<uint32_t>(n_tiles), rank);
     const uint32_t m_tile = ct.m_tile, n_index = ct.n_tile;
     tile.multicast = ct.multicast;
     tile.m0 = static_cast<int64_t>(m_tile) * kBM;
@@ -358,10 +347,12 @@ enum TnTma : int { kTnTmaNone = 0, kTnTmaA = 1, kTnTmaB = 2 };
 
 // kCluster (nt/nn): 2 or 4 multicast the weight tile to that many CTAs, 1 has each CTA load all of it itself.
 // b_map: nt/nn the weight operand's tensor map; tn the map of operand tn_tma (if any).
+// unit_counter (nt/nn; null: every unit_stride-th unit): a zeroed counter from which the clusters take their units
+// after the first as they finish one ("dynamic units"; see the producer loop).
 template <class T, class OutT, int BN, GemmKind kKind, bool kGated, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
     gemm_sm90_kernel(const Problem<T, OutT> p, int64_t total_tiles, const __grid_constant__ CUtensorMap b_map,
-                     int variant, int tn_tma) {
+                     int variant, int tn_tma, unsigned* unit_counter) {
   using Cfg = Config<BN>;
   constexpr int S = Cfg::kStages;
   static_assert(kCluster == 1 || ((kCluster == 2 || kCluster == 4) && kKind != GemmKind::tn),
@@ -429,10 +420,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   if constexpr (kKind != GemmKind::tn)
     total_tiles = static_cast<int64_t>(s_prefix[rt.num_experts]) * (kCluster == 1 ? column_tiles<BN, kGated>(p) : 1);
 
-  // Dynamic units need every tile to span at least S stages (the unit barrier's phases then cannot run ahead of
-  // a peer CTA's producer, see the producer loop) and none empty (consumers read the unit at a tile's first stage).
-  const bool dynamic = kKind != GemmKind::tn && (variant & kDynamicUnits) && (p.K + kBK - 1) / kBK >= S;
-  const bool band = kKind != GemmKind::tn && kCluster > 1 && (variant & kBandOrder);
+  // (The launch passes a counter only where every tile spans at least S stages: see the unit barrier's phases in
+  // the producer loop. Consumers read the next unit at a tile's first stage, so no tile may be empty.)
+  const bool dynamic = kKind != GemmKind::tn && unit_counter != nullptr;
   const int64_t n_tiles = kKind == GemmKind::tn ? column_tiles<BN, kGated>(p) : 1;  // (unused by nt/nn)
   const int64_t tiles_per_group = kKind == GemmKind::tn ? ((p.M + kBM - 1) / kBM) * n_tiles : 1;
   const TileDivs divs{num::FastDivU31(static_cast<uint32_t>(n_tiles > 0 ? n_tiles : 1)),
@@ -479,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, band);
+      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
     };
     first_lookup(first_unit);
@@ -494,9 +484,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       const uint64_t start = global_ns();
       while (global_ns() - start < wait_ns) __nanosleep(500);
     }
-    uint32_t units_taken = 0;  // dynamic units: phases of the unit barrier
+    // Dynamic units: the unit barrier completes a phase per tile. Cluster rank 0's thread 0 takes units from the
+    // counter a tile ahead (`pending`, the unit after the next), so the atomic's latency is hidden behind a tile.
+    uint32_t units_taken = 0;
+    auto take_unit = [&] {
+      const int64_t taken = unit_stride + static_cast<int64_t>(atomicAdd(unit_counter, 1u));
+      return static_cast<uint32_t>(taken < total_tiles ? taken : total_tiles);  // past the end: the end
+    };
+    uint32_t pending = static_cast<uint32_t>(total_tiles);
+    if (dynamic && rank == 0 && tid == 0 && first_unit < total_tiles) pending = take_unit();
     for (int64_t t = first_unit, t_next; t < total_tiles; t = t_next) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, band);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       t_next = t + unit_stride;
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
@@ -519,13 +517,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           const int k0 = static_cast<int>(kt * kBK);
           next_stage([&](uint32_t a_dst, uint32_t b_dst) {
             if (dynamic && kt == 0) {
-              // The tile's first stage is free: cluster rank 0 takes the next unit and writes it into this stage's
-              // unit word in every CTA; the consumers read it when the stage is full. (The word's previous value
-              // was read before that stage was released, by the consumers of every CTA.)
+              // The tile's first stage is free: cluster rank 0 writes the next tile's unit into this stage's unit
+              // word in every CTA, whose producers wait for it here and whose consumers read it when the stage is
+              // full. (The word's previous value was read before that stage was released, by the consumers of
+              // every CTA. The unit barrier cannot complete two phases before a peer's producer waits on the first:
+              // the second needs a stage of this tile released by the peer's consumers, so filled by its producer
+              // after that wait, since every tile spans at least S stages.)
               if (rank == 0 && tid == 0) {
-                const int64_t taken = unit_stride + atomicAdd(&g_unit_counter[0], 1u);
-                const uint32_t unit = static_cast<uint32_t>(taken < total_tiles ? taken : total_tiles);
-                for (uint32_t r = 0; r < kCluster; ++r) publish_unit(unit_words + 4 * stage, unit_bar, r, unit);
+                for (uint32_t r = 0; r < kCluster; ++r) publish_unit(unit_words + 4 * stage, unit_bar, r, pending);
+                if (pending < total_tiles) pending = take_unit();  // awaited only at the next tile's publish
               }
               mbar_wait_cluster(unit_bar, units_taken++ & 1);
               t_next = s_unit[stage];
@@ -638,16 +638,6 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
-    if (dynamic && rank == 0 && tid == 0) {
-      // This cluster took its last unit (past the end). The last cluster to get here resets the counter: every
-      // other cluster's takes came before its count (fenced), so none reads the counter after the reset.
-      __threadfence();
-      if (atomicAdd(&g_unit_counter[1], 1u) == static_cast<unsigned>(unit_stride) - 1) {
-        g_unit_counter[0] = 0;
-        g_unit_counter[1] = 0;
-        __threadfence();
-      }
-    }
   } else {
     // ---- consumers ----
     const int consumer = warpgroup - 1;  // output rows consumer·64 … +63 of the tile
@@ -675,7 +665,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int stage = 0, prev_stage = 0;
     uint32_t phase = 0;
     for (int64_t t = first_unit, t_next; t < total_tiles; t = t_next) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs, band);
+      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       t_next = t + unit_stride;  // dynamic units: the unit word of the tile's first stage
       // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
       int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
@@ -947,7 +937,23 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
 #endif
   const int kernel_variant =
       (variant & kDiagTnOnly) && kKind != GemmKind::tn ? variant & ~(kDiagNoStore | kDiagNoA) : variant;
-  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, kernel_variant, tn_tma), "gemm_sm90_kernel");
+  // Dynamic units (nt/nn): the clusters take their units after the first from a counter as they finish one, so
+  // that the units sharing a weight tile (neighbours in the unit order) run at nearly the same time and find it
+  // in L2, however the clusters have drifted apart; with every unit_stride-th unit per cluster they drift by up to
+  // a tile, and at Qwen3-235B-A22B GEMM1 read its 3.2 GB of weights from DRAM 3-4 times (NOTES, session 21). Where
+  // every tile spans at least S stages (the unit barrier's protocol) and the clusters have several tiles each (the
+  // counter's memset is then a small part). FUSEDMOE_SM90_DYNAMIC=0 / 1: off / on wherever the protocol allows.
+  static const int dynamic_env = env_equals("FUSEDMOE_SM90_DYNAMIC", "0") ? 0
+                                 : env_equals("FUSEDMOE_SM90_DYNAMIC", "1") ? 1
+                                                                            : -1;
+  const int64_t clusters = config.gridDim.x / kCluster;
+  const bool dynamic = kKind != GemmKind::tn && (p.K + kBK - 1) / kBK >= Cfg::kStages &&
+                       (dynamic_env == 1 || (dynamic_env == -1 && units >= 8 * clusters));
+  const Scratch pooled_counter(dynamic && p.unit_counter == nullptr ? sizeof(unsigned) : 0, stream);
+  unsigned* unit_counter = !dynamic ? nullptr : p.unit_counter != nullptr ? p.unit_counter : pooled_counter.as<unsigned>();
+  if (dynamic) check_cuda(cudaMemsetAsync(unit_counter, 0, sizeof(unsigned), stream), "cudaMemsetAsync (unit counter)");
+  check_cuda(cudaLaunchKernelEx(&config, kernel, p, units, b_map, kernel_variant, tn_tma, unit_counter),
+             "gemm_sm90_kernel");
   return true;
 }
 
