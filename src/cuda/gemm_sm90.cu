@@ -939,16 +939,22 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
       (variant & kDiagTnOnly) && kKind != GemmKind::tn ? variant & ~(kDiagNoStore | kDiagNoA) : variant;
   // Dynamic units (nt/nn): the clusters take their units after the first from a counter as they finish one, so
   // that the units sharing a weight tile (neighbours in the unit order) run at nearly the same time and find it
-  // in L2, however the clusters have drifted apart; with every unit_stride-th unit per cluster they drift by up to
-  // a tile, and at Qwen3-235B-A22B GEMM1 read its 3.2 GB of weights from DRAM 3-4 times (NOTES, session 21). Where
-  // every tile spans at least S stages (the unit barrier's protocol) and the clusters have several tiles each (the
-  // counter's memset is then a small part). FUSEDMOE_SM90_DYNAMIC=0 / 1: off / on wherever the protocol allows.
+  // in L2 however far the clusters have drifted apart; with every unit_stride-th unit per cluster they drift by up
+  // to a tile. The heuristic takes them where a group's weight is large beside L2 (50 MB) and the clusters have
+  // several tiles each (the counter's memset then costs little). Measured on an H200 (NOTES, session 21): at
+  // Qwen3-235B-A22B (T=16384), GEMM1 with its 25 MB per expert read 10.4 -> 6.1 GB from DRAM and ran 5.38 ->
+  // 5.21 ms (the clock rose 1.60 -> 1.64 GHz under the power limit), dX 5.20 -> 5.12; with 12.6 MB (235B's GEMM2
+  // and dA) and 3–6 MB (Qwen3-30B-A3B) level to 1.7% slower, as the take costs a little per tile and L2 already
+  // held the weights. The protocol needs every tile to span at least S stages (the unit barrier's phases).
+  // FUSEDMOE_SM90_DYNAMIC=0 / 1: off / on wherever the protocol allows.
   static const int dynamic_env = env_equals("FUSEDMOE_SM90_DYNAMIC", "0") ? 0
                                  : env_equals("FUSEDMOE_SM90_DYNAMIC", "1") ? 1
                                                                             : -1;
+  constexpr int64_t kLargeGroupWeight = int64_t{16} << 20;  // bytes
   const int64_t clusters = config.gridDim.x / kCluster;
+  const bool heuristic_dynamic = p.N * p.K * static_cast<int64_t>(sizeof(T)) >= kLargeGroupWeight && units >= 8 * clusters;
   const bool dynamic = kKind != GemmKind::tn && (p.K + kBK - 1) / kBK >= Cfg::kStages &&
-                       (dynamic_env == 1 || (dynamic_env == -1 && units >= 8 * clusters));
+                       (dynamic_env == 1 || (dynamic_env == -1 && heuristic_dynamic));
   const Scratch pooled_counter(dynamic && p.unit_counter == nullptr ? sizeof(unsigned) : 0, stream);
   unsigned* unit_counter = !dynamic ? nullptr : p.unit_counter != nullptr ? p.unit_counter : pooled_counter.as<unsigned>();
   if (dynamic) check_cuda(cudaMemsetAsync(unit_counter, 0, sizeof(unsigned), stream), "cudaMemsetAsync (unit counter)");
