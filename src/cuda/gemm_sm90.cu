@@ -30,6 +30,12 @@
 // group's end must read as zeros), are copied with cp.async. (All-cp.async dW1 stalled 38% of its warp
 // samples on the stage barriers with L2 at 56% and DRAM at 27%: latency-bound.)
 //
+// Work units: each CTA (cluster) takes one unit at a time, its first by its index, the rest either every
+// gridDim-th (static) or, for nt/nn where the launch lends a zeroed counter ("dynamic units", launch), from the
+// counter as it finishes one: cluster rank 0's producer takes a unit a tile ahead and publishes it through a
+// per-stage word and an mbarrier to every CTA of the cluster, whose consumers read it with the tile's first stage.
+// Then the units that share a weight tile run at nearly the same time wherever the CTAs have drifted to.
+//
 // BN = 256 where the output is at least that wide, else 128. GEMM1 may run "gated": a tile's B rows are
 // BN/2 gate rows and the matching BN/2 up rows, so the epilogue also writes SiLU(gate)·up.
 //
