@@ -166,15 +166,6 @@ __device__ __forceinline__ void publish_unit(uint32_t word, uint32_t bar, uint32
   asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote_word), "r"(unit) : "memory");
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
 }
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
 __device__ __forceinline__ uint32_t cluster_rank() {
   uint32_t r;
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
@@ -533,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                 for (uint32_t r = 0; r < kCluster; ++r) publish_unit(unit_words + 4 * stage, unit_bar, r, pending);
                 if (pending < total_tiles) pending = take_unit();  // awaited only at the next tile's publish
               }
-              mbar_wait_cluster(unit_bar, units_taken++ & 1);
+              mbar_wait<true>(unit_bar, units_taken++ & 1);
               t_next = s_unit[stage];
             }
             if (tid == 0) {

@@ -20,14 +20,20 @@ __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
+// Spins until the barrier's phase of the given parity completed. kClusterAcquire: acquire at cluster scope, to see
+// what a peer CTA wrote into this CTA's shared memory before its release.cluster arrival.
+template <bool kClusterAcquire = false>
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\n"
-      "WAIT:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
+#define FUSEDMOE_MBAR_WAIT(sem)                                                      \
+  asm volatile(                                                                      \
+      "{\n.reg .pred done;\n"                                                        \
+      "WAIT:\n"                                                                      \
+      "mbarrier.try_wait.parity" sem ".shared::cta.b64 done, [%0], %1;\n"            \
+      "@!done bra WAIT;\n}\n" ::"r"(bar),                                            \
+      "r"(parity)                                                                    \
+      : "memory")
+  if constexpr (kClusterAcquire) FUSEDMOE_MBAR_WAIT(".acquire.cluster"); else FUSEDMOE_MBAR_WAIT("");
+#undef FUSEDMOE_MBAR_WAIT
 }
 
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
