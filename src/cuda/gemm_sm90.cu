@@ -949,7 +949,8 @@ bool launch(const Problem<T, OutT>& p, int64_t groups, int64_t M_total, int sms,
                                                                             : -1;
   constexpr int64_t kLargeGroupWeight = int64_t{16} << 20;  // bytes
   const int64_t clusters = config.gridDim.x / kCluster;
-  const bool heuristic_dynamic = p.N * p.K * static_cast<int64_t>(sizeof(T)) >= kLargeGroupWeight && units >= 8 * clusters;
+  const bool heuristic_dynamic =
+      p.N * p.K * static_cast<int64_t>(sizeof(T)) >= kLargeGroupWeight && units >= 8 * clusters;
   const bool dynamic = kKind != GemmKind::tn && (p.K + kBK - 1) / kBK >= Cfg::kStages &&
                        (dynamic_env == 1 || (dynamic_env == -1 && heuristic_dynamic));
   const Scratch pooled_counter(dynamic && p.unit_counter == nullptr ? sizeof(unsigned) : 0, stream);
