@@ -152,17 +152,19 @@ struct TileClock {
 // release: it only tells the peer's producer that this CTA's wgmmas, already complete, are done reading a
 // stage. A cluster-scope release would compile to a GPU-wide memory barrier (MEMBAR.ALL.GPU) per stage,
 // which waits for the epilogue's outstanding global stores: measured 2.40 vs 1.55 ms for GEMM1.
-__device__ __forceinline__ void mbar_arrive_in_cta(uint32_t bar, uint32_t rank) {
+// The address of this CTA's shared-memory location `addr` in CTA `rank` of the cluster.
+__device__ __forceinline__ uint32_t in_cta(uint32_t addr, uint32_t rank) {
   uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(addr), "r"(rank));
+  return remote;
+}
+__device__ __forceinline__ void mbar_arrive_in_cta(uint32_t bar, uint32_t rank) {
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(in_cta(bar, rank)) : "memory");
 }
 // Dynamic units: cluster rank 0 publishes the next unit into the unit word of every CTA of the cluster and
 // arrives on each CTA's unit barrier (cluster-scope release: once per tile, so its memory barrier is cheap).
 __device__ __forceinline__ void publish_unit(uint32_t word, uint32_t bar, uint32_t rank, uint32_t unit) {
-  uint32_t remote_word, remote_bar;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_word) : "r"(word), "r"(rank));
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote_bar) : "r"(bar), "r"(rank));
+  const uint32_t remote_word = in_cta(word, rank), remote_bar = in_cta(bar, rank);
   asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote_word), "r"(unit) : "memory");
   asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar) : "memory");
 }
@@ -371,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t empty_bar = full_bar + S * 8;  // S barriers: stage consumed (8 consumer warps per CTA of the cluster)
   // Dynamic units: the barrier of a published unit, then per stage the unit after the tile whose first stage it is.
   const uint32_t unit_bar = empty_bar + S * 8, unit_words = unit_bar + 8;
-  volatile int32_t* s_unit = reinterpret_cast<volatile int32_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8 + 8);
+  volatile int32_t* s_unit = reinterpret_cast<volatile int32_t*>(smem + (unit_words - stages));
   // tn: [2 buffers][A, B][kSlotChunk] byte offsets of the staged rows (MnMajorCopy::kPastEnd past the group's end).
   int64_t* s_row_off = reinterpret_cast<int64_t*>(smem + S * Cfg::kStageBytes + 2 * S * 8 + Cfg::kUnitBytes);
   static_assert((2 * S * 8 + Cfg::kUnitBytes) % 16 == 0, "s_row_off is read as 16-byte pairs");

@@ -2,6 +2,8 @@
 // the dX pass (backward: the k slot products of a token added into dX).
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace fusedmoe::detail::cuda {
@@ -59,12 +61,12 @@ void sum_slot_rows(const R* rows, const W* weights, O* out, int64_t T, int k, in
   const int64_t items = wide ? T * (cols / 8) : T * cols;
   const int64_t needed = (items + kSlotSumThreads - 1) / kSlotSumThreads;
   const int sms = current_device_info().sms;
-  if (wide)
-    sum_slot_rows_kernel<8, R, W, O><<<resident_grid<sum_slot_rows_kernel<8, R, W, O>, kSlotSumThreads>(needed, sms), kSlotSumThreads,
-                                       0, stream>>>(rows, weights, out, T, k, cols, accumulate);
-  else
-    sum_slot_rows_kernel<1, R, W, O><<<resident_grid<sum_slot_rows_kernel<1, R, W, O>, kSlotSumThreads>(needed, sms), kSlotSumThreads,
-                                       0, stream>>>(rows, weights, out, T, k, cols, accumulate);
+  auto launch = [&](auto group) {
+    constexpr int G = decltype(group)::value;
+    const unsigned grid = resident_grid<sum_slot_rows_kernel<G, R, W, O>, kSlotSumThreads>(needed, sms);
+    sum_slot_rows_kernel<G, R, W, O><<<grid, kSlotSumThreads, 0, stream>>>(rows, weights, out, T, k, cols, accumulate);
+  };
+  if (wide) launch(std::integral_constant<int, 8>{}); else launch(std::integral_constant<int, 1>{});
   check_launch("sum_slot_rows_kernel");
 }
 
