@@ -81,9 +81,9 @@ if $PY -c "import fusedmoe.bench" >/dev/null 2>&1; then
   cat "$OUT/bench.log" | tail -40
   if [ "${GPU_CHECK_TARGETS:-0}" = 1 ]; then
     $PY -m fusedmoe.bench --model qwen3-235b-a22b --tokens 16384 --modes fwd --impls fusedmoe torch_grouped_mm \
-      --repeats 5 --out "$OUT/bench_235b" >"$OUT/bench_235b.log" 2>&1
+      --repeats 20 --out "$OUT/bench_235b" >"$OUT/bench_235b.log" 2>&1
     note "benchmark Qwen3-235B-A22B" "exit $? (bench_235b.log)"
-    $PY -m fusedmoe.bench --tokens 16384 --modes fwd fwdbwd --impls fusedmoe --skew 2.0 --repeats 5 \
+    $PY -m fusedmoe.bench --tokens 16384 --modes fwd fwdbwd --impls fusedmoe --skew 2.0 --repeats 20 \
       --out "$OUT/bench_skew" >"$OUT/bench_skew.log" 2>&1
     note "benchmark skew 2.0" "exit $? (bench_skew.log)"
     grep -E "^ +[0-9]+ +[0-9.]+ +[0-9]" "$OUT/bench_235b.log" "$OUT/bench_skew.log" | sed 's|.*/||'

@@ -10,7 +10,10 @@ other experts implementation transformers exposes; and the dense equivalent (two
 same FLOPs: the ceiling of any grouped GEMM). Each is checked against a float64 reference with the same
 routing at a small T before it is timed; a wrong one is marked, not timed.
 FLOPs: forward 6·T·k·H·I, backward 12·T·k·H·I (6 with frozen experts); the router is excluded.
-Timing: CUDA events after warm-up, the median of --repeats runs (host clock on the CPU).
+Timing: CUDA events after warm-up, the median of --repeats runs (host clock on the CPU). The warm-up runs
+at least --warmup steps and, on a GPU, at least --warmup-ms of them back to back: a large step (Qwen3-235B-A22B,
+T=16384) takes ~10 ms, and three of them leave the card in its first, faster clocks before the power limit acts,
+so short warm-ups timed the same code 8% apart from run to run (NOTES, session 22).
 """
 from __future__ import annotations
 
@@ -212,12 +215,22 @@ def expert_load(x, gate, k):
 
 
 class Timer:
-    def __init__(self, device):
+    def __init__(self, device, warmup_ms=0.0):
         self.cuda = device.type == "cuda"
+        self.warmup_ms = warmup_ms
 
     def __call__(self, fn, warmup, repeats):
-        for _ in range(warmup):
+        start = time.perf_counter()
+        steps = 0
+        # Steps of a sustained loop until both the step count and the time are reached (synchronised, so the
+        # host clock measures the GPU's time); the cap keeps a tiny step's warm-up finite.
+        while steps < warmup or (steps < 100_000 and (time.perf_counter() - start) * 1e3 < self.warmup_ms):
             fn()
+            steps += 1
+            if self.cuda and steps % 8 == 0:
+                torch.cuda.synchronize()
+        if self.cuda:
+            torch.cuda.synchronize()
         times = []
         for _ in range(repeats):
             if self.cuda:
@@ -302,7 +315,10 @@ def parse_args(argv=None):
     ap.add_argument("--impls", nargs="+", default=None, help="implementations (default: all available)")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps before timing (at least)")
+    ap.add_argument("--warmup-ms", type=float, default=None,
+                    help="GPU: warm-up time before timing (at least; default 500, 50 with --quick), so every "
+                         "implementation is timed in the card's sustained clocks (0: --warmup steps only)")
     ap.add_argument("--check-tokens", type=int, default=64, help="T of the correctness check before timing")
     ap.add_argument("--quick", action="store_true", help="a fast smoke run: few tokens and repeats")
     ap.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
@@ -334,7 +350,9 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     weights, direction = make_weights(shape, device, dtype, args.skew, gen)
     impls, skipped = build_impls(names, shape, weights, norm, device, dtype, autotune=not args.no_autotune)
-    timer = Timer(device)
+    warmup_ms = args.warmup_ms if args.warmup_ms is not None else (
+        0.0 if device.type == "cpu" else 50.0 if args.quick else 500.0)
+    timer = Timer(device, warmup_ms)
 
     # Correctness first, at a small T, against float64 with the same routing decisions.
     x_check = make_tokens(args.check_tokens, shape.H, device, dtype, args.skew, direction, gen)
@@ -387,7 +405,8 @@ def main(argv=None):
     progress(n_jobs, n_jobs, "done")
 
     result = dict(machine=machine_info(device), shape=vars(shape), norm_topk_prob=norm, dtype=str(dtype),
-                  skew=args.skew, repeats=repeats, warmup=args.warmup, copy_bandwidth_bytes_per_s=bw,
+                  skew=args.skew, repeats=repeats, warmup=args.warmup, warmup_ms=timer.warmup_ms,
+                  copy_bandwidth_bytes_per_s=bw,
                   flops_formula="forward 6*T*k*H*I; backward 12*T*k*H*I (6 with frozen experts); router excluded",
                   checks=checks, skipped=skipped, results=rows)
     os.makedirs(args.out, exist_ok=True)
@@ -438,6 +457,9 @@ def print_table(result):
     print(f"\nfusedmoe-bench on {m.get('gpu') or m.get('cpu')} | torch {m['torch']} | transformers "
           f"{m['transformers']} | shape {result['shape']} | {result['dtype']} | skew {result['skew']}")
     print(f"FLOPs: {result['flops_formula']}")
+    if "repeats" in result:
+        print(f"Timing: median of {result['repeats']} steps after a warm-up of at least {result['warmup']} steps and "
+              f"{result.get('warmup_ms', 0):g} ms")
     for name, why in result["skipped"].items():
         print(f"  skipped {name}: {why}")
     impls = list(dict.fromkeys(r["impl"] for r in rows))

@@ -43,3 +43,26 @@ def test_table_lists_peak_memory_where_measured(capsys):
         r.pop("peak_extra_mib", None)
     bench.print_table(result)
     assert "peak MiB" not in capsys.readouterr().out
+
+
+def test_timer_warms_up_for_steps_and_time_then_takes_the_median():
+    import time
+
+    import torch
+    from fusedmoe import bench
+
+    calls = []
+
+    def step():
+        calls.append(time.perf_counter())
+        time.sleep(0.002)
+
+    # At least 40 ms of 2 ms steps: about 20 warm-up steps, more than the 3 asked for, then 5 timed ones.
+    ms = bench.Timer(torch.device("cpu"), warmup_ms=40.0)(step, 3, 5)
+    warm = len(calls) - 5
+    assert warm >= 3 and calls[warm] - calls[0] >= 0.039  # the first timed step starts after the 40 ms
+    assert 1.5 <= ms < 50
+    # Without a warm-up time the step count alone decides.
+    calls.clear()
+    bench.Timer(torch.device("cpu"))(step, 4, 2)
+    assert len(calls) == 6
