@@ -13,7 +13,9 @@ FLOPs: forward 6·T·k·H·I, backward 12·T·k·H·I (6 with frozen experts); t
 Timing: CUDA events after warm-up, the median of --repeats runs (host clock on the CPU). The warm-up runs
 at least --warmup steps and, on a GPU, at least --warmup-ms of them back to back: a large step (Qwen3-235B-A22B,
 T=16384) takes ~10 ms, and three of them leave the card in its first, faster clocks before the power limit acts,
-so short warm-ups timed the same code 8% apart from run to run (NOTES, session 22).
+so short warm-ups timed the same code 8% apart from run to run (NOTES, session 22). Where NVML reads the card,
+each row also gets the median SM clock, the mean power and the energy per step over that sustained loop (the
+warm-up's second half and the timed steps), and whether the power cap held the clock.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedmoe
+from fusedmoe.gpu_meter import GpuMeter, Window
 
 PRESETS = {
     "qwen3-30b-a3b": dict(hidden=2048, intermediate=768, experts=128, top_k=8),
@@ -215,22 +218,34 @@ def expert_load(x, gate, k):
 
 
 class Timer:
-    def __init__(self, device, warmup_ms=0.0):
+    """The median time of `repeats` steps after the warm-up; with a GPU meter, `last` holds the clock and power
+    over the second half of the warm-up and the timed steps (the sustained state being measured)."""
+
+    def __init__(self, device, warmup_ms=0.0, meter=None):
         self.cuda = device.type == "cuda"
         self.warmup_ms = warmup_ms
+        self.meter = meter if meter is not None and meter.active else None
+        self.last: dict = {}
 
     def __call__(self, fn, warmup, repeats):
         start = time.perf_counter()
+        window = Window(self.meter, time.perf_counter) if self.meter else None
         steps = 0
         # Steps of a sustained loop until both the step count and the time are reached (synchronised, so the
         # host clock measures the GPU's time); the cap keeps a tiny step's warm-up finite.
         while steps < warmup or (steps < 100_000 and (time.perf_counter() - start) * 1e3 < self.warmup_ms):
             fn()
             steps += 1
-            if self.cuda and steps % 8 == 0:
-                torch.cuda.synchronize()
+            if steps % 8 == 0:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                if window and (time.perf_counter() - start) * 1e3 >= self.warmup_ms / 2:
+                    window.open(steps)
+                    window.sample()
         if self.cuda:
             torch.cuda.synchronize()
+        if window:
+            window.open(steps)
         times = []
         for _ in range(repeats):
             if self.cuda:
@@ -244,6 +259,9 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+            if window:
+                window.sample()
+        self.last = window.summary(steps + repeats) if window else {}
         return statistics.median(times)
 
 
@@ -352,7 +370,7 @@ def main(argv=None):
     impls, skipped = build_impls(names, shape, weights, norm, device, dtype, autotune=not args.no_autotune)
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (
         0.0 if device.type == "cpu" else 50.0 if args.quick else 500.0)
-    timer = Timer(device, warmup_ms)
+    timer = Timer(device, warmup_ms, GpuMeter(device))
 
     # Correctness first, at a small T, against float64 with the same routing decisions.
     x_check = make_tokens(args.check_tokens, shape.H, device, dtype, args.skew, direction, gen)
@@ -445,7 +463,7 @@ def run_one(fn, x, mode, timer, warmup, repeats, device, shape):
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     ms = timer(step, warmup, repeats)
-    res = dict(ms=ms)
+    res = dict(ms=ms, **timer.last)
     if device.type == "cuda":
         res["peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
     return res
@@ -481,18 +499,33 @@ def print_table(result):
             load = sel[0]["max_over_mean_load"] if sel else float("nan")
             print(f"{T:>7} {load:>5.2f} " + " ".join(cells) + f" {ratio:>6.2f}")
         print_peaks([r for r in rows if r["mode"] == mode], impls)
+        print_power([r for r in rows if r["mode"] == mode], impls)
 
 
 def print_peaks(rows, impls):
     """Per T, each implementation's peak device memory above what the step's inputs held (CUDA runs only)."""
-    if not any("peak_extra_mib" in r for r in rows):
+    print_per_tokens(rows, impls, "peak MiB above the inputs", "peak_extra_mib",
+                     lambda r: f"{r['peak_extra_mib']:.0f}")
+
+
+def print_power(rows, impls):
+    """Per T, each implementation's median SM clock, mean power and energy per step over its sustained loop
+    (the warm-up's second half and the timed steps; CUDA runs where NVML reads the card)."""
+    print_per_tokens(rows, impls, "SM clock, power, energy per step (*: at the power cap)", "sm_mhz",
+                     lambda r: f"{r['sm_mhz']} MHz" + (f" {r['watts']:.0f} W {r['joules_per_step']:.2f} J"
+                                                       if "watts" in r else "")
+                     + ("*" if r.get("power_capped", 0) >= 0.5 else ""))
+
+
+def print_per_tokens(rows, impls, title, key, cell):
+    if not any(key in r for r in rows):
         return
-    print(f"{'':>13} peak MiB above the inputs")
+    print(f"{'':>13} {title}")
     for T in dict.fromkeys(r["tokens"] for r in rows):
         cells = []
         for n in impls:
             r = next((r for r in rows if r["tokens"] == T and r["impl"] == n), None)
-            cells.append(f"{r['peak_extra_mib']:>22.0f}" if r is not None and "peak_extra_mib" in r else f"{'-':>22}")
+            cells.append(f"{cell(r):>22}" if r is not None and key in r else f"{'-':>22}")
         print(f"{T:>7} {'':>5} " + " ".join(cells))
 
 

@@ -66,3 +66,66 @@ def test_timer_warms_up_for_steps_and_time_then_takes_the_median():
     calls.clear()
     bench.Timer(torch.device("cpu"))(step, 4, 2)
     assert len(calls) == 6
+
+
+class FakeMeter:
+    """A card at 1500 MHz under its power cap that draws 2000 W (its energy counter runs with the host clock)."""
+    active = True
+
+    def sm_clock_mhz(self):
+        return 1500
+
+    def clock_limit_reasons(self):
+        return 0x4
+
+    def energy_mj(self):
+        import time
+        return int(time.perf_counter() * 2e6)
+
+
+def test_timer_reports_clock_power_and_energy_over_the_sustained_loop():
+    import time
+
+    import torch
+    from fusedmoe import bench
+
+    def step():
+        time.sleep(0.002)
+
+    timer = bench.Timer(torch.device("cpu"), warmup_ms=40.0, meter=FakeMeter())
+    t_start = time.perf_counter()
+    timer(step, 3, 5)
+    got = timer.last
+    assert got["sm_mhz"] == 1500 and got["power_capped"] == 1.0 and got["slowdown"] == 0.0
+    assert 1500 <= got["watts"] <= 2500  # the fake's 2000 W, read through the host clock
+    assert 0.010 <= got["window_s"] < time.perf_counter() - t_start  # the timed steps and part of the warm-up
+    assert 0.9 * 4.0 <= got["joules_per_step"] <= 5 * 4.0  # 2000 W over steps of at least 2 ms: 4 J or more
+    # Without a meter (or with an inactive one): no readings.
+    assert bench.Timer(torch.device("cpu"), meter=None).last == {}
+    inactive = bench.Timer(torch.device("cpu"), meter=bench.GpuMeter(torch.device("cpu")))
+    inactive(step, 1, 1)
+    assert inactive.last == {}
+
+
+def test_gpu_meter_is_inactive_off_the_gpu():
+    import torch
+    from fusedmoe.gpu_meter import GpuMeter
+
+    m = GpuMeter(torch.device("cpu"))
+    assert not m.active
+    assert m.sm_clock_mhz() is None and m.energy_mj() is None and m.clock_limit_reasons() is None
+
+
+def test_table_lists_clock_and_power_where_measured(capsys):
+    from fusedmoe import bench
+
+    row = dict(mode="fwd", tokens=4096, tflops=1.0, max_over_mean_load=1.0)
+    rows = [dict(row, impl="fusedmoe", ms=1.0, sm_mhz=1575, watts=563.4, joules_per_step=0.512, power_capped=0.9),
+            dict(row, impl="torch_grouped_mm", ms=2.0, sm_mhz=1710, power_capped=0.1),  # no energy counter
+            dict(row, impl="dense_equivalent", ms=0.5)]
+    result = dict(results=rows, skipped={}, shape={}, dtype="bf16", skew=0.0, flops_formula="",
+                  machine=dict(gpu="test card", torch="x", transformers="y"))
+    bench.print_table(result)
+    out = capsys.readouterr().out
+    line = out.split("SM clock, power, energy per step")[1].splitlines()[1]
+    assert line.split() == ["4096", "1575", "MHz", "563", "W", "0.51", "J*", "1710", "MHz", "-"]

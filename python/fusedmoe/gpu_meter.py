@@ -1,0 +1,113 @@
+"""The GPU's SM clock, energy counter and clock-limit reasons through NVML, for the benchmark.
+
+Hopper cards run sustained MoE steps at their power limit, where the clock, not the kernel, sets much of the
+time (NOTES, sessions 19 and 22): the benchmark reports each implementation's clock and power beside its time.
+The driver's libnvidia-ml is loaded with ctypes (no Python package needed); where it cannot be (no driver, a
+GPU NVML does not list, an older driver without a call), the meter is inactive and its readings are None.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import torch
+
+_CLOCK_SM = 1  # nvmlClockType_t NVML_CLOCK_SM
+# nvmlClocksEventReasons: the software power cap and the hardware / thermal slowdowns.
+POWER_CAP = 0x4
+SLOWDOWNS = 0x8 | 0x20 | 0x40 | 0x80
+
+
+class GpuMeter:
+    def __init__(self, device: torch.device):
+        self._calls: dict = {}
+        self._handle = None
+        if device.type != "cuda":
+            return
+        try:
+            nvml = ctypes.CDLL("libnvidia-ml.so.1")
+            if nvml.nvmlInit_v2() != 0:
+                return
+            # The CUDA device's own card, found by its PCI address (CUDA_VISIBLE_DEVICES may renumber the cards).
+            p = torch.cuda.get_device_properties(device)
+            bus_id = f"{p.pci_domain_id:08X}:{p.pci_bus_id:02X}:{p.pci_device_id:02X}.0".encode()
+            by_bus = nvml.nvmlDeviceGetHandleByPciBusId_v2
+            by_bus.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p)]
+            handle = ctypes.c_void_p()
+            if by_bus(bus_id, ctypes.byref(handle)) != 0:
+                return
+        except (OSError, AttributeError):  # no library, or a symbol / device property this version lacks
+            return
+        # Each reading: (the first of its entry points this driver exports, its value type, leading arguments).
+        for key, names, ctype, args in (
+                ("sm_clock", ("nvmlDeviceGetClockInfo",), ctypes.c_uint, (_CLOCK_SM,)),
+                ("energy", ("nvmlDeviceGetTotalEnergyConsumption",), ctypes.c_ulonglong, ()),
+                ("reasons", ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons"),
+                 ctypes.c_ulonglong, ())):
+            fn = next((getattr(nvml, n) for n in names if hasattr(nvml, n)), None)
+            if fn is not None:
+                fn.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * len(args) + [ctypes.POINTER(ctype)]
+                self._calls[key] = (fn, ctype, args)
+        self._handle = handle
+
+    @property
+    def active(self) -> bool:
+        return self._handle is not None
+
+    def _read(self, key: str):
+        if key not in self._calls:
+            return None
+        fn, ctype, args = self._calls[key]
+        value = ctype()
+        return value.value if fn(self._handle, *args, ctypes.byref(value)) == 0 else None
+
+    def sm_clock_mhz(self) -> Optional[int]:
+        return self._read("sm_clock")
+
+    def energy_mj(self) -> Optional[int]:
+        """The card's energy counter in millijoules (since the driver loaded)."""
+        return self._read("energy")
+
+    def clock_limit_reasons(self) -> Optional[int]:
+        return self._read("reasons")
+
+
+class Window:
+    """Readings over a stretch of steps: the energy counter at both ends, the clock and limit reasons sampled
+    in between. summary() gives the median SM clock, the mean power, the energy per step and the share of
+    samples at the power cap, or {} where the meter read nothing."""
+
+    def __init__(self, meter: GpuMeter, clock):
+        self.meter, self.clock = meter, clock
+        self.start = None
+        self.clocks: list = []
+        self.reasons: list = []
+
+    def open(self, steps: int):
+        if self.start is None:
+            self.start = (self.meter.energy_mj(), self.clock(), steps)
+
+    def sample(self):
+        if self.start is None:
+            return
+        mhz, why = self.meter.sm_clock_mhz(), self.meter.clock_limit_reasons()
+        if mhz is not None:
+            self.clocks.append(mhz)
+        if why is not None:
+            self.reasons.append(why)
+
+    def summary(self, steps: int) -> dict:
+        if self.start is None:
+            return {}
+        energy0, t0, steps0 = self.start
+        energy1, t1 = self.meter.energy_mj(), self.clock()
+        out = {}
+        if self.clocks:
+            out["sm_mhz"] = sorted(self.clocks)[len(self.clocks) // 2]
+        if self.reasons:
+            out["power_capped"] = sum(bool(r & POWER_CAP) for r in self.reasons) / len(self.reasons)
+            out["slowdown"] = sum(bool(r & SLOWDOWNS) for r in self.reasons) / len(self.reasons)
+        if energy0 is not None and energy1 is not None and t1 > t0 and steps > steps0:
+            joules = (energy1 - energy0) / 1e3
+            out.update(watts=joules / (t1 - t0), joules_per_step=joules / (steps - steps0), window_s=t1 - t0)
+        return out
