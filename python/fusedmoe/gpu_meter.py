@@ -59,7 +59,11 @@ class GpuMeter:
             return None
         fn, ctype, args = self._calls[key]
         value = ctype()
-        return value.value if fn(self._handle, *args, ctypes.byref(value)) == 0 else None
+        try:
+            ok = fn(self._handle, *args, ctypes.byref(value)) == 0
+        except ctypes.ArgumentError:
+            ok = False
+        return value.value if ok else None
 
     def sm_clock_mhz(self) -> Optional[int]:
         return self._read("sm_clock")
