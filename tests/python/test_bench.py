@@ -129,3 +129,62 @@ def test_table_lists_clock_and_power_where_measured(capsys):
     out = capsys.readouterr().out
     line = out.split("SM clock, power, energy per step")[1].splitlines()[1]
     assert line.split() == ["4096", "1575", "MHz", "563", "W", "0.51", "J*", "1710", "MHz", "-"]
+
+
+def test_gpu_meter_reads_the_card_at_its_pci_address_through_nvml(monkeypatch):
+    """GpuMeter against a stand-in for libnvidia-ml (this machine may have no driver): the card is looked up by
+    the CUDA device's PCI address, each reading goes through its entry point, the older name of the clock-limit
+    reasons call serves where the newer is missing, and a failing call reads None."""
+    import ctypes
+    import types
+
+    import torch
+    from fusedmoe import gpu_meter
+
+    calls = []
+
+    class FakeNvml:
+        def nvmlInit_v2(self):
+            return 0
+
+    lib = FakeNvml()
+
+    def entry(name, body):
+        def fn(*args):
+            calls.append(name)
+            return body(*args)
+        setattr(lib, name, fn)
+
+    def by_bus(bus_id, handle_ref):
+        if bus_id != b"00000000:1B:00.0":
+            return 1
+        handle_ref._obj.value = 0xCAFE
+        return 0
+
+    def put(value):
+        def body(handle, *rest):
+            assert handle.value == 0xCAFE
+            rest[-1]._obj.value = value
+            return 0
+        return body
+
+    entry("nvmlDeviceGetHandleByPciBusId_v2", by_bus)
+    entry("nvmlDeviceGetClockInfo", lambda handle, clock, ref: put(1755)(handle, ref) if clock == 1 else 2)
+    entry("nvmlDeviceGetTotalEnergyConsumption", put(123456789))
+    entry("nvmlDeviceGetCurrentClocksThrottleReasons", put(0x4))  # only the pre-535 name
+    monkeypatch.setattr(gpu_meter.ctypes, "CDLL", lambda name: lib)
+    props = types.SimpleNamespace(pci_domain_id=0, pci_bus_id=0x1B, pci_device_id=0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    m = gpu_meter.GpuMeter(torch.device("cuda", 0))
+    assert m.active
+    assert (m.sm_clock_mhz(), m.energy_mj(), m.clock_limit_reasons()) == (1755, 123456789, 0x4)
+    assert lib.nvmlDeviceGetClockInfo.argtypes[1] is ctypes.c_int
+    # A card NVML does not list at that address: inactive, nothing read.
+    props.pci_bus_id = 0x1C
+    other = gpu_meter.GpuMeter(torch.device("cuda", 0))
+    assert not other.active and other.sm_clock_mhz() is None
+    # A failing call reads None.
+    entry("nvmlDeviceGetTotalEnergyConsumption", lambda handle, ref: 3)
+    props.pci_bus_id = 0x1B
+    assert gpu_meter.GpuMeter(torch.device("cuda", 0)).energy_mj() is None
