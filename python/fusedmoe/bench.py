@@ -229,7 +229,7 @@ class Timer:
 
     def __call__(self, fn, warmup, repeats):
         start = time.perf_counter()
-        window = Window(self.meter, time.perf_counter) if self.meter else None
+        window = Window(self.meter) if self.meter else None
         steps = 0
         # Steps of a sustained loop until both the step count and the time are reached (synchronised, so the
         # host clock measures the GPU's time); the cap keeps a tiny step's warm-up finite.

@@ -8,6 +8,7 @@ GPU NVML does not list, an older driver without a call), the meter is inactive a
 from __future__ import annotations
 
 import ctypes
+import time
 from typing import Optional
 
 import torch
@@ -81,15 +82,15 @@ class Window:
     in between. summary() gives the median SM clock, the mean power, the energy per step and the share of
     samples at the power cap, or {} where the meter read nothing."""
 
-    def __init__(self, meter: GpuMeter, clock):
-        self.meter, self.clock = meter, clock
+    def __init__(self, meter: GpuMeter):
+        self.meter = meter
         self.start = None
         self.clocks: list = []
         self.reasons: list = []
 
     def open(self, steps: int):
         if self.start is None:
-            self.start = (self.meter.energy_mj(), self.clock(), steps)
+            self.start = (self.meter.energy_mj(), time.perf_counter(), steps)
 
     def sample(self):
         if self.start is None:
@@ -104,7 +105,7 @@ class Window:
         if self.start is None:
             return {}
         energy0, t0, steps0 = self.start
-        energy1, t1 = self.meter.energy_mj(), self.clock()
+        energy1, t1 = self.meter.energy_mj(), time.perf_counter()
         out = {}
         if self.clocks:
             out["sm_mhz"] = sorted(self.clocks)[len(self.clocks) // 2]
