@@ -78,22 +78,43 @@ class GpuMeter:
 
 
 class Window:
-    """Readings over a stretch of steps: the energy counter at both ends, the clock and limit reasons sampled
-    in between. summary() gives the median SM clock, the mean power, the energy per step and the share of
-    samples at the power cap, or {} where the meter read nothing."""
+    """Readings over a stretch of steps: the energy counter after every step, the clock and limit reasons at
+    the steps sample(full=True) marks. summary() gives the median SM clock, the mean power, the energy per step
+    and the share of samples at the power cap, or {} where the meter read nothing.
+
+    The driver refreshes the energy counter only every so often (tens of milliseconds on Hopper), so its
+    difference over a window of a few hundred milliseconds, divided by the host clock, is off by up to a whole
+    refresh period at each end (session 23's first H200 run read 913 W under a 700 W limit that way). The mean
+    power is therefore taken between the first and the last refresh seen inside the window: the energy between
+    two refreshes over the host time between the reads that first saw them."""
+
+    # Fewer than this many seconds between the first and last refresh seen: too few to give a mean power.
+    MIN_SPAN_S = 0.05
 
     def __init__(self, meter: GpuMeter):
         self.meter = meter
         self.start = None
         self.clocks: list = []
         self.reasons: list = []
+        self.refreshes: list = []  # (host time, counter) at each read that saw the counter change
 
     def open(self, steps: int):
         if self.start is None:
-            self.start = (self.meter.energy_mj(), time.perf_counter(), steps)
+            now = time.perf_counter()
+            self.start = (now, steps)
+            self._last_energy = self.meter.energy_mj()
 
-    def sample(self):
+    def _read_energy(self):
+        energy, now = self.meter.energy_mj(), time.perf_counter()
+        if energy is not None and self._last_energy is not None and energy != self._last_energy:
+            self.refreshes.append((now, energy))
+        self._last_energy = energy
+
+    def sample(self, full: bool = True):
         if self.start is None:
+            return
+        self._read_energy()
+        if not full:
             return
         mhz, why = self.meter.sm_clock_mhz(), self.meter.clock_limit_reasons()
         if mhz is not None:
@@ -104,15 +125,19 @@ class Window:
     def summary(self, steps: int) -> dict:
         if self.start is None:
             return {}
-        energy0, t0, steps0 = self.start
-        energy1, t1 = self.meter.energy_mj(), time.perf_counter()
+        self._read_energy()
+        t0, steps0 = self.start
+        t1 = time.perf_counter()
         out = {}
         if self.clocks:
             out["sm_mhz"] = sorted(self.clocks)[len(self.clocks) // 2]
         if self.reasons:
             out["power_capped"] = sum(bool(r & POWER_CAP) for r in self.reasons) / len(self.reasons)
             out["slowdown"] = sum(bool(r & SLOWDOWNS) for r in self.reasons) / len(self.reasons)
-        if energy0 is not None and energy1 is not None and t1 > t0 and steps > steps0:
-            joules = (energy1 - energy0) / 1e3
-            out.update(watts=joules / (t1 - t0), joules_per_step=joules / (steps - steps0), window_s=t1 - t0)
+        if len(self.refreshes) >= 2 and steps > steps0:
+            (ta, ea), (tb, eb) = self.refreshes[0], self.refreshes[-1]
+            if tb - ta >= self.MIN_SPAN_S:
+                watts = (eb - ea) / 1e3 / (tb - ta)
+                out.update(watts=watts, joules_per_step=watts * (t1 - t0) / (steps - steps0), window_s=t1 - t0,
+                           energy_refreshes=len(self.refreshes))
         return out

@@ -92,7 +92,7 @@ def test_timer_reports_clock_power_and_energy_over_the_sustained_loop():
     def step():
         time.sleep(0.002)
 
-    timer = bench.Timer(torch.device("cpu"), warmup_ms=40.0, meter=FakeMeter())
+    timer = bench.Timer(torch.device("cpu"), warmup_ms=150.0, meter=FakeMeter())
     t_start = time.perf_counter()
     timer(step, 3, 5)
     got = timer.last
@@ -105,6 +105,41 @@ def test_timer_reports_clock_power_and_energy_over_the_sustained_loop():
     inactive = bench.Timer(torch.device("cpu"), meter=bench.GpuMeter(torch.device("cpu")))
     inactive(step, 1, 1)
     assert inactive.last == {}
+
+
+class CoarseMeter(FakeMeter):
+    """The fake card's 2000 W, but its energy counter moves only every `period` seconds (as NVML's does)."""
+
+    def __init__(self, period):
+        self.period = period
+
+    def energy_mj(self):
+        import time
+        t = time.perf_counter()
+        return int((t - t % self.period) * 2e6)
+
+
+def test_timer_takes_power_between_energy_counter_refreshes():
+    import time
+
+    import torch
+    from fusedmoe import bench
+
+    def step():
+        time.sleep(0.002)
+
+    # A 25 ms refresh against a ~110 ms window: the counter's raw difference over the host clock would be off by
+    # up to 2 x 25 / 110; between refreshes it is off by about a step.
+    timer = bench.Timer(torch.device("cpu"), warmup_ms=200.0, meter=CoarseMeter(0.025))
+    timer(step, 3, 5)
+    got = timer.last
+    assert got["energy_refreshes"] >= 3
+    assert 0.85 * 2000 <= got["watts"] <= 1.15 * 2000
+    assert 0.85 * 4.0 <= got["joules_per_step"] <= 12.0  # ~2000 W over steps of 2 ms and a little more
+    # A counter that does not refresh twice inside the window gives no power (the clock is still read).
+    timer = bench.Timer(torch.device("cpu"), warmup_ms=40.0, meter=CoarseMeter(10.0))
+    timer(step, 3, 5)
+    assert "watts" not in timer.last and "joules_per_step" not in timer.last and timer.last["sm_mhz"] == 1500
 
 
 def test_gpu_meter_is_inactive_off_the_gpu():
