@@ -47,6 +47,20 @@ def main():
                 powers.append(mw.value / 1e3)
             last = e
     torch.cuda.synchronize()
+    for name, read in (("SM clock", meter.sm_clock_mhz), ("clock-limit reasons", meter.clock_limit_reasons),
+                       ("energy counter", meter.energy_mj)):
+        for busy in (False, True):
+            if busy:
+                for _ in range(10):
+                    a @ b
+            t = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                read()
+                t.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+            print(f"one read of the {name}: {statistics.median(t) * 1e6:.1f} us (median of 20, "
+                  f"{'card busy' if busy else 'card idle'})")
     gaps = [(b[0] - a[0]) * 1e3 for a, b in zip(changes, changes[1:])]
     print(f"energy counter: {reads} reads, one read {statistics.median(costs) * 1e6:.1f} us (median), "
           f"{len(changes)} refreshes")

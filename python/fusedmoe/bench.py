@@ -236,14 +236,11 @@ class Timer:
         while steps < warmup or (steps < 100_000 and (time.perf_counter() - start) * 1e3 < self.warmup_ms):
             fn()
             steps += 1
-            full = steps % 8 == 0
-            if full and self.cuda:
-                torch.cuda.synchronize()
-            if window:
-                if full and (time.perf_counter() - start) * 1e3 >= self.warmup_ms / 2:
-                    window.open(steps)
-                # The energy counter after every step (its refreshes timed closely), the clock every eighth.
-                window.sample(full)
+            if steps % 8 == 0:
+                if self.cuda:
+                    torch.cuda.synchronize()
+                if window and (time.perf_counter() - start) * 1e3 >= self.warmup_ms / 2:
+                    window.open(steps)  # its thread reads the card from here on
         if self.cuda:
             torch.cuda.synchronize()
         if window:
@@ -261,8 +258,6 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-            if window:
-                window.sample()
         self.last = window.summary(steps + repeats) if window else {}
         return statistics.median(times)
 
@@ -336,6 +331,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=3, help="warm-up steps before timing (at least)")
+    ap.add_argument("--no-meter", action="store_true",
+                    help="do not read the card's clock and power through NVML (a thread does, during each "
+                         "implementation's sustained loop)")
     ap.add_argument("--warmup-ms", type=float, default=None,
                     help="GPU: warm-up time before timing (at least; default 500, 50 with --quick), so every "
                          "implementation is timed in the card's sustained clocks (0: --warmup steps only)")
@@ -372,7 +370,7 @@ def main(argv=None):
     impls, skipped = build_impls(names, shape, weights, norm, device, dtype, autotune=not args.no_autotune)
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (
         0.0 if device.type == "cpu" else 50.0 if args.quick else 500.0)
-    timer = Timer(device, warmup_ms, GpuMeter(device))
+    timer = Timer(device, warmup_ms, None if args.no_meter else GpuMeter(device))
 
     # Correctness first, at a small T, against float64 with the same routing decisions.
     x_check = make_tokens(args.check_tokens, shape.H, device, dtype, args.skew, direction, gen)

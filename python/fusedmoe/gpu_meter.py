@@ -8,6 +8,7 @@ GPU NVML does not list, an older driver without a call), the meter is inactive a
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 from typing import Optional
 
@@ -78,18 +79,22 @@ class GpuMeter:
 
 
 class Window:
-    """Readings over a stretch of steps: the energy counter after every step, the clock and limit reasons at
-    the steps sample(full=True) marks. summary() gives the median SM clock, the mean power, the energy per step
-    and the share of samples at the power cap, or {} where the meter read nothing.
+    """Readings over a stretch of steps, taken by a thread of their own from open() to summary(): the energy
+    counter, the SM clock and the clock-limit reasons, over and over. summary() gives the median SM clock, the
+    mean power, the energy per step and the share of samples at the power cap, or {} where nothing was read.
 
-    The driver refreshes the energy counter only every so often (tens of milliseconds on Hopper), so its
-    difference over a window of a few hundred milliseconds, divided by the host clock, is off by up to a whole
-    refresh period at each end (session 23's first H200 run read 913 W under a 700 W limit that way). The mean
-    power is therefore taken between the first and the last refresh seen inside the window: the energy between
-    two refreshes over the host time between the reads that first saw them."""
+    A thread, because a read can take milliseconds (an H200's energy counter: 3.5 ms, session 23): read between
+    the steps, it would leave the card idle and cool and no longer in the sustained state being timed. The
+    thread waits in the library call without the GIL, so the loop launching the steps goes on meanwhile.
 
-    # Fewer than this many seconds between the first and last refresh seen: too few to give a mean power.
-    MIN_SPAN_S = 0.05
+    The driver refreshes the energy counter only every ~100 ms (H200), so its difference over a window of a few
+    hundred milliseconds, divided by the host clock, is off by up to a refresh period at each end (session 23's
+    first H200 run read 913 W under a 700 W limit that way). The mean power is taken between the first and the
+    last refresh seen inside the window instead: the energy between them over the host time between the reads
+    that first saw them."""
+
+    MIN_SPAN_S = 0.05  # a mean power needs refreshes at least this far apart
+    PERIOD_S = 0.002   # the least time between two rounds of reads (where reads are fast)
 
     def __init__(self, meter: GpuMeter):
         self.meter = meter
@@ -97,37 +102,39 @@ class Window:
         self.clocks: list = []
         self.reasons: list = []
         self.refreshes: list = []  # (host time, counter) at each read that saw the counter change
+        self._stop = threading.Event()
+        self._thread = None
 
     def open(self, steps: int):
-        if self.start is None:
+        if self.start is not None:
+            return
+        self.start = (time.perf_counter(), steps)
+        self._thread = threading.Thread(target=self._sample, name="fusedmoe-gpu-meter", daemon=True)
+        self._thread.start()
+
+    def _sample(self):
+        last = self.meter.energy_mj()
+        while True:
+            energy = self.meter.energy_mj()
             now = time.perf_counter()
-            self.start = (now, steps)
-            self._last_energy = self.meter.energy_mj()
-
-    def _read_energy(self):
-        energy, now = self.meter.energy_mj(), time.perf_counter()
-        if energy is not None and self._last_energy is not None and energy != self._last_energy:
-            self.refreshes.append((now, energy))
-        self._last_energy = energy
-
-    def sample(self, full: bool = True):
-        if self.start is None:
-            return
-        self._read_energy()
-        if not full:
-            return
-        mhz, why = self.meter.sm_clock_mhz(), self.meter.clock_limit_reasons()
-        if mhz is not None:
-            self.clocks.append(mhz)
-        if why is not None:
-            self.reasons.append(why)
+            if energy is not None and last is not None and energy != last:
+                self.refreshes.append((now, energy))
+            last = energy
+            mhz, why = self.meter.sm_clock_mhz(), self.meter.clock_limit_reasons()
+            if mhz is not None:
+                self.clocks.append(mhz)
+            if why is not None:
+                self.reasons.append(why)
+            if self._stop.wait(self.PERIOD_S):
+                return
 
     def summary(self, steps: int) -> dict:
         if self.start is None:
             return {}
-        self._read_energy()
-        t0, steps0 = self.start
         t1 = time.perf_counter()
+        self._stop.set()
+        self._thread.join()
+        t0, steps0 = self.start
         out = {}
         if self.clocks:
             out["sm_mhz"] = sorted(self.clocks)[len(self.clocks) // 2]

@@ -142,6 +142,30 @@ def test_timer_takes_power_between_energy_counter_refreshes():
     assert "watts" not in timer.last and "joules_per_step" not in timer.last and timer.last["sm_mhz"] == 1500
 
 
+class SlowMeter(FakeMeter):
+    """Each energy read takes 20 ms (an H200's takes 3.5 ms), waiting without the GIL as a ctypes call does."""
+
+    def energy_mj(self):
+        import time
+        time.sleep(0.02)
+        return super().energy_mj()
+
+
+def test_timer_reads_the_card_beside_the_steps_not_between_them():
+    import time
+
+    import torch
+    from fusedmoe import bench
+
+    def step():
+        time.sleep(0.002)
+
+    timer = bench.Timer(torch.device("cpu"), warmup_ms=200.0, meter=SlowMeter())
+    ms = timer(step, 3, 10)
+    assert ms < 10.0  # a step's 2 ms, not 2 + 20
+    assert 0.85 * 2000 <= timer.last["watts"] <= 1.15 * 2000
+
+
 def test_gpu_meter_is_inactive_off_the_gpu():
     import torch
     from fusedmoe.gpu_meter import GpuMeter
