@@ -218,8 +218,9 @@ def expert_load(x, gate, k):
 
 
 class Timer:
-    """The median time of `repeats` steps after the warm-up; with a GPU meter, `last` holds the clock and power
-    over the second half of the warm-up and the timed steps (the sustained state being measured)."""
+    """The median time of `repeats` steps after the warm-up; `last` holds the steps' 10th and 90th percentiles
+    and, with a GPU meter, the clock and power over the second half of the warm-up and the timed steps (the
+    sustained state being measured)."""
 
     def __init__(self, device, warmup_ms=0.0, meter=None):
         self.cuda = device.type == "cuda"
@@ -259,6 +260,9 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         self.last = window.summary(steps + repeats) if window else {}
+        if len(times) >= 2:  # the spread of the timed steps, beside their median
+            q = statistics.quantiles(times, n=10, method="inclusive")
+            self.last.update(ms_p10=q[0], ms_p90=q[-1])
         return statistics.median(times)
 
 

@@ -94,8 +94,9 @@ def test_timer_reports_clock_power_and_energy_over_the_sustained_loop():
 
     timer = bench.Timer(torch.device("cpu"), warmup_ms=150.0, meter=FakeMeter())
     t_start = time.perf_counter()
-    timer(step, 3, 5)
+    ms = timer(step, 3, 5)
     got = timer.last
+    assert 2.0 <= got["ms_p10"] <= ms <= got["ms_p90"]  # the timed steps' spread around their median
     assert got["sm_mhz"] == 1500 and got["power_capped"] == 1.0 and got["slowdown"] == 0.0
     assert 1500 <= got["watts"] <= 2500  # the fake's 2000 W, read through the host clock
     assert 0.010 <= got["window_s"] < time.perf_counter() - t_start  # the timed steps and part of the warm-up
