@@ -229,8 +229,20 @@ class Timer:
         self.last: dict = {}
 
     def __call__(self, fn, warmup, repeats):
-        start = time.perf_counter()
         window = Window(self.meter) if self.meter else None
+        try:
+            times, steps = self._run(fn, warmup, repeats, window)
+            self.last = window.summary(steps + repeats) if window else {}
+        finally:
+            if window:
+                window.close()  # (a step that raised leaves no thread reading the card)
+        if len(times) >= 2:  # the spread of the timed steps, beside their median
+            q = statistics.quantiles(times, n=10, method="inclusive")
+            self.last.update(ms_p10=q[0], ms_p90=q[-1])
+        return statistics.median(times)
+
+    def _run(self, fn, warmup, repeats, window):
+        start = time.perf_counter()
         steps = 0
         # Steps of a sustained loop until both the step count and the time are reached (synchronised, so the
         # host clock measures the GPU's time); the cap keeps a tiny step's warm-up finite.
@@ -259,11 +271,7 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-        self.last = window.summary(steps + repeats) if window else {}
-        if len(times) >= 2:  # the spread of the timed steps, beside their median
-            q = statistics.quantiles(times, n=10, method="inclusive")
-            self.last.update(ms_p10=q[0], ms_p90=q[-1])
-        return statistics.median(times)
+        return times, steps
 
 
 def copy_bandwidth(device):

@@ -133,12 +133,17 @@ class Window:
             if self._stop.wait(pause):
                 return
 
+    def close(self):
+        """Stops the reading thread (summary() does; call it where the steps end otherwise, e.g. on an error)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
     def summary(self, steps: int) -> dict:
         if self.start is None:
             return {}
         t1 = time.perf_counter()
-        self._stop.set()
-        self._thread.join()
+        self.close()
         t0, steps0 = self.start
         out = {}
         if self.clocks:

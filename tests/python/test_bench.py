@@ -167,6 +167,32 @@ def test_timer_reads_the_card_beside_the_steps_not_between_them():
     assert 0.85 * 2000 <= timer.last["watts"] <= 1.15 * 2000
 
 
+def test_timer_stops_reading_the_card_when_a_step_raises():
+    import threading
+
+    import pytest
+    import torch
+    from fusedmoe import bench
+
+    import time
+
+    def reading():
+        return any(t.name == "fusedmoe-gpu-meter" for t in threading.enumerate())
+
+    seen = []
+
+    def step():  # the window opens after 20 ms (at the 16th step); the 22nd step fails
+        time.sleep(0.002)
+        seen.append(reading())
+        if len(seen) == 22:
+            raise RuntimeError("out of memory")
+
+    timer = bench.Timer(torch.device("cpu"), warmup_ms=40.0, meter=FakeMeter())
+    with pytest.raises(RuntimeError):
+        timer(step, 3, 5)
+    assert seen[-1] and not reading()
+
+
 def test_gpu_meter_is_inactive_off_the_gpu():
     import torch
     from fusedmoe.gpu_meter import GpuMeter
