@@ -218,14 +218,20 @@ def expert_load(x, gate, k):
 
 
 class Timer:
-    """The median time of `repeats` steps after the warm-up; `last` holds the steps' 10th and 90th percentiles
-    and, with a GPU meter, the clock and power over the second half of the warm-up and the timed steps (the
-    sustained state being measured)."""
+    """The median time of `repeats` synchronised steps after the warm-up; `last` holds the steps' 10th and 90th
+    percentiles, with back_to_back the time per step of `repeats` more steps run without a synchronisation
+    between them, and with a GPU meter the clock and power over the second half of the warm-up and the timed
+    steps (the sustained state being measured).
 
-    def __init__(self, device, warmup_ms=0.0, meter=None):
+    A synchronised step starts on an idle GPU, which waits for the host until the step's first kernel is
+    launched (0.05-0.23 ms for fusedmoe at T=4096, varying with the host's speed from process to process;
+    NOTES, session 23). Back to back the host runs ahead and the GPU's own time per step shows."""
+
+    def __init__(self, device, warmup_ms=0.0, meter=None, back_to_back=False):
         self.cuda = device.type == "cuda"
         self.warmup_ms = warmup_ms
         self.meter = meter if meter is not None and meter.active else None
+        self.back_to_back = back_to_back
         self.last: dict = {}
 
     def __call__(self, fn, warmup, repeats):
@@ -236,10 +242,27 @@ class Timer:
         finally:
             if window:
                 window.close()  # (a step that raised leaves no thread reading the card)
+        if self.back_to_back and repeats > 0:
+            self.last["ms_back_to_back"] = self._back_to_back(fn, repeats)
         if len(times) >= 2:  # the spread of the timed steps, beside their median
             q = statistics.quantiles(times, n=10, method="inclusive")
             self.last.update(ms_p10=q[0], ms_p90=q[-1])
         return statistics.median(times)
+
+    def _back_to_back(self, fn, repeats):
+        """ms per step over `repeats` steps launched without a synchronisation between them."""
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(repeats):
+                fn()
+            b.record()
+            b.synchronize()
+            return a.elapsed_time(b) / repeats
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / repeats
 
     def _run(self, fn, warmup, repeats, window):
         start = time.perf_counter()
@@ -382,7 +405,7 @@ def main(argv=None):
     impls, skipped = build_impls(names, shape, weights, norm, device, dtype, autotune=not args.no_autotune)
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (
         0.0 if device.type == "cpu" else 50.0 if args.quick else 500.0)
-    timer = Timer(device, warmup_ms, None if args.no_meter else GpuMeter(device))
+    timer = Timer(device, warmup_ms, None if args.no_meter else GpuMeter(device), back_to_back=device.type == "cuda")
 
     # Correctness first, at a small T, against float64 with the same routing decisions.
     x_check = make_tokens(args.check_tokens, shape.H, device, dtype, args.skew, direction, gen)
@@ -510,8 +533,16 @@ def print_table(result):
             ratio = by["torch_grouped_mm"] / by["fusedmoe"] if "fusedmoe" in by and "torch_grouped_mm" in by else float("nan")
             load = sel[0]["max_over_mean_load"] if sel else float("nan")
             print(f"{T:>7} {load:>5.2f} " + " ".join(cells) + f" {ratio:>6.2f}")
+        print_back_to_back([r for r in rows if r["mode"] == mode], impls)
         print_peaks([r for r in rows if r["mode"] == mode], impls)
         print_power([r for r in rows if r["mode"] == mode], impls)
+
+
+def print_back_to_back(rows, impls):
+    """Per T, each implementation's ms per step when steps run back to back (CUDA runs): the GPU's own time,
+    without the wait for the host at each synchronised step's start."""
+    print_per_tokens(rows, impls, "ms per step back to back (no sync between steps)", "ms_back_to_back",
+                     lambda r: f"{r['ms_back_to_back']:.3f}")
 
 
 def print_peaks(rows, impls):

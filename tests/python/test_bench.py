@@ -193,6 +193,27 @@ def test_timer_stops_reading_the_card_when_a_step_raises():
     assert seen[-1] and not reading()
 
 
+def test_timer_times_steps_back_to_back_as_well():
+    import time
+
+    import torch
+    from fusedmoe import bench
+
+    calls = []
+
+    def step():
+        calls.append(1)
+        time.sleep(0.002)
+
+    timer = bench.Timer(torch.device("cpu"), back_to_back=True)
+    timer(step, 3, 5)
+    assert len(calls) == 3 + 5 + 5  # the warm-up, the synchronised steps, the back-to-back ones
+    assert 2.0 <= timer.last["ms_back_to_back"] < 10.0
+    plain = bench.Timer(torch.device("cpu"))
+    plain(step, 1, 2)
+    assert "ms_back_to_back" not in plain.last
+
+
 def test_gpu_meter_is_inactive_off_the_gpu():
     import torch
     from fusedmoe.gpu_meter import GpuMeter
@@ -206,7 +227,8 @@ def test_table_lists_clock_and_power_where_measured(capsys):
     from fusedmoe import bench
 
     row = dict(mode="fwd", tokens=4096, tflops=1.0, max_over_mean_load=1.0)
-    rows = [dict(row, impl="fusedmoe", ms=1.0, sm_mhz=1575, watts=563.4, joules_per_step=0.512, power_capped=0.9),
+    rows = [dict(row, impl="fusedmoe", ms=1.0, sm_mhz=1575, watts=563.4, joules_per_step=0.512, power_capped=0.9,
+                 ms_back_to_back=0.875),
             dict(row, impl="torch_grouped_mm", ms=2.0, sm_mhz=1710, power_capped=0.1),  # no energy counter
             dict(row, impl="dense_equivalent", ms=0.5)]
     result = dict(results=rows, skipped={}, shape={}, dtype="bf16", skew=0.0, flops_formula="",
@@ -215,6 +237,8 @@ def test_table_lists_clock_and_power_where_measured(capsys):
     out = capsys.readouterr().out
     line = out.split("SM clock, power, energy per step")[1].splitlines()[1]
     assert line.split() == ["4096", "1575", "MHz", "563", "W", "0.51", "J*", "1710", "MHz", "-"]
+    line = out.split("ms per step back to back")[1].splitlines()[1]
+    assert line.split() == ["4096", "0.875", "-", "-"]
 
 
 def test_gpu_meter_reads_the_card_at_its_pci_address_through_nvml(monkeypatch):
