@@ -44,17 +44,9 @@ def sampled(label, fn):
 
 def loops(step):
     """(synchronised median ms, back-to-back ms per step) over STEPS steps after a warm-up."""
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    synced = Timer(torch.device("cuda"))(step, 0, STEPS)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(STEPS):
-        step()
-    b.record()
-    b.synchronize()
-    return f"synchronised {synced:7.3f} ms, back to back {a.elapsed_time(b) / STEPS:7.3f} ms"
+    timer = Timer(torch.device("cuda"), back_to_back=True)
+    synced = timer(step, 5, STEPS)
+    return f"synchronised {synced:7.3f} ms, back to back {timer.last['ms_back_to_back']:7.3f} ms"
 
 
 def main():
