@@ -2,12 +2,15 @@
 # Where a kernel's warps wait: ncu PC sampling of one launch, the hottest SASS instructions by stall samples
 # (with their stall reasons) and the warp-state summary. Expects build/gpu (scripts/gpu_check.sh or
 # scripts/gpu_ab.sh built it).  STALL_KERNEL=regex (default: the sm90 GEMMs)  STALL_SKIP=n launches to skip.
+# STALL_NAME_BASE=demangled matches the regex against the full demangled name, template arguments included (ncu's
+# default, function, has none: e.g. STALL_NAME_BASE=demangled STALL_KERNEL='gemm_sm90_kernel<__nv_bfloat16,
+# __nv_bfloat16, 256, 2' picks the 16-bit dW GEMMs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"
 rep=build/stalls
 rm -f "$rep.ncu-rep"
-ncu --clock-control none -k "regex:${STALL_KERNEL:-gemm_sm90}" --launch-skip "${STALL_SKIP:-1}" --launch-count 1 \
+ncu --clock-control none --kernel-name-base "${STALL_NAME_BASE:-function}" -k "regex:${STALL_KERNEL:-gemm_sm90}" --launch-skip "${STALL_SKIP:-1}" --launch-count 1 \
   --section WarpStateStats --section SourceCounters --section SpeedOfLight -o "$rep" \
   ./build/gpu/moe_example --tokens "${STALL_TOKENS:-16384}" --repeats 1 >build/stalls.log 2>&1 || { tail -20 build/stalls.log; exit 1; }
 ncu --import "$rep.ncu-rep" --page details --section WarpStateStats --section SpeedOfLight 2>&1 | grep -vE "^\s*$|----" | head -60
