@@ -13,9 +13,11 @@ FLOPs: forward 6·T·k·H·I, backward 12·T·k·H·I (6 with frozen experts); t
 Timing: CUDA events after warm-up, the median of --repeats runs (host clock on the CPU). The warm-up runs
 at least --warmup steps and, on a GPU, at least --warmup-ms of them back to back: a large step (Qwen3-235B-A22B,
 T=16384) takes ~10 ms, and three of them leave the card in its first, faster clocks before the power limit acts,
-so short warm-ups timed the same code 8% apart from run to run (NOTES, session 22). Where NVML reads the card,
-each row also gets the median SM clock, the mean power and the energy per step over that sustained loop (the
-warm-up's second half and the timed steps), and whether the power cap held the clock.
+so short warm-ups timed the same code 8% apart from run to run (NOTES, session 22). On a GPU each row also
+gets the time per step of as many steps run back to back (the GPU's own time, without the wait for the host at
+a synchronised step's start), and, where NVML reads the card, the median SM clock, the mean power and the energy
+per step over that sustained loop (the warm-up's second half and the timed steps), and whether the power cap
+held the clock.
 """
 from __future__ import annotations
 

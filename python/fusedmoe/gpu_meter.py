@@ -1,7 +1,7 @@
 """The GPU's SM clock, energy counter and clock-limit reasons through NVML, for the benchmark.
 
-Hopper cards run sustained MoE steps at their power limit, where the clock, not the kernel, sets much of the
-time (NOTES, sessions 19 and 22): the benchmark reports each implementation's clock and power beside its time.
+Hopper cards run sustained MoE steps at their power limit, where the clock an implementation sustains is part of
+its time (NOTES, sessions 19, 22 and 23): the benchmark reports each implementation's clock and power beside it.
 The driver's libnvidia-ml is loaded with ctypes (no Python package needed); where it cannot be (no driver, a
 GPU NVML does not list, an older driver without a call), the meter is inactive and its readings are None.
 """
