@@ -1,0 +1,87 @@
+"""Per-kernel GPU time per step at the bench's steady state, for the fusedmoe block and the dense equivalent (and
+optionally the torch._grouped_mm block) side by side: which kernels the gap between them is made of under the
+conditions the targets are judged in (a sustained loop at the card's power limit), not under ncu's fixed clocks.
+
+Each implementation first runs its steps back to back for --warmup-ms (the bench's 500 ms), then --steps more
+under torch.profiler (CUDA activity only) without a synchronisation between them; the table gives each kernel's
+mean µs per step, the sum of the kernels, and the wall time per step of the profiled loop (CUDA events around it).
+    python scripts/steady_kernels.py [--modes fwd fwdbwd] [--grouped-mm] [--warmup-ms 500] [--steps 20] [T ...]"""
+import argparse
+import re
+import time
+from collections import defaultdict
+
+import torch
+
+from fusedmoe.bench import DenseEquivalent
+from host_overhead import make_impls, short, step_of  # this folder: the bench's impls and steps
+
+
+def kernel_name(name: str) -> str:
+    """A kernel's name without its arguments, short enough for a table row; the sm90 GEMMs keep the template
+    arguments that tell them apart (tile width, kind 0 nt / 1 nn / 2 tn, gated, cluster)."""
+    name = short(name)
+    head, _, tail = name.partition("<")
+    if head.endswith("gemm_sm90_kernel") and tail:
+        args = [a.strip() for a in tail.split(">(")[0].split(",")]
+        return "gemm_sm90<" + ",".join(re.sub(r"^\(.*\)", "", a) for a in args[1:6]) + ">"
+    return head.partition("(")[0][:100]
+
+
+def profile(step, warmup_ms, steps):
+    """(wall ms per step, {kernel: (µs per step, launches per step)}) of `steps` back-to-back steps after a
+    back-to-back warm-up of warmup_ms."""
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while (time.perf_counter() - t0) * 1e3 < warmup_ms:
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            row = per[kernel_name(e.name)]
+            row[0] += (e.time_range.end - e.time_range.start) / steps
+            row[1] += 1
+    return start.elapsed_time(end) / steps, {k: (v[0], v[1] / steps) for k, v in per.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("tokens", type=int, nargs="*", default=[16384])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
+    ap.add_argument("--grouped-mm", action="store_true", help="also the torch._grouped_mm block")
+    ap.add_argument("--warmup-ms", type=float, default=500.0)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    impls, shape = make_impls(dev, dt, gen, True, args.grouped_mm)
+    print(f"{torch.cuda.get_device_name(dev)}; warm-up {args.warmup_ms:.0f} ms back to back, then {args.steps} "
+          f"profiled steps back to back")
+    for T in args.tokens:
+        x = torch.randn(T, shape.H, device=dev, dtype=dt, generator=gen)
+        dense = DenseEquivalent(shape, T, dev, dt)
+        dense.params = list(dense.parameters())
+        for mode in args.modes:
+            backward = mode == "fwdbwd"
+            rows = {}
+            for name, fn in list(impls.items()) + [("dense", dense)]:
+                wall, kernels = profile(step_of(fn, x, backward), args.warmup_ms, args.steps)
+                rows[name] = (wall, kernels)
+            print(f"\nT={T} {mode}: wall ms per step / sum of kernels ms")
+            for name, (wall, kernels) in rows.items():
+                total = sum(us for us, _ in kernels.values()) / 1e3
+                print(f"  {name:18} {wall:8.3f} / {total:8.3f}")
+                for k, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
+                    print(f"      {us:9.1f} µs  x{n:4.1f}  {k}")
+
+
+if __name__ == "__main__":
+    main()
