@@ -5,7 +5,7 @@ conditions the targets are judged in (a sustained loop at the card's power limit
 Each implementation first runs its steps back to back for --warmup-ms (the bench's 500 ms), then --steps more
 under torch.profiler (CUDA activity only) without a synchronisation between them; the table gives each kernel's
 mean µs per step, the sum of the kernels, and the wall time per step of the profiled loop (CUDA events around it).
-    python scripts/steady_kernels.py [--modes fwd fwdbwd] [--grouped-mm] [--warmup-ms 500] [--steps 20] [T ...]"""
+    python scripts/steady_kernels.py [--tokens 16384 ...] [--modes fwd fwdbwd] [--grouped-mm] [--warmup-ms 500] [--steps 20]"""
 import argparse
 import re
 import time
@@ -54,7 +54,7 @@ def profile(step, warmup_ms, steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("tokens", type=int, nargs="*", default=[16384])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[16384])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--grouped-mm", action="store_true", help="also the torch._grouped_mm block")
     ap.add_argument("--warmup-ms", type=float, default=500.0)
