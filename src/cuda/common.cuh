@@ -238,10 +238,8 @@ struct DeviceRouting {
     const int64_t o = offsets ? offsets[e] : e * rows_per_group;
     return o < 0 ? 0 : (o > M ? M : o);
   }
-  __device__ __forceinline__ int64_t slot(int64_t i) const {
-    const int64_t s = gather[i];
-    return s < 0 ? 0 : (s >= M ? M - 1 : s);
-  }
+  __device__ __forceinline__ int64_t clamp_slot(int64_t s) const { return s < 0 ? 0 : (s >= M ? M - 1 : s); }
+  __device__ __forceinline__ int64_t slot(int64_t i) const { return clamp_slot(gather[i]); }
   __device__ __forceinline__ int64_t token_of(int64_t slot) const { return top_k_div(static_cast<uint32_t>(slot)); }
   __device__ __forceinline__ int64_t row(RowMap map, int64_t i) const {
     switch (map) {

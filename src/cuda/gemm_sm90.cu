@@ -666,21 +666,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t t = first_unit, t_next; t < total_tiles; t = t_next) {
       const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
       t_next = t + unit_stride;  // dynamic units: the unit word of the tile's first stage
-      // The epilogue's destination rows (and row scales), looked up now so the loads land during the mainloop.
-      int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
-      int64_t act_off[2] = {0, 0};    // gated: and in act
-      float row_scale[2] = {1.f, 1.f};
+      // The gather entries of the thread's two output rows (their slots, for a scattered C or row scales) are
+      // loaded now and used only after the mainloop, so the loads land meanwhile. (Used here, where the destination
+      // offsets were computed before, they stalled every tile's start for two dependent global-load latencies with
+      // the tensor cores idle: the clamping branched on each loaded value.)
+      const bool slot_rows = kKind != GemmKind::tn && (p.c_map != RowMap::identity || p.row_scale != nullptr);
+      int32_t slot_entry[2] = {0, 0};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
-        if constexpr (kKind == GemmKind::tn) {
-          if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
-        } else if (m < tile.rows) {
-          const int64_t i = tile.row_begin + m;
-          out_off[h] = rt.row(p.c_map, i) * p.ldc;
-          if constexpr (kGated) act_off[h] = i * p.ld_act;
-          if (p.row_scale) row_scale[h] = to_f32(p.row_scale[rt.slot(i)]);
-        }
+        if (slot_rows && m < tile.rows) slot_entry[h] = rt.gather[tile.row_begin + m];
       }
       // Zeroed here rather than with scale-d = 0 on the first wgmma: the accumulators are then dead from the
       // previous epilogue to this point, which keeps the tile switch from spilling them.
@@ -718,6 +713,22 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (variant & kDiagNoStore) {
         if (tile.k_tiles > 0) release(prev_stage);
         continue;
+      }
+      // The epilogue's destination rows and row scales.
+      int64_t out_off[2] = {-1, -1};  // element offsets of the thread's two output rows in C
+      int64_t act_off[2] = {0, 0};    // gated: and in act
+      float row_scale[2] = {1.f, 1.f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = tile.m0 + consumer * 64 + warp * 16 + lane / 4 + 8 * h;
+        if constexpr (kKind == GemmKind::tn) {
+          if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
+        } else if (m < tile.rows) {
+          const int64_t i = tile.row_begin + m, slot = rt.clamp_slot(slot_entry[h]);
+          out_off[h] = (p.c_map == RowMap::identity ? i : p.c_map == RowMap::slot ? slot : rt.token_of(slot)) * p.ldc;
+          if constexpr (kGated) act_off[h] = i * p.ld_act;
+          if (p.row_scale) row_scale[h] = to_f32(p.row_scale[slot]);
+        }
       }
       if constexpr (kKind == GemmKind::tn && sizeof(OutT) == 2) {
         if (p.c_transposed) {
