@@ -5,6 +5,8 @@
 #   GPU_CHECK_QUICK=1  skips the sanitizer and the long benchmark sweep.
 #   GPU_CHECK_TARGETS=1  also benchmarks the rest of issue #5's targets in the same call: Qwen3-235B-A22B forward
 #   and skewed routing (--skew 2.0) at T=16384 (bench_235b.log, bench_skew.log; ~2 minutes).
+#   GPU_CHECK_KERNELS=1  also lists each kernel's time per step at the bench's steady state, ours beside the dense
+#   equivalent's (scripts/steady_kernels.py at KERNELS_TOKENS, default "4096 16384"; steady_kernels.txt; ~1 minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -87,6 +89,10 @@ if $PY -c "import fusedmoe.bench" >/dev/null 2>&1; then
       --out "$OUT/bench_skew" >"$OUT/bench_skew.log" 2>&1
     note "benchmark skew 2.0" "exit $? (bench_skew.log)"
     grep -E "^ +[0-9]+ +[0-9.]+ +[0-9]" "$OUT/bench_235b.log" "$OUT/bench_skew.log" | sed 's|.*/||'
+  fi
+  if [ "${GPU_CHECK_KERNELS:-0}" = 1 ]; then
+    $PY scripts/steady_kernels.py --tokens ${KERNELS_TOKENS:-4096 16384} >"$OUT/steady_kernels.txt" 2>&1
+    note "per-kernel times, steady state" "exit $? (steady_kernels.txt)"
   fi
 else
   for T in 2048 16384; do
