@@ -5,7 +5,8 @@ conditions the targets are judged in (a sustained loop at the card's power limit
 Each implementation first runs its steps back to back for --warmup-ms (the bench's 500 ms), then --steps more
 under torch.profiler (CUDA activity only) without a synchronisation between them; the table gives each kernel's
 mean µs per step, the sum of the kernels, and the wall time per step of the profiled loop (CUDA events around it).
-    python scripts/steady_kernels.py [--tokens 16384 ...] [--modes fwd fwdbwd] [--grouped-mm] [--warmup-ms 500] [--steps 20]"""
+    python scripts/steady_kernels.py [--tokens 16384 ...] [--modes fwd fwdbwd] [--grouped-mm] [--warmup-ms 500]
+                                     [--steps 20]"""
 import argparse
 import re
 import time
