@@ -2,7 +2,7 @@
 # The per-tile timeline of the sm90 GEMMs (diagnostic build -DFUSEDMOE_SM90_TIMELINE) on the GPU machine, per
 # kernel variant: builds build/tl (moe_example only: no GoogleTest sources needed, so it also runs in another
 # source tree), runs it per variant and token count without the CPU oracle, and collects each run's report
-# (cycles per tile: first-stage wait, mainloop, epilogue) in $OUT/timeline.txt.
+# (cycles per tile: tile switch, first-stage wait, mainloop, epilogue) in $OUT/timeline.txt.
 #   TL_VARIANTS="A=ENV=VAL,ENV2=VAL B=..."  (default: the heuristic, named "default")
 #   TL_TOKENS="4096 16384"   TL_FLAGS="-DFUSEDMOE_SM90_DIAG_TN_KMAJOR_A" (extra CUDA flags of the build)
 #   Extra traffic during the nt/nn mainloop (gemm_sm90.cu, kDiagSmemRead…): TL_FLAGS="-DFUSEDMOE_SM90_DIAG_TRAFFIC"
