@@ -2,7 +2,8 @@
 `fusedmoe.bench` times), one family at a time with the others on the shipped heuristic, rounds interleaved.
 The autotuner times its choices in short loops on a cool card; this says whether the heuristic's choice still
 wins once the card sits at its power limit. Qwen3-30B-A3B, bf16, the bench's weights and tokens.
-    python scripts/steady_configs.py [--rounds N] [--modes fwd fwdbwd] [T ...]"""
+    python scripts/steady_configs.py [T ...] [--rounds N] [--modes fwd fwdbwd]
+(the token counts first: after --modes they would be read as more modes)"""
 import argparse
 
 import torch
