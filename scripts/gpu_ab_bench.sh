@@ -4,7 +4,8 @@
 # -C ab_old`). Builds both packages side by side (pip --target build/py_old, build/py_new) and the new tree's C++
 # tests and moe_example, runs the new tree's GPU tests, then `fusedmoe.bench` with the two packages' runs
 # interleaved (AB_ROUNDS rounds; the torch_grouped_mm block beside the new tree's), and ncu's per-kernel times of
-# one new-tree moe_example forward+backward at each AB_NCU_TOKENS. Output: $OUT/ab_bench.txt.
+# one new-tree moe_example forward+backward at each AB_NCU_TOKENS. AB_MID_TREES="ab_x ab_y" adds more trees (each
+# carried, built and benched like the old one, between old and new in every round). Output: $OUT/ab_bench.txt.
 #   AB_TOKENS="1 8 64 512 2048 4096 16384"   AB_MODES="fwd fwdbwd"   AB_ROUNDS=2   AB_NCU_TOKENS="64 2048 16384" (" ": none)
 #   AB_BENCH_EXTRA="--skew 2.0" (more fusedmoe.bench arguments)   AB_TEST_FILTER (gtest filter of the GPU tests)
 set -uo pipefail
@@ -18,19 +19,24 @@ t0=$(date +%s)
 pip_install() {  # tree, target
   rm -rf "$2" && python3 -m pip install --no-build-isolation --no-deps -q --target "$2" "$1" >"$2.log" 2>&1
 }
+mid_trees=${AB_MID_TREES:-}
 pip_install "./$old_tree" build/py_old & old_job=$!
 pip_install . build/py_new & new_job=$!
+mid_jobs=()
+for tree in $mid_trees; do pip_install "./$tree" "build/py_$tree" & mid_jobs+=($!); done
 { cmake -S . -B build/gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DFUSEDMOE_CUDA=ON &&
   cmake --build build/gpu -j 8 --target fusedmoe_tests moe_example; } >build/new_build.log 2>&1 ||
   { tail -30 build/new_build.log; exit 1; }
 wait $old_job || { tail -20 build/py_old.log; exit 1; }
 wait $new_job || { tail -20 build/py_new.log; exit 1; }
+i=0
+for tree in $mid_trees; do wait "${mid_jobs[$i]}" || { tail -20 "build/py_$tree.log"; exit 1; }; i=$((i + 1)); done
 echo "builds ok ($(( $(date +%s) - t0 )) s) on $(nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader | head -1)" | tee "$out"
 timeout ${AB_TEST_TIMEOUT:-300} ./build/gpu/fusedmoe_tests --gtest_brief=1 --gtest_filter="${AB_TEST_FILTER:-Cuda*:*/Cuda*}" >build/new_tests.log 2>&1
 echo "new tests: $(grep -E '^\[  (PASSED|FAILED)' build/new_tests.log | tr '\n' ' ')" | tee -a "$out"
 grep -E -B2 -A12 '^\[  FAILED  \]|Failure' build/new_tests.log | head -60 | tee -a "$out"
 for round in $(seq "${AB_ROUNDS:-2}"); do
-  for tree in old new; do
+  for tree in old $mid_trees new; do
     impls=fusedmoe; [ "$tree" = new ] && impls="fusedmoe torch_grouped_mm"
     PYTHONPATH="$PWD/build/py_$tree" python3 -m fusedmoe.bench --tokens ${AB_TOKENS:-1 8 64 512 2048 4096 16384} \
       --modes ${AB_MODES:-fwd fwdbwd} --impls $impls --repeats 20 ${AB_BENCH_EXTRA:-} --out "$OUT/bench_${tree}_$round" \
