@@ -8,6 +8,8 @@
 # carried, built and benched like the old one, between old and new in every round). Output: $OUT/ab_bench.txt.
 #   AB_TOKENS="1 8 64 512 2048 4096 16384"   AB_MODES="fwd fwdbwd"   AB_ROUNDS=2   AB_NCU_TOKENS="64 2048 16384" (" ": none)
 #   AB_BENCH_EXTRA="--skew 2.0" (more fusedmoe.bench arguments)   AB_TEST_FILTER (gtest filter of the GPU tests)
+#   AB_BENCH=0 (no fusedmoe.bench)   AB_STEADY_TOKENS="4096 16384" (each round, each tree: steady_kernels.py's
+#   per-kernel µs per step at those T, AB_STEADY_MODES="fwdbwd"; finer than the bench for a change of one kernel)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -37,6 +39,12 @@ echo "new tests: $(grep -E '^\[  (PASSED|FAILED)' build/new_tests.log | tr '\n' 
 grep -E -B2 -A12 '^\[  FAILED  \]|Failure' build/new_tests.log | head -60 | tee -a "$out"
 for round in $(seq "${AB_ROUNDS:-2}"); do
   for tree in old $mid_trees new; do
+    if [ -n "${AB_STEADY_TOKENS:-}" ]; then
+      echo "== $tree, round $round, steady kernels" | tee -a "$out"
+      PYTHONPATH="$PWD/build/py_$tree" python3 scripts/steady_kernels.py --tokens $AB_STEADY_TOKENS \
+        --modes ${AB_STEADY_MODES:-fwdbwd} 2>&1 | tee -a "$out"
+    fi
+    [ "${AB_BENCH:-1}" = 0 ] && continue
     impls=fusedmoe; [ "$tree" = new ] && impls="fusedmoe torch_grouped_mm"
     PYTHONPATH="$PWD/build/py_$tree" python3 -m fusedmoe.bench --tokens ${AB_TOKENS:-1 8 64 512 2048 4096 16384} \
       --modes ${AB_MODES:-fwd fwdbwd} --impls $impls --repeats 20 ${AB_BENCH_EXTRA:-} --out "$OUT/bench_${tree}_$round" \
