@@ -241,12 +241,16 @@ struct DeviceRouting {
   __device__ __forceinline__ int64_t clamp_slot(int64_t s) const { return s < 0 ? 0 : (s >= M ? M - 1 : s); }
   __device__ __forceinline__ int64_t slot(int64_t i) const { return clamp_slot(gather[i]); }
   __device__ __forceinline__ int64_t token_of(int64_t slot) const { return top_k_div(static_cast<uint32_t>(slot)); }
-  __device__ __forceinline__ int64_t row(RowMap map, int64_t i) const {
+  // The row `map` gives routed row i, whose clamped slot (read only by the token and slot maps) is `slot`.
+  __device__ __forceinline__ int64_t row_of(RowMap map, int64_t i, int64_t slot) const {
     switch (map) {
-      case RowMap::token: return token_of(slot(i));
-      case RowMap::slot: return slot(i);
+      case RowMap::token: return token_of(slot);
+      case RowMap::slot: return slot;
       default: return i;
     }
+  }
+  __device__ __forceinline__ int64_t row(RowMap map, int64_t i) const {
+    return row_of(map, i, map == RowMap::identity ? 0 : slot(i));
   }
 };
 

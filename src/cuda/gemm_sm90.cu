@@ -452,14 +452,28 @@ __global__ void __launch_bounds__(kThreads, 1)
     };
     // A tile's routed rows (nt/nn: A's rows; tn: the first chunk of gather entries) are looked up while
     // the CTA's previous tile is still being copied, so a tile switch waits on no global load.
-    int64_t a_off[kBM / 16];               // nt/nn: element offsets of this thread's A rows
+    // nt/nn: this thread's A rows of the tile looked up last (a tile ahead of copying it): the routed rows a_first +
+    // tid/8 + 16·i below a_limit, and for a gathered A their gather entries, still in flight until that tile starts
+    // and a_rows turns them into offsets. (Turned at once, the clamping branched on each loaded entry, so a lookup
+    // was eight load latencies in a row, ~5000 cycles a tile ahead, which an inference GEMM1's short epilogue left
+    // partly exposed as the consumers' first-stage wait.)
+    int32_t a_entry[kBM / 16];
+    int64_t a_first = 0, a_limit = 0;
     int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
     auto lookup_rows = [&](const Tile& tl) {
+      a_first = tl.row_begin + tl.m0, a_limit = tl.rows - tl.m0;
 #pragma unroll
       for (int i = 0; i < kBM / 16; ++i) {
-        const int64_t m = tl.m0 + tid / 8 + 16 * i;
-        a_off[i] = m < tl.rows ? rt.row(p.a_map, tl.row_begin + m) * p.lda : -1;
+        const int r = tid / 8 + 16 * i;
+        a_entry[i] = p.a_map != RowMap::identity && r < a_limit ? rt.gather[a_first + r] : 0;
+      }
+    };
+    auto a_rows = [&](int64_t (&off)[kBM / 16]) {  // element offsets of the looked-up rows (-1: past the group)
+#pragma unroll
+      for (int i = 0; i < kBM / 16; ++i) {
+        const int r = tid / 8 + 16 * i;
+        off[i] = r < a_limit ? rt.row_of(p.a_map, a_first + r, rt.clamp_slot(a_entry[i])) * p.lda : -1;
       }
     };
     auto prefetch = [&](const Tile& tl, int64_t first) {
@@ -500,8 +514,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       t_next = t + unit_stride;
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
-#pragma unroll
-        for (int i = 0; i < kBM / 16; ++i) rows_now[i] = a_off[i];
+        a_rows(rows_now);
         if (!dynamic) first_lookup(t_next);  // lands while this tile's stages are copied
         const int group = tile.group, n0 = static_cast<int>(tile.n0);
 #ifdef FUSEDMOE_SM90_DIAG_TRAFFIC
@@ -728,7 +741,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (m < p.M) out_off[h] = tile.group * p.c_group_stride + m * p.ldc;
         } else if (m < tile.rows) {
           const int64_t i = tile.row_begin + m, slot = rt.clamp_slot(slot_entry[h]);
-          out_off[h] = (p.c_map == RowMap::identity ? i : p.c_map == RowMap::slot ? slot : rt.token_of(slot)) * p.ldc;
+          out_off[h] = rt.row_of(p.c_map, i, slot) * p.ldc;
           if constexpr (kGated) act_off[h] = i * p.ld_act;
           if (p.row_scale) row_scale[h] = to_f32(p.row_scale[slot]);
         }
