@@ -459,7 +459,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     // partly exposed as the consumers' first-stage wait.)
     int32_t a_entry[kBM / 16];
     int64_t a_first = 0, a_limit = 0;
-    int32_t ahead[kSlotChunk / 128];       // tn: this thread's share of the next gather chunk, in flight
+    // tn: this thread's share of the next gather chunk, in flight: the raw entries (clamped when the chunk is staged,
+    // so that nothing waits on the loads now: clamped here, the four loads ran one after another, each stalled on, at
+    // every chunk's start before its first k-step's copies) and which of them lie before the group's end.
+    int32_t ahead[kSlotChunk / 128];
+    uint32_t ahead_valid = 0;
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
     auto lookup_rows = [&](const Tile& tl) {
       a_first = tl.row_begin + tl.m0, a_limit = tl.rows - tl.m0;
@@ -480,7 +484,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int q = 0; q < kSlotChunk / 128; ++q) {
         const int64_t k = first + tid + 128 * q;
-        ahead[q] = k >= tl.rows ? -1 : needs_gather ? static_cast<int32_t>(rt.slot(tl.row_begin + k)) : 0;
+        const bool valid = k < tl.rows;
+        ahead[q] = valid && needs_gather ? rt.gather[tl.row_begin + k] : 0;
+        ahead_valid = valid ? ahead_valid | (1u << q) : ahead_valid & ~(1u << q);
       }
     };
     auto first_lookup = [&](int64_t t) {
@@ -599,7 +605,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             int64_t* buf = s_row_off + (chunk_count++ & 1) * 2 * kSlotChunk;
 #pragma unroll
             for (int q = 0; q < kSlotChunk / 128; ++q) {
-              const int32_t slot = ahead[q];
+              const int64_t slot = (ahead_valid >> q & 1) ? rt.clamp_slot(ahead[q]) : -1;
               const int k = tid + 128 * q, at = (k / kBK) * kBK + (k % 8) * 8 + (k % kBK) / 8;
               const int64_t i = tile.row_begin + kt * kBK + k;  // the routed row
               auto row = [&](RowMap map) -> int64_t {
