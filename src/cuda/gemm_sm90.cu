@@ -489,10 +489,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         ahead_valid = valid ? ahead_valid | (1u << q) : ahead_valid & ~(1u << q);
       }
     };
+    // The tile first_lookup decoded last: every tile of the loop below was looked up just before (a tile ahead), so
+    // the loop takes it from here instead of decoding it again (nt/nn: a binary search over the groups).
+    Tile looked_up{};
     auto first_lookup = [&](int64_t t) {
       if (t >= total_tiles) return;
-      const Tile tl = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
-      if constexpr (kKind == GemmKind::tn) prefetch(tl, 0); else lookup_rows(tl);
+      looked_up = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+      if constexpr (kKind == GemmKind::tn) prefetch(looked_up, 0); else lookup_rows(looked_up);
     };
     first_lookup(first_unit);
     if (kKind != GemmKind::tn && !(variant & kNoStagger) && total_tiles >= 8 * unit_stride) {
@@ -516,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t pending = static_cast<uint32_t>(total_tiles);
     if (dynamic && rank == 0 && tid == 0 && first_unit < total_tiles) pending = take_unit();
     for (int64_t t = first_unit, t_next; t < total_tiles; t = t_next) {
-      const Tile tile = decode_tile<kKind, BN, kGated, kCluster>(p, s_prefix, s_offsets, t, rank, divs);
+      const Tile tile = looked_up;
       t_next = t + unit_stride;
       if constexpr (kKind != GemmKind::tn) {
         int64_t rows_now[kBM / 16];
