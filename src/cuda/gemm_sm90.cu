@@ -717,16 +717,28 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
-        wgmma_fence();
+        // The stage's k16 slices [0, kSlices) as one batch of wgmmas.
+        auto mma_stage = [&](auto slices) {
+          wgmma_fence();
 #pragma unroll
-        for (int k16 = 0; k16 < kBK / 16; ++k16) {
-          // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
-          const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
-                                      : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
-          const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
-          Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
-        }
-        wgmma_commit();
+          for (int k16 = 0; k16 < decltype(slices)::value; ++k16) {
+            // K-major: the next 16 elements are 32 bytes further along the swizzled row; MN-major: 16 rows down.
+            const uint64_t da = kTransA ? smem_desc(a + consumer * kPanelBytes + k16 * 2048, kPanelBytes, 1024)
+                                        : smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024);
+            const uint64_t db = kTransB ? smem_desc(b + k16 * 2048, kPanelBytes, 1024) : smem_desc(b + k16 * 32, 16, 1024);
+            Wgmma<T, BN>::template mma<kTransA, kTransB>(acc, da, db);
+          }
+          wgmma_commit();
+        };
+        static_assert(kBK == 64, "the dW tail's slice counts below assume four k16 slices a stage");
+        // dW: a group's tail k-step holds zeros past its last row; the k16 slices of zeros alone are skipped (at
+        // ~256 rows a group, T=4096, the tail is one k-step in five, on average 1.5 of its 4 slices empty). Each
+        // count is its own straight-line batch: a branch between the wgmmas of one batch makes ptxas serialise them.
+        const int64_t rows_left = kKind == GemmKind::tn ? tile.rows - kt * kBK : kBK;
+        if (rows_left > 48) mma_stage(std::integral_constant<int, 4>{});
+        else if (rows_left > 32) mma_stage(std::integral_constant<int, 3>{});
+        else if (rows_left > 16) mma_stage(std::integral_constant<int, 2>{});
+        else mma_stage(std::integral_constant<int, 1>{});
         wgmma_wait<1>();  // the previous stage's wgmmas are done: hand that stage back
         if (kt > 0) release(prev_stage);
         prev_stage = stage;
