@@ -34,7 +34,21 @@ struct Routing {
       if (u(rng()) < hot_fraction) std::swap(*std::find(all.begin(), all.end(), 0), all[0]);  // skew to expert 0
       for (int j = 0; j < k; ++j) ids.set(t * k + j, all[j]);
     }
-    gather = HostTensor(DType::i32, {T * k});
+    sort(E);
+  }
+  // Top-1 routing in which expert e receives exactly group_sizes[e] tokens, in shuffled token order.
+  explicit Routing(const std::vector<int>& group_sizes) {
+    std::vector<int32_t> experts;
+    for (size_t e = 0; e < group_sizes.size(); ++e) experts.insert(experts.end(), group_sizes[e], static_cast<int32_t>(e));
+    std::shuffle(experts.begin(), experts.end(), rng());
+    ids = HostTensor(DType::i32, {static_cast<int64_t>(experts.size()), 1});
+    for (size_t t = 0; t < experts.size(); ++t) ids.set(static_cast<int64_t>(t), experts[t]);
+    sort(static_cast<int>(group_sizes.size()));
+  }
+
+ private:
+  void sort(int E) {
+    gather = HostTensor(DType::i32, {ids.t.numel()});
     m_sizes = HostTensor(DType::i32, {E});
     offsets = HostTensor(DType::i32, {E + 1});
     sort_by_expert(ids.t, E, gather.t, m_sizes.t, offsets.t);
@@ -165,6 +179,35 @@ TEST_P(CudaGroupedGemm, ForwardDxDwMatchCpu) {
   EXPECT_CLOSE(gdXs.download().values(), dXs.values(), tol);
   if (c.px) EXPECT_CLOSE(gdXt.download().values(), dXt.values(), tol);
   EXPECT_CLOSE(gdW.download().values(), dW.values(), tol);
+}
+
+// dW reduces over each expert's rows in k-steps of 64 and skips the k16 slices of its last k-step that lie wholly
+// past the expert's end: group sizes on both sides of every 16-row boundary of a k-step (and empty groups), in
+// each operand layout (gathered X or dY, read in expert order or by TMA).
+TEST(CudaGroupedGemmDw, EveryTailSliceCountMatchesCpu) {
+  REQUIRE_GPU();
+  const std::vector<int> sizes = {1, 15, 16, 17, 0, 31, 32, 33, 47, 48, 49, 63, 64, 65, 0, 79, 80, 81, 127, 128, 129, 200};
+  const int E = static_cast<int>(sizes.size());
+  const int64_t N = 256, K = 192;
+  for (const auto& [px, py] : {std::pair{true, false}, std::pair{false, true}, std::pair{false, false}}) {
+    Routing r(sizes);
+    const int64_t M = r.gather.t.numel();
+    HostTensor X(DType::bf16, {M, K}), dY(DType::bf16, {M, N}), dW(DType::bf16, {E, N, K});
+    X.randn(), dY.randn();
+    const GroupedGemmArgs a{r.offsets.t, r.gather.t, 1, px, py};
+    grouped_gemm_dW(X.t, dY.t, a, dW.t);
+    DeviceCopy gX(X, kGpu), gdY(dY, kGpu), go(r.offsets, kGpu), gg(r.gather, kGpu), gdW(dW, kGpu, false);
+    grouped_gemm_dW(gX.t, gdY.t, GroupedGemmArgs{go.t, gg.t, 1, px, py}, gdW.t);
+    // Expert by expert: one skipped row of real data moves its own expert's error far past the tolerance.
+    const std::vector<double> got = gdW.download().values(), want = dW.values();
+    for (int e = 0; e < E; ++e) {
+      const auto at = [&](const std::vector<double>& v) {
+        return std::vector<double>(v.begin() + e * N * K, v.begin() + (e + 1) * N * K);
+      };
+      EXPECT_CLOSE(at(got), at(want), 1e-2) << "expert " << e << " of " << sizes[e] << " rows, permute_x " << px
+                                            << " permute_y " << py;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
