@@ -717,7 +717,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         fence_proxy_async();  // the producer's cp.async data (generic proxy) is read by wgmma (async proxy)
         const uint32_t a = stages + stage * Cfg::kStageBytes, b = a + Cfg::kABytes;
-        // The stage's k16 slices [0, kSlices) as one batch of wgmmas.
+        // The stage's k16 slices [0, slices) as one batch of wgmmas.
         auto mma_stage = [&](auto slices) {
           wgmma_fence();
 #pragma unroll
