@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check (run on the GPU machine from the repo root, with .deps carried):
 # builds, runs every GPU test (C++ and Python), a compute-sanitizer pass, and the benchmark,
-# then prints a compact table last. Logs go to $OUT (or ./out).
+# then prints a compact table last. Logs go to $OUT (or ./out), and all of them (no plots) into $OUT/0_logs.tar.gz.
 #   GPU_CHECK_QUICK=1  skips the sanitizer and the long benchmark sweep.
 #   GPU_CHECK_TARGETS=1  also benchmarks the rest of issue #5's targets in the same call: Qwen3-235B-A22B forward
 #   and skewed routing (--skew 2.0) at T=16384 (bench_235b.log, bench_skew.log; ~2 minutes).
@@ -102,5 +102,8 @@ else
     note "example T=$T err" "$(grep 'rel. error' "$OUT/example_$T.log")"
   done
 fi
+# The device tool brings back at most 8 files of $OUT: every log and JSON also goes into one archive, named to sort
+# first (plots left out).
+logs=$(mktemp) && tar -czf "$logs" -C "$OUT" --exclude=0_logs.tar.gz --exclude='*.png' . && mv "$logs" "$OUT/0_logs.tar.gz"
 echo "================ summary ================"
 cat "$summary"
