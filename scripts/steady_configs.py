@@ -11,6 +11,7 @@ import torch
 import fusedmoe
 from fusedmoe.bench import PRESETS, Shape, Timer, make_tokens, make_weights
 from fusedmoe.kernel_config import FAMILIES
+from host_overhead import step_of  # this folder: a step as the bench runs it
 
 
 def main():
@@ -43,21 +44,12 @@ def main():
                     blk = fusedmoe.Qwen3MoeFusedGroupedGEMMBlock(
                         cfg, torch.nn.Parameter(gate.clone()), torch.nn.Parameter(w1.clone()),
                         torch.nn.Parameter(w2.clone()), autotune=False, **kw)
-                    if mode == "fwd":
-                        def step():
-                            with torch.no_grad():
-                                blk(x.unsqueeze(0))
-                    else:
-                        xg = x.clone().requires_grad_()
-                        grad = torch.randn_like(blk(xg.unsqueeze(0))[0])
 
-                        def step():
-                            blk(xg.unsqueeze(0))[0].backward(grad)
-                            for q in blk.parameters():
-                                q.grad = None
-                            xg.grad = None
-                    times[name].append(timer(step, 3, 20))
-                    del blk
+                    def fn(tokens, blk=blk):
+                        return blk(tokens.unsqueeze(0))
+                    fn.params = list(blk.parameters())
+                    times[name].append(timer(step_of(fn, x, mode == "fwdbwd"), 3, 20))
+                    del blk, fn
             base = min(times["heuristic"])
             print(f"T={T} {mode}:")
             for name, ts in times.items():

@@ -169,12 +169,11 @@ def test_timer_reads_the_card_beside_the_steps_not_between_them():
 
 def test_timer_stops_reading_the_card_when_a_step_raises():
     import threading
+    import time
 
     import pytest
     import torch
     from fusedmoe import bench
-
-    import time
 
     def reading():
         return any(t.name == "fusedmoe-gpu-meter" for t in threading.enumerate())
