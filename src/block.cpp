@@ -331,7 +331,9 @@ void moe_forward(const MoeConfig& cfg, const Tensor& x, const MoeWeights& w, con
   check_tensor(op, "router_logits", logits, {T, cfg.num_experts}, dt, &dev);
   check_saved(op, cfg, T, saved, dev, false);
   check_workspace(op, ws, moe_forward_workspace_bytes(cfg, T));
-  FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, s);
+  // The router's split-K partials (if its backend splits) go to the forward scratch's GEMM2 output, dead until then.
+  Carver cv(ws.data, dev);
+  FUSEDMOE_DISPATCH(dev, router_logits, x, w.gate, logits, carve_forward(cfg, T, cv).down_out, s);
   experts_forward(cfg, T, x, saved.topk_weights, saved.topk_ids, w, out, saved, ws, s, &logits);
 }
 

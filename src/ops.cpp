@@ -10,7 +10,7 @@ using namespace detail;
 
 void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, Stream s) {
   check_router_logits(x, gate, logits);
-  FUSEDMOE_DISPATCH(x.device, router_logits, x, gate, logits, s);
+  FUSEDMOE_DISPATCH(x.device, router_logits, x, gate, logits, Tensor{}, s);
 }
 
 void route_topk(const Tensor& logits, int top_k, bool norm_topk_prob, const Tensor& topk_weights,

@@ -49,7 +49,7 @@ bool ranks_before(const Acc* p, int32_t a, int32_t b) {
 }
 }  // namespace
 
-void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, Stream) {
+void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, const Tensor&, Stream) {
   const int64_t T = x.shape[0], H = x.shape[1], E = gate.shape[0];
   const auto x_rows = strided_offsets(T, H), unit_h = strided_offsets(H, 1), gate_rows = strided_offsets(E, H);
   const auto unit_e = strided_offsets(E, 1), logit_rows = strided_offsets(T, E);

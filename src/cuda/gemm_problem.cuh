@@ -27,6 +27,9 @@ struct Problem {
   bool c_transposed = false;
   // nt/nn, sm90 only: room the caller lends for the tile loop's unit counter (null: the launch allocates it).
   unsigned* unit_counter = nullptr;
+  // nt, sm90 only, A identity-mapped: the groups are the K-slices of one product (split-K; the router's GEMM).
+  // Group g reads columns g·K … g·K + K − 1 of A's rows i − (its first row), so every group covers the same rows.
+  bool a_k_split = false;
 };
 
 // The Hopper (wgmma) kernels: returns false, launching nothing, when the problem or the device is not

@@ -458,7 +458,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     // was eight load latencies in a row, ~5000 cycles a tile ahead, which an inference GEMM1's short epilogue left
     // partly exposed as the consumers' first-stage wait.)
     int32_t a_entry[kBM / 16];
-    int64_t a_first = 0, a_limit = 0;
+    int64_t a_first = 0, a_limit = 0, a_shift = 0;  // a_shift: added to every row offset (split-K: the group's slice)
     // tn: this thread's share of the next gather chunk, in flight: the raw entries (clamped when the chunk is staged,
     // so that nothing waits on the loads now: clamped here, the four loads ran one after another, each stalled on, at
     // every chunk's start before its first k-step's copies) and which of them lie before the group's end.
@@ -467,6 +467,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const bool needs_gather = p.a_map != RowMap::identity || p.b_map != RowMap::identity;
     auto lookup_rows = [&](const Tile& tl) {
       a_first = tl.row_begin + tl.m0, a_limit = tl.rows - tl.m0;
+      if constexpr (kKind == GemmKind::nt) a_shift = p.a_k_split ? tl.group * p.K - tl.row_begin * p.lda : 0;
 #pragma unroll
       for (int i = 0; i < kBM / 16; ++i) {
         const int r = tid / 8 + 16 * i;
@@ -477,7 +478,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int i = 0; i < kBM / 16; ++i) {
         const int r = tid / 8 + 16 * i;
-        off[i] = r < a_limit ? rt.row_of(p.a_map, a_first + r, rt.clamp_slot(a_entry[i])) * p.lda : -1;
+        off[i] = r < a_limit ? rt.row_of(p.a_map, a_first + r, rt.clamp_slot(a_entry[i])) * p.lda + a_shift : -1;
       }
     };
     auto prefetch = [&](const Tile& tl, int64_t first) {
@@ -1049,6 +1050,7 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
   for (int64_t d : chunk_dims)
     if (d % 8 != 0) return false;
   if (!aligned16(p.A) || !aligned16(p.B) || !aligned16(p.C)) return false;
+  if (p.a_k_split && (kind != GemmKind::nt || p.a_map != RowMap::identity || p.act != nullptr)) return false;
   // SiLU·mul in GEMM1's epilogue; FUSEDMOE_FUSED_SILU=0 runs it as a separate pass instead.
   static const bool fuse_silu = !env_equals("FUSEDMOE_FUSED_SILU", "0");
   if (p.act != nullptr && !fuse_silu) return false;

@@ -72,10 +72,13 @@ TEST(CudaOps, SortByExpertMatchesCpuExactly) {
 }
 
 // The router's logits: the tensor-core GEMM for 16-byte rows (one m-tile and several), the portable one for others.
+// Where the row tiles leave most SMs idle and H is whole k-steps, H is split into slices (the split-K path): here
+// into 8 (T=2048 and T=1 at H=2048), 4 (T=4101, and 1000 at H=1024), 3 (two column tiles, one partial) and 2 (E = 256).
 TEST(CudaOps, RouterLogitsMatchCpu) {
   REQUIRE_GPU();
   for (auto [T, E, H] : {std::tuple<int64_t, int64_t, int64_t>{1, 128, 2048}, {7, 7, 64}, {512, 128, 256},
-                         {513, 40, 128}, {100, 300, 40}, {33, 16, 61}}) {
+                         {513, 40, 128}, {100, 300, 40}, {33, 16, 61}, {2048, 128, 2048}, {4101, 128, 2048},
+                         {1000, 64, 1024}, {257, 200, 768}, {300, 256, 512}}) {
     HostTensor x(DType::bf16, {T, H}), gate(DType::bf16, {E, H}), logits(DType::bf16, {T, E});
     x.randn(), gate.randn();
     router_logits(x.t, gate.t, logits.t);
