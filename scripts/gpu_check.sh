@@ -47,7 +47,7 @@ note "GPU tests, dynamic units forced" "$( [ $rc -eq 0 ] && echo ok || echo FAIL
 [ $rc -ne 0 ] && grep -E "Failure|FAILED|error|Expected|Which is|relative" "$OUT/cpp_tests_dynamic.log" | head -40
 
 if [ "${GPU_CHECK_QUICK:-0}" != 1 ]; then
-  subset='CudaOps.SortBy*:CudaOps.RouteTopk*:CudaOps.Elementwise*:Shapes/CudaGroupedGemm.*:EdgeCases/CudaBlock.*:CudaBlock.Deterministic*'
+  subset='CudaOps.SortBy*:CudaOps.RouteTopk*:CudaOps.RouterLogits*:CudaOps.Elementwise*:Shapes/CudaGroupedGemm.*:EdgeCases/CudaBlock.*:CudaBlock.Deterministic*'
   compute-sanitizer --tool memcheck --error-exitcode 9 ./build/gpu/fusedmoe_tests --gtest_filter="$subset" \
     >"$OUT/memcheck.log" 2>&1
   note "compute-sanitizer memcheck" "$( [ $? -eq 0 ] && echo clean || echo 'ERRORS (memcheck.log)' ): $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1)"
