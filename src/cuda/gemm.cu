@@ -8,6 +8,7 @@
 // element is written by exactly one thread after a fixed-order reduction.
 #include <cstdint>
 
+#include "../router_split.hpp"
 #include "gemm_problem.cuh"
 #include "slot_sum.cuh"
 
@@ -466,45 +467,30 @@ __global__ void convert_kernel(const In* in, Out* out, int64_t n) {
 
 }  // namespace
 
-// The router's GEMM, logits [T, E] = x [T, H] · gateᵀ, has a single column tile (E ≤ 128) and T/128 row tiles: below
-// one tile per SM, each CTA walks all of H alone (T=4096: 32 CTAs of 32 k-steps, 24.6 µs on an H200, where the
-// GEMM's 2 GFLOP take ~4 µs at the tensor cores' rate). It then splits H into S slices of whole k-steps: a grouped
-// GEMM whose group s reduces slice s of the same rows into float32 partials [S, T, E], then a fixed-order sum of
-// the partials writes the logits (deterministic). S: the most slices (up to 8) that still fill at most one wave
-// of the SMs and leave each slice at least 4 k-steps (the pipeline's depth), within the room lent or the pool.
-int router_splits(int64_t T, int64_t H, int64_t E, int sms, size_t room_bytes) {
-  constexpr int64_t kStep = 64, kMinSteps = 4, kMaxSplits = 8;
-  const int64_t tiles = ((T + 127) / 128) * (E >= 256 ? (E + 255) / 256 : (E + 127) / 128);
-  if (T == 0 || H % kStep != 0 || 2 * tiles > sms) return 1;
-  const int64_t steps = H / kStep;
-  int best = 1;
-  for (int64_t S = 2; S <= kMaxSplits; ++S)
-    if (steps % S == 0 && steps / S >= kMinSteps && tiles * S <= sms &&
-        static_cast<size_t>(S * T * E) * sizeof(float) <= room_bytes)
-      best = static_cast<int>(S);
-  return best;
-}
-
+// The router's GEMM, split over H where its row tiles leave most SMs idle (router_split_k, src/router_split.hpp):
+// group s of a grouped nt GEMM reduces slice s of every row into float32 partials, summed in slice order.
 void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, const Tensor& split_scratch, Stream s) {
   const int64_t T = x.shape[0], H = x.shape[1], E = gate.shape[0];
   const cudaStream_t stream = stream_of(s);
   const DeviceInfo device = current_device_info();
   const int splits =
-      device.sm90 ? router_splits(T, H, E, device.sms, split_scratch.defined() ? split_scratch.nbytes() : ~size_t{0})
+      device.sm90 ? router_split_k(T, H, E, device.sms, split_scratch.defined() ? split_scratch.nbytes() : ~size_t{0})
                   : 1;
   if (splits > 1) {
     const int64_t slice = H / splits;
-    const Tensor lent = split_scratch.defined()
-                            ? Tensor::contiguous(split_scratch.data, DType::f32, {static_cast<int64_t>(split_scratch.nbytes() / 4)},
-                                                 split_scratch.device)
-                            : Tensor{};
+    Tensor lent;  // the lent room as float32
+    if (split_scratch.defined())
+      lent = Tensor::contiguous(split_scratch.data, DType::f32, {static_cast<int64_t>(split_scratch.nbytes() / 4)},
+                                split_scratch.device);
     const LentOrPooled partial(lent, DType::f32, static_cast<size_t>(splits * T * E) * sizeof(float), stream,
                                "router_logits (split-K scratch)");
     bool launched = false;
     with_types("router_logits", x, logits, [&](auto t_tag, auto o_tag) {
       using T16 = decltype(t_tag);
       using O = decltype(o_tag);
-      DeviceRouting slices = device_routing(single_group(T));  // S groups of T rows each: group s = slice s of every row
+      // S groups of T rows each, group s reading slice s of every row of x and of gate (the weight's tensor map then
+      // has overlapping strides: rows H apart, slices H/S apart).
+      DeviceRouting slices = device_routing(single_group(T));
       slices.num_experts = splits;
       slices.M = splits * T;
       slices.rows_per_group = T;

@@ -3,6 +3,7 @@
 #include <numeric>
 
 #include "../../src/cluster_schedule.hpp"
+#include "../../src/router_split.hpp"
 #include "testing.hpp"
 
 using namespace fmt;
@@ -360,4 +361,44 @@ void check_cluster_schedule() {
 TEST(Schedule, ClusterUnitsCoverEachTileOnce) {
   check_cluster_schedule<2>();
   check_cluster_schedule<4>();
+}
+
+// The CUDA router GEMM's split of H (src/router_split.hpp): at Qwen3-30B-A3B on an H200's and an H100's 132 SMs the
+// choices NOTES (session 26) measured, then over a sweep of shapes, SM counts and rooms: every split is whole
+// 64-column k-steps, at least 4 a slice, within one wave and the room, the largest such (up to 8), and 1 where
+// the row tiles fill half the SMs.
+TEST(Schedule, RouterSplitKeepsSlicesWholeAndFitsOneWave) {
+  using fusedmoe::detail::router_split_k;
+  constexpr size_t kAny = ~size_t{0};
+  EXPECT_EQ(router_split_k(2048, 2048, 128, 132, kAny), 8);
+  EXPECT_EQ(router_split_k(4096, 2048, 128, 132, kAny), 4);
+  EXPECT_EQ(router_split_k(8448, 2048, 128, 132, kAny), 2);
+  EXPECT_EQ(router_split_k(8449, 2048, 128, 132, kAny), 1);
+  EXPECT_EQ(router_split_k(16384, 2048, 128, 132, kAny), 1);
+  EXPECT_EQ(router_split_k(1, 2048, 128, 132, kAny), 8);
+  EXPECT_EQ(router_split_k(2048, 2048, 128, 132, 4 * size_t{2048} * 128 * 4), 4);  // room for four slices' partials
+  EXPECT_EQ(router_split_k(2048, 2048 + 8, 128, 132, kAny), 1);                  // H not whole k-steps
+  EXPECT_EQ(router_split_k(0, 2048, 128, 132, kAny), 1);
+  for (int64_t T : {1, 100, 128, 129, 700, 2048, 4101, 9000})
+    for (int64_t H : {64, 256, 512, 768, 1000, 2048, 4096})
+      for (int64_t E : {8, 128, 200, 256, 300})
+        for (int sms : {16, 78, 132})
+          for (size_t room : {size_t{0}, size_t{1} << 20, kAny}) {
+            const int S = router_split_k(T, H, E, sms, room);
+            const int64_t tiles = (T + 127) / 128 * (E >= 256 ? (E + 255) / 256 : (E + 127) / 128);
+            auto fits = [&](int64_t s) {
+              return H % 64 == 0 && (H / 64) % s == 0 && H / 64 / s >= 4 && tiles * s <= sms &&
+                     static_cast<size_t>(s * T * E * 4) <= room;
+            };
+            SCOPED_TRACE("T=" + std::to_string(T) + " H=" + std::to_string(H) + " E=" + std::to_string(E) +
+                         " sms=" + std::to_string(sms) + " room=" + std::to_string(room));
+            ASSERT_GE(S, 1);
+            ASSERT_LE(S, 8);
+            if (2 * tiles > sms || H % 64 != 0) {
+              ASSERT_EQ(S, 1);
+              continue;
+            }
+            if (S > 1) ASSERT_TRUE(fits(S));
+            for (int64_t larger = S + 1; larger <= 8; ++larger) ASSERT_FALSE(fits(larger)) << "S=" << larger << " fits";
+          }
 }
