@@ -377,6 +377,7 @@ TEST(Schedule, RouterSplitKeepsSlicesWholeAndFitsOneWave) {
   EXPECT_EQ(router_split_k(16384, 2048, 128, 132, kAny), 1);
   EXPECT_EQ(router_split_k(1, 2048, 128, 132, kAny), 8);
   EXPECT_EQ(router_split_k(2048, 2048, 128, 132, 4 * size_t{2048} * 128 * 4), 4);  // room for four slices' partials
+  EXPECT_EQ(router_split_k(200, 1024, 256, 132, 200 * 1024 * 2), 2);  // the block case RouterSplitInRoom: not 4
   EXPECT_EQ(router_split_k(2048, 2048 + 8, 128, 132, kAny), 1);                  // H not whole k-steps
   EXPECT_EQ(router_split_k(0, 2048, 128, 132, kAny), 1);
   for (int64_t T : {1, 100, 128, 129, 700, 2048, 4101, 9000})

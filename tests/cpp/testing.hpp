@@ -500,6 +500,9 @@ inline std::vector<BlockCase> edge_cases(bool with_wide_dtypes) {
       {"EmptyExperts", DType::bf16, 3, 32, 16, 64, 2, false, false},
       {"Unaligned", DType::bf16, 21, 61, 27, 7, 3, true, false},
       {"ManyTiles", DType::bf16, 300, 136, 200, 6, 2, true, false},
+      // CUDA: the router GEMM splits H (16 k-steps) into 2 slices, not 4: its partials must fit the forward
+      // workspace's room (T·k·H 16-bit values; 4 slices of [T, E] float32 would need twice that).
+      {"RouterSplitInRoom", DType::bf16, 200, 1024, 64, 256, 1, true, false},
   };
   if (with_wide_dtypes) {
     v.push_back({"KEqualsEF32", DType::f32, 40, 48, 24, 6, 6, true, false});
