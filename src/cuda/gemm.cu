@@ -403,6 +403,12 @@ __global__ void sum_partials_kernel(const float* partial, OutT* out, int64_t n, 
   for (int s = 0; s < splits; ++s) acc += partial[s * n + i];
   out[i] = from_f32<OutT>(acc);
 }
+template <class OutT>
+void sum_partials(const float* partial, OutT* out, int64_t n, int splits, cudaStream_t stream) {
+  if (n == 0) return;
+  sum_partials_kernel<OutT><<<blocks_for(n, 256), 256, 0, stream>>>(partial, out, n, splits);
+  check_launch("sum_partials_kernel");
+}
 
 void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
   const int64_t N = g.dW.shape[1], K = g.dW.shape[2];
@@ -440,8 +446,7 @@ void gemm_tn(const Routing& r, const GemmTN& g, Stream s) {
     Problem<T, float> p{g.dY.ptr<const T>(), N, g.dy_map, g.X.ptr<const T>(), K, 0, g.x_map,
                         partials, K, N * K, RowMap::identity, nullptr, false, chunks, N, K, 0};
     launch<T, float, false, false, Mode::varlen_k>(p, splits, r.M, g.tiling, stream);
-    sum_partials_kernel<O><<<blocks_for(N * K, 256), 256, 0, stream>>>(partials, g.dW.ptr<O>(), N * K, splits);
-    check_launch("sum_partials_kernel");
+    sum_partials(partials, g.dW.ptr<O>(), N * K, splits, stream);
   });
 }
 
@@ -501,9 +506,7 @@ void router_logits(const Tensor& x, const Tensor& gate, const Tensor& logits, co
       single_ctas.cluster_m = 1;  // the router's GEMM in pairs measured 9% slower (session 16)
       launched = launch_sm90(p, GemmKind::nt, splits, splits * T, single_ctas, stream);
       if (!launched) return;
-      const int64_t n = T * E;
-      sum_partials_kernel<O><<<blocks_for(n, 256), 256, 0, stream>>>(partial.as<float>(), logits.ptr<O>(), n, splits);
-      check_launch("sum_partials_kernel");
+      sum_partials(partial.as<float>(), logits.ptr<O>(), T * E, splits, stream);
     });
     if (launched) return;
   }
