@@ -5,6 +5,7 @@
 #   pipeline_rate  a synthetic grouped-GEMM mainloop (TMA + cp.async producer, wgmma consumers, stores) at
 #                  Qwen3-30B-A3B's GEMM shapes, cooperative and ping-pong schedules
 #   WGMMA_KSTEPS=8192 (k-steps per warpgroup in wgmma_rate)   MICRO="wgmma_rate pipeline_rate" (which to run)
+#   PIPELINE_ARGS=tiles (pipeline_rate: 128 × 256 against 192 × 192 tiles only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"
@@ -16,6 +17,7 @@ for bench in ${MICRO:-wgmma_rate pipeline_rate}; do
   echo "== $bench ($(grep -cE '[1-9][0-9]* bytes spill' "build/micro/$bench.ptxas" || true) kernels with spills)"
   case $bench in
     wgmma_rate) "./build/micro/$bench" "${WGMMA_KSTEPS:-8192}" ;;
+    pipeline_rate) "./build/micro/$bench" ${PIPELINE_ARGS:-} ;;
     *) "./build/micro/$bench" ;;
   esac
 done

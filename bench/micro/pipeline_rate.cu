@@ -9,6 +9,9 @@
 // Schedules:
 //   cooperative 128 × BN: both consumer warpgroups share each tile (64 rows each) and each stage; the epilogue is
 //     serial to the mainloop (what gemm_sm90 does today, BN = 256).
+//   cooperative3 192 × BN: three consumer warpgroups share each 192-row tile (cuBLAS's 192 × 192 shape at BN = 192:
+//     96 accumulators a thread, so the consumers fit 152 registers after setmaxnreg), 11% fewer operand bytes into
+//     the SM per output than 128 × 256 (run with the argument `tiles`, against 128 × 256 on shapes both divide).
 //   ping-pong 128 × BN: each consumer warpgroup owns every other tile of the CTA, all 128 rows (two m64nBNk16 per
 //     16-deep step); stages are consumed in tile order, so while one warpgroup stores its tile the other runs its
 //     mainloop (bench/micro/wgmma_rate.cu measured that one warpgroup alone reaches the full tensor rate and that
@@ -27,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "../../src/activation.hpp"
@@ -41,12 +45,15 @@ constexpr int64_t kNoColumnLimit = int64_t{1} << 62;  // store_slice's column bo
 
 namespace {
 
-enum Schedule : int { kCooperative = 0, kPingPong = 1 };
+enum Schedule : int { kCooperative = 0, kPingPong = 1, kCooperative3 = 2 };
 
-template <int BN>
+template <int kSched> constexpr int kTileRows = kSched == kCooperative3 ? 192 : 128;
+template <int kSched> constexpr int kConsumers = kSched == kCooperative3 ? 3 : 2;  // consumer warpgroups
+
+template <int BN, int BM = 128>
 struct Cfg {
-  static constexpr int kABytes = 128 * 128, kBBytes = BN * 128, kStageBytes = kABytes + kBBytes;
-  static constexpr int kStages = (200 * 1024) / kStageBytes;  // 4 (BN 256), 5 (192), 6 (128)
+  static constexpr int kABytes = BM * 128, kBBytes = BN * 128, kStageBytes = kABytes + kBBytes;
+  static constexpr int kStages = (200 * 1024) / kStageBytes;  // 4 (BN 256; 192 × 192), 5 (192), 6 (128)
   static constexpr int kSmemBytes = kStages * kStageBytes + 2 * 8 * kStages + 1024;
 };
 
@@ -79,9 +86,12 @@ struct Problem {
 };
 
 template <int BN, int kSched, int kStore>
-__global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant__ CUtensorMap w_map, Problem p,
-                                                          long long* cycles) {
-  using C = Cfg<BN>;
+__global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
+    pipeline_kernel(const __grid_constant__ CUtensorMap w_map, Problem p, long long* cycles) {
+  constexpr int kBM = kTileRows<kSched>;
+  static_assert(kSched != kCooperative3 || kStore == kNoStores || kStore == kStagedSlices,
+                "192-row tiles: the plain store patterns only");
+  using C = Cfg<BN, kBM>;
   constexpr int S = C::kStages;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -90,30 +100,32 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; ++s) {
       mbar_init(full_bar + 8 * s, 128 + 1);                           // 128 noinc cp.async arrivals + expect_tx
-      mbar_init(empty_bar + 8 * s, kSched == kCooperative ? 8 : 4);  // the consuming warps
+      mbar_init(empty_bar + 8 * s, kSched == kPingPong ? 4 : 4 * kConsumers<kSched>);  // the consuming warps
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  const int m_tiles = p.rows_per_expert / 128, n_tiles = (p.N + BN - 1) / BN, k_tiles = p.K / 64;
+  const int m_tiles = p.rows_per_expert / kBM, n_tiles = (p.N + BN - 1) / BN, k_tiles = p.K / 64;
   const int tiles = p.experts * m_tiles * n_tiles;
   auto decode = [&](int t, int& e, int& m0, int& n0) {  // m-tiles fastest: neighbouring CTAs share a weight tile
     e = t / (m_tiles * n_tiles);
     const int r = t % (m_tiles * n_tiles);
-    m0 = (r % m_tiles) * 128, n0 = (r / m_tiles) * BN;
+    m0 = (r % m_tiles) * kBM, n0 = (r / m_tiles) * BN;
   };
-  // Only ping-pong at BN = 192 needs more than the 168 registers a 384-thread launch gives every thread.
-  constexpr bool kMoveRegisters = kSched == kPingPong && BN > 128;
+  // Ping-pong at BN = 192 needs more than the 168 registers a 384-thread launch gives every thread, and three
+  // consumers more than the 128 of a 512-thread launch (56 + 3 × 152 = 512 per thread quadruple: the pool).
+  constexpr bool kMoveRegisters = (kSched == kPingPong && BN > 128) || kSched == kCooperative3;
   if (warpgroup == 0) {
-    if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if constexpr (kSched == kCooperative3) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");  // 12 row offsets
+    else if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     int stage = 0;
     uint32_t phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
       int e, m0, n0;
       decode(t, e, m0, n0);
-      int64_t row_off[8];
+      int64_t row_off[kBM / 16];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
+      for (int i = 0; i < kBM / 16; ++i) {
         const int64_t r = static_cast<int64_t>(e) * p.rows_per_expert + m0 + tid / 8 + 16 * i;
         row_off[i] = (p.gather ? p.gather[r] : r) * p.K;
       }
@@ -126,7 +138,7 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
             tma_load<1>(b_dst + half * (BN / 2) * 128, &w_map, full_bar + 8 * stage, kt * 64, n0 + half * (BN / 2), e);
         }
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < kBM / 16; ++i) {
           const int row = tid / 8 + 16 * i, c = tid % 8;
           cp_async_16(a_dst + row * 128 + ((c ^ (row & 7)) << 4), p.A + row_off[i] + kt * 64 + c * 8, true);
         }
@@ -136,9 +148,12 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
     }
     return;
   }
-  if constexpr (kMoveRegisters) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  if constexpr (kMoveRegisters) {
+    if constexpr (kSched == kCooperative3) asm volatile("setmaxnreg.inc.sync.aligned.u32 152;\n");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  }
   const int consumer = warpgroup - 1, warp = tid / 32, lane = tid % 32;
-  constexpr int kAcc = kSched == kCooperative ? BN / 2 : BN;
+  constexpr int kAcc = kSched == kPingPong ? BN : BN / 2;  // a warpgroup's 64 (ping-pong 128) rows × BN
   float acc[kAcc];
   auto release = [&](int s) {
     __syncwarp();
@@ -170,7 +185,7 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
 #pragma unroll
       for (int k16 = 0; k16 < 4; ++k16) {
         const uint64_t db = smem_desc(b + k16 * 32, 16, 1024);
-        if constexpr (kSched == kCooperative) {
+        if constexpr (kSched != kPingPong) {
           Wgmma<bf16, BN>::template mma<0, 0>(acc, smem_desc(a + consumer * 64 * 128 + k16 * 32, 16, 1024), db);
         } else {
           auto& lo = *reinterpret_cast<float(*)[BN / 2]>(acc);
@@ -189,8 +204,8 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
     wgmma_wait<0>();
     pin_registers(acc);
     ksteps_done += k_tiles;
-    constexpr int kThreads = kSched == kCooperative ? 256 : 128;
-    const int thread = kSched == kCooperative ? consumer * 128 + tid : tid;
+    constexpr int kThreads = kSched == kPingPong ? 128 : 128 * kConsumers<kSched>;
+    const int thread = kSched == kPingPong ? tid : consumer * 128 + tid;
     int e, m0, n0;
     decode(t, e, m0, n0);
     const int64_t tile_row0 = static_cast<int64_t>(e) * p.rows_per_expert + m0;
@@ -220,13 +235,13 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
       // 1152-byte area per warp in the tile's last stage (its A part).
       uint8_t* area = smem + prev_stage * C::kStageBytes + (thread / 32) * Slice<bf16>::kBytes;
       const int lane = tid % 32;
-      constexpr int kGroups = kSched == kCooperative ? 1 : 2;  // ping-pong: rows 0-63 (lo) and 64-127 (hi)
+      constexpr int kGroups = kSched == kPingPong ? 2 : 1;  // ping-pong: rows 0-63 (lo) and 64-127 (hi)
 #pragma unroll
       for (int grp = 0; grp < kGroups; ++grp) {
         const float* a = acc + grp * (BN / 2);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int m = (kSched == kCooperative ? consumer * 64 : grp * 64) + (thread / 32 % 4) * 16 + lane / 4 + 8 * h;
+          const int m = (kSched == kPingPong ? grp * 64 : consumer * 64) + (thread / 32 % 4) * 16 + lane / 4 + 8 * h;
           const int64_t row_off = out_row(m) * p.N;
 #pragma unroll
           for (int q = 0; q < BN / 64; ++q) {
@@ -296,11 +311,12 @@ __global__ void __launch_bounds__(384, 1) pipeline_kernel(const __grid_constant_
     release(prev_stage);
   }
   const long long t1 = clock64();
-  if (tid == 0) cycles[2 * (blockIdx.x * 2 + consumer)] = t1 - t0, cycles[2 * (blockIdx.x * 2 + consumer) + 1] = ksteps_done;
+  // Per consumer (three slots a CTA): its cycles and k-steps; after them the SM clock.
+  if (tid == 0) cycles[2 * (blockIdx.x * 3 + consumer)] = t1 - t0, cycles[2 * (blockIdx.x * 3 + consumer) + 1] = ksteps_done;
   if (threadIdx.x == 128 && blockIdx.x == 0) {  // the SM clock over the kernel: cycles per nanosecond of CTA 0
     uint64_t ns1;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns1));
-    cycles[4 * gridDim.x] = t1 - t0, cycles[4 * gridDim.x + 1] = static_cast<long long>(ns1 - ns0);
+    cycles[6 * gridDim.x] = t1 - t0, cycles[6 * gridDim.x + 1] = static_cast<long long>(ns1 - ns0);
   }
   (void)warp;
 }
@@ -351,7 +367,8 @@ void run(const Shape& sh, const Buffers& buffers, int sms) {
   const int32_t *gather = buffers.gather, *perm = buffers.perm;
   const bf16* W = buffers.W;
   bf16* out = buffers.out;
-  using C = Cfg<BN>;
+  constexpr int kBM = kTileRows<kSched>;
+  using C = Cfg<BN, kBM>;
   auto kernel = pipeline_kernel<BN, kSched, kStore>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes), "smem attribute");
   const CUtensorMap map = weight_map(W, sh.experts, sh.N, sh.K, BN / 2);
@@ -359,21 +376,21 @@ void run(const Shape& sh, const Buffers& buffers, int sms) {
   const Problem p{A, sh.gather ? gather : nullptr, out, sh.gather ? nullptr : perm, act_buf, sh.experts, sh.rows_per_expert,
                   sh.N, sh.K};
   long long* d_cycles = nullptr;
-  check(cudaMalloc(&d_cycles, sizeof(long long) * (4 * sms + 2)), "cudaMalloc");
-  check(cudaMemset(d_cycles, 0, sizeof(long long) * (4 * sms + 2)), "cudaMemset");
+  const int slots = 6 * sms + 2;  // (see the kernel's end)
+  check(cudaMalloc(&d_cycles, sizeof(long long) * slots), "cudaMalloc");
+  check(cudaMemset(d_cycles, 0, sizeof(long long) * slots), "cudaMemset");
   cudaEvent_t a, b;
   cudaEventCreate(&a);
   cudaEventCreate(&b);
   float best = 1e30f;
   for (int rep = 0; rep < 6; ++rep) {  // the first warms up; the best of the rest
     cudaEventRecord(a);
-    kernel<<<sms, 384, C::kSmemBytes>>>(map, p, d_cycles);
+    kernel<<<sms, 128 * (1 + kConsumers<kSched>), C::kSmemBytes>>>(map, p, d_cycles);
     cudaEventRecord(b);
     // A watchdog: a kernel that has not finished in 5 s is hung (a pipeline bug); say which and stop.
     for (int waited_ms = 0; cudaEventQuery(b) == cudaErrorNotReady; ++waited_ms) {
       if (waited_ms > 5000) {
-        std::printf("%-8s %s 128x%d: HUNG (no completion in 5 s)\n", sh.name,
-                    kSched == kCooperative ? "cooperative" : "ping-pong", BN);
+        std::printf("%-8s schedule %d %dx%d: HUNG (no completion in 5 s)\n", sh.name, kSched, kBM, BN);
         std::fflush(stdout);
         std::_Exit(2);
       }
@@ -384,24 +401,25 @@ void run(const Shape& sh, const Buffers& buffers, int sms) {
     cudaEventElapsedTime(&ms, a, b);
     if (rep > 0 && ms < best) best = ms;
   }
-  std::vector<long long> h(4 * sms + 2);
-  check(cudaMemcpy(h.data(), d_cycles, sizeof(long long) * (4 * sms + 2), cudaMemcpyDeviceToHost), "copy back");
-  const double mhz = 1e3 * static_cast<double>(h[4 * sms]) / std::max(1LL, h[4 * sms + 1]);
+  std::vector<long long> h(slots);
+  check(cudaMemcpy(h.data(), d_cycles, sizeof(long long) * slots, cudaMemcpyDeviceToHost), "copy back");
+  const double mhz = 1e3 * static_cast<double>(h[6 * sms]) / std::max(1LL, h[6 * sms + 1]);
   cudaFree(d_cycles);
   long long cyc = 0, ksteps = 0;  // the busiest consumer's cycles, all consumers' k-steps
-  for (int i = 0; i < 2 * sms; ++i) cyc = std::max(cyc, h[2 * i]), ksteps += h[2 * i + 1];
-  const int consumers = kSched == kCooperative ? 2 : 1;  // consumers sharing one tile
+  for (int i = 0; i < 3 * sms; ++i) cyc = std::max(cyc, h[2 * i]), ksteps += h[2 * i + 1];
+  const int consumers = kSched == kPingPong ? 1 : kConsumers<kSched>;  // consumers sharing one tile
   const double tiles_ksteps = static_cast<double>(ksteps) / consumers;
-  const double macs = 128.0 * BN * 64 * tiles_ksteps;
+  const double macs = static_cast<double>(kBM) * BN * 64 * tiles_ksteps;
   const double flops = 2.0 * sh.experts * sh.rows_per_expert * static_cast<double>(sh.N) * sh.K;
-  const double per_kstep = static_cast<double>(cyc) * sms / tiles_ksteps;  // cycles of one SM per 128×BN×64 k-step
+  const double per_kstep = static_cast<double>(cyc) * sms / tiles_ksteps;  // cycles of one SM per kBM×BN×64 k-step
   static const char* kStoreNames[] = {"no stores", "tile blocks", "row pieces", "staged slices", "gated slices",
                                        "gate+up only", "gated, no σ", "act only", "gated, Y1 interleaved",
                                        "gated, Y1+act blocked"};
-  std::printf("%-8s %-12s 128x%-3d %-21s: %8.1f us %6.1f TFLOP/s  %7.1f cycles per 128x%dx64 k-step incl. epilogue"
+  static const char* kScheduleNames[] = {"cooperative", "ping-pong", "cooperative3"};
+  std::printf("%-8s %-12s %dx%-3d %-21s: %8.1f us %6.1f TFLOP/s  %7.1f cycles per %dx%dx64 k-step incl. epilogue"
               " (ideal %4d): tensor cores %5.1f%% of the busiest SM's time, SM clock %4.0f MHz\n",
-              sh.name, kSched == kCooperative ? "cooperative" : "ping-pong", BN, kStoreNames[kStore], best * 1e3,
-              flops / (best * 1e-3) / 1e12, per_kstep, BN, BN * 4, 100.0 * macs / (2048.0 * cyc * sms), mhz);
+              sh.name, kScheduleNames[kSched], kBM, BN, kStoreNames[kStore], best * 1e3, flops / (best * 1e-3) / 1e12,
+              per_kstep, kBM, BN, kBM * BN / 32, 100.0 * macs / (2048.0 * cyc * sms), mhz);
 }
 
 template <int BN, int kSched, int kStore>
@@ -416,8 +434,11 @@ void run_each(const Shape& sh, const Buffers& b, int sms) {
 
 }  // namespace
 
-int main() {
+// No argument: the schedules and store patterns at Qwen3-30B-A3B's T=16384 shapes. `tiles`: 128 × 256 (two
+// consumers) against 192 × 192 (three) and 128 × 192, on shapes all of them divide (1152 rows per expert, N = 1536).
+int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);
+  const bool tiles_only = argc > 1 && std::string(argv[1]) == "tiles";
   int sms = 0;
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
   cudaDeviceProp prop{};
@@ -427,7 +448,20 @@ int main() {
       {"GEMM2", 128, 1024, 2048, 768, false},  // act rows in expert order × down_proj
       {"GEMM1", 128, 1024, 1536, 2048, true},  // gathered token rows × gate_up_proj (as a plain 1536-wide GEMM)
   };
+  // For `tiles`: K = 768 with slot-row stores (GEMM2's ratio of output bytes to MMA work) and GEMM1's gathered
+  // K = 2048, both at N = 1536 and 1152 rows per expert, which 128-, 192- and 256-wide tiles all divide.
+  const Shape tile_shapes[] = {
+      {"K768", 128, 1152, 1536, 768, false},
+      {"K2048", 128, 1152, 1536, 2048, true},
+  };
   size_t a_elems = 0, w_elems = 0, out_elems = 0;
+  int routed = 0;
+  for (const Shape& s : tile_shapes) {
+    a_elems = std::max(a_elems, static_cast<size_t>(s.experts) * s.rows_per_expert * s.K);
+    w_elems = std::max(w_elems, static_cast<size_t>(s.experts) * s.N * s.K);
+    out_elems = std::max(out_elems, static_cast<size_t>(s.experts) * s.rows_per_expert * s.N);
+    routed = std::max(routed, s.experts * s.rows_per_expert);
+  }
   for (const Shape& s : shapes) {
     a_elems = std::max(a_elems, static_cast<size_t>(s.experts) * s.rows_per_expert * s.K);
     w_elems = std::max(w_elems, static_cast<size_t>(s.experts) * s.N * s.K);
@@ -442,7 +476,8 @@ int main() {
   fill_random<<<1024, 256>>>(A, a_elems, 1u);
   fill_random<<<1024, 256>>>(W, w_elems, 2u);
   check(cudaDeviceSynchronize(), "fill");
-  const int routed = 128 * 1024, tokens = 16384;
+  routed = std::max(routed, 128 * 1024);
+  const int tokens = 16384;
   std::vector<int32_t> h_gather(routed);
   std::mt19937 rng(1);
   for (int i = 0; i < routed; ++i) h_gather[i] = static_cast<int32_t>(rng() % tokens);
@@ -456,6 +491,14 @@ int main() {
   check(cudaMemcpy(perm, h_perm.data(), routed * 4, cudaMemcpyHostToDevice), "perm");
   std::printf("%s, %d SMs\n", prop.name, sms);
   const Buffers buf{A, gather, perm, W, out};
+  if (tiles_only) {
+    for (const Shape& s : tile_shapes)
+      run_each<Run<256, kCooperative, kNoStores>, Run<192, kCooperative3, kNoStores>,
+               Run<256, kCooperative, kStagedSlices>, Run<192, kCooperative3, kStagedSlices>,
+               Run<192, kCooperative, kStagedSlices>, Run<256, kCooperative, kStagedSlices>,
+               Run<192, kCooperative3, kStagedSlices>>(s, buf, sms);
+    return 0;
+  }
   for (const Shape& s : shapes) {
     // Each store pattern under today's schedule and ping-pong 128 × 192, then the other tile shapes.
     run_each<Run<256, kCooperative, kNoStores>, Run<192, kPingPong, kNoStores>, Run<256, kCooperative, kTileBlocks>,
