@@ -1,7 +1,7 @@
 """Does anything early in a synchronised step change the step's GPU time? (session 27: the host_overhead Timeline's
 synchronised steps, which record events inside the block, measured 0.26 ms less than the bench Timer's at T=4096
-forward+backward.) Times the bench's Timer on the fusedmoe block, interleaved, with the block's forward (a) as is,
-(b) recording a CUDA event at its start, (c) launching a one-element fill at its start, (d) as is again.
+forward+backward.) Times the bench's Timer on the fusedmoe block, three rounds with the variants interleaved, with
+the block's forward (a) as is, (b) recording a CUDA event at its start, (c) launching a one-element fill at its start.
     python scripts/sync_probe.py [T ...]"""
 import statistics
 import sys
@@ -40,9 +40,8 @@ def main():
             for _ in range(3):
                 for name, impl in variants.items():
                     ops._moe_block_eager = impl
-                    timer = Timer(dev, warmup_ms=200)
-                    res[name].append(timer(step, 5, 30))
-                    res[name][-1] = (res[name][-1], timer._back_to_back(step, 30))
+                    timer = Timer(dev, warmup_ms=200, back_to_back=True)
+                    res[name].append((timer(step, 5, 30), timer.last["ms_back_to_back"]))
             ops._moe_block_eager = plain
             mode = "fwd+bwd" if backward else "fwd"
             for name, r in res.items():

@@ -114,10 +114,11 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
   };
   // Ping-pong at BN = 192 needs more than the 168 registers a 384-thread launch gives every thread, and three
   // consumers more than the 128 of a 512-thread launch (56 + 3 × 152 = 512 per thread quadruple: the pool).
-  constexpr bool kMoveRegisters = (kSched == kPingPong && BN > 128) || kSched == kCooperative3;
+  // (0: no move; setmaxnreg takes its count as an immediate.) Three consumers: 56 for the producer's 12 row offsets.
+  constexpr int kProducerRegs = kSched == kCooperative3 ? 56 : kSched == kPingPong && BN > 128 ? 40 : 0;
+  constexpr int kConsumerRegs = kSched == kCooperative3 ? 152 : kSched == kPingPong && BN > 128 ? 232 : 0;
   if (warpgroup == 0) {
-    if constexpr (kSched == kCooperative3) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");  // 12 row offsets
-    else if constexpr (kMoveRegisters) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if constexpr (kProducerRegs > 0) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     int stage = 0;
     uint32_t phase = 0;
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
@@ -148,10 +149,7 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
     }
     return;
   }
-  if constexpr (kMoveRegisters) {
-    if constexpr (kSched == kCooperative3) asm volatile("setmaxnreg.inc.sync.aligned.u32 152;\n");
-    else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
-  }
+  if constexpr (kConsumerRegs > 0) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
   const int consumer = warpgroup - 1, warp = tid / 32, lane = tid % 32;
   constexpr int kAcc = kSched == kPingPong ? BN : BN / 2;  // a warpgroup's 64 (ping-pong 128) rows × BN
   float acc[kAcc];
