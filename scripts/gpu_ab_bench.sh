@@ -9,7 +9,9 @@
 #   AB_TOKENS="1 8 64 512 2048 4096 16384"   AB_MODES="fwd fwdbwd"   AB_ROUNDS=2   AB_NCU_TOKENS="64 2048 16384" (" ": none)
 #   AB_BENCH_EXTRA="--skew 2.0" (more fusedmoe.bench arguments)   AB_TEST_FILTER (gtest filter of the GPU tests)
 #   AB_BENCH=0 (no fusedmoe.bench)   AB_STEADY_TOKENS="4096 16384" (each round, each tree: steady_kernels.py's
-#   per-kernel µs per step at those T, AB_STEADY_MODES="fwdbwd"; finer than the bench for a change of one kernel)
+#   per-kernel µs per step at those T, AB_STEADY_MODES="fwdbwd"; finer than the bench for a change of one kernel;
+#   AB_STEADY_EXTRA="--no-dense" skips the dense equivalent)   AB_ALTERNATE=1 (even rounds run the trees in reverse
+#   order, so the clocks' drift within a call does not favour the tree that runs first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -38,11 +40,13 @@ timeout ${AB_TEST_TIMEOUT:-300} ./build/gpu/fusedmoe_tests --gtest_brief=1 --gte
 echo "new tests: $(grep -E '^\[  (PASSED|FAILED)' build/new_tests.log | tr '\n' ' ')" | tee -a "$out"
 grep -E -B2 -A12 '^\[  FAILED  \]|Failure' build/new_tests.log | head -60 | tee -a "$out"
 for round in $(seq "${AB_ROUNDS:-2}"); do
-  for tree in old $mid_trees new; do
+  trees="old $mid_trees new"
+  [ "${AB_ALTERNATE:-0}" = 1 ] && [ $((round % 2)) = 0 ] && trees=$(echo $trees | tr ' ' '\n' | tac | tr '\n' ' ')
+  for tree in $trees; do
     if [ -n "${AB_STEADY_TOKENS:-}" ]; then
       echo "== $tree, round $round, steady kernels" | tee -a "$out"
       PYTHONPATH="$PWD/build/py_$tree" python3 scripts/steady_kernels.py --tokens $AB_STEADY_TOKENS \
-        --modes ${AB_STEADY_MODES:-fwdbwd} 2>&1 | tee -a "$out"
+        --modes ${AB_STEADY_MODES:-fwdbwd} ${AB_STEADY_EXTRA:-} 2>&1 | tee -a "$out"
     fi
     [ "${AB_BENCH:-1}" = 0 ] && continue
     impls=fusedmoe; [ "$tree" = new ] && impls="fusedmoe torch_grouped_mm"
@@ -57,3 +61,8 @@ for T in ${AB_NCU_TOKENS:-64 2048 16384}; do
   echo "== ncu, new tree, T=$T (min max avg)" | tee -a "$out"
   bash scripts/ncu_kernels.sh ./build/gpu/moe_example "$T" | tee -a "$out"
 done
+if [ -n "${AB_STEADY_TOKENS:-}" ]; then
+  echo "== steady kernels, change against old" | tee -a "$out"
+  python3 scripts/ab_steady_table.py "$out" | tee -a "$out.table"
+  cat "$out.table" >>"$out" && rm -f "$out.table"
+fi

@@ -58,6 +58,7 @@ def main():
     ap.add_argument("--tokens", type=int, nargs="+", default=[16384])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--grouped-mm", action="store_true", help="also the torch._grouped_mm block")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense equivalent (an A/B of our kernels)")
     ap.add_argument("--warmup-ms", type=float, default=500.0)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
@@ -73,7 +74,7 @@ def main():
         for mode in args.modes:
             backward = mode == "fwdbwd"
             rows = {}
-            for name, fn in list(impls.items()) + [("dense", dense)]:
+            for name, fn in list(impls.items()) + ([] if args.no_dense else [("dense", dense)]):
                 wall, kernels = profile(step_of(fn, x, backward), args.warmup_ms, args.steps)
                 rows[name] = (wall, kernels)
             print(f"\nT={T} {mode}: wall ms per step / sum of kernels ms")
