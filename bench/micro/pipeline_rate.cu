@@ -240,11 +240,11 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int m = (kSched == kPingPong ? grp * 64 : consumer * 64) + (thread / 32 % 4) * 16 + lane / 4 + 8 * h;
-          const int64_t row_off = out_row(m) * p.N;
+          const SliceRows rows = slice_rows(lane, out_row(m) * p.N);
 #pragma unroll
           for (int q = 0; q < BN / 64; ++q) {
             auto pair = [&](int i) { const int j = q * 8 + i; return make_float2(a[j * 4 + h * 2], a[j * 4 + h * 2 + 1]); };
-            store_slice<bf16>(area, lane, pair, row_off, p.out + n0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, pair, rows, p.out + n0 + q * 64, 0, kNoColumnLimit, false);
           }
         }
       }
@@ -259,6 +259,8 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
       for (int h = 0; h < 2; ++h) {
         const int m = consumer * 64 + (thread / 32 % 4) * 16 + lane / 4 + 8 * h;
         const int64_t row = out_row(m);
+        const SliceRows y1_rows = slice_rows(lane, row * p.N), act_rows = slice_rows(lane, row * I),
+                        block_rows = slice_rows(lane, row * (BN / 2));
 #pragma unroll
         for (int q = 0; q < BN / 128; ++q) {
           auto gate = [&](int i) { const int j = q * 8 + i; return make_float2(acc[j * 4 + h * 2], acc[j * 4 + h * 2 + 1]); };
@@ -270,18 +272,18 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
             return make_float2(fusedmoe::act::silu(r(g.x)) * r(u.x), fusedmoe::act::silu(r(g.y)) * r(u.y));
           };
           if constexpr (kStore == kGatedInterleaved || kStore == kGatedBlocked) {
-            store_slice<bf16>(area, lane, gate, row * p.N, p.out + n0 + q * 64, 0, kNoColumnLimit, false);
-            store_slice<bf16>(area, lane, up, row * p.N, p.out + n0 + BN / 2 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, gate, y1_rows, p.out + n0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, up, y1_rows, p.out + n0 + BN / 2 + q * 64, 0, kNoColumnLimit, false);
           } else if constexpr (kStore != kActOnly) {
-            store_slice<bf16>(area, lane, gate, row * p.N, p.out + col0 + q * 64, 0, kNoColumnLimit, false);
-            store_slice<bf16>(area, lane, up, row * p.N, p.out + I + col0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, gate, y1_rows, p.out + col0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, up, y1_rows, p.out + I + col0 + q * 64, 0, kNoColumnLimit, false);
           }
           if constexpr (kStore == kGatedBlocked) {
             const int64_t rows = static_cast<int64_t>(p.experts) * p.rows_per_expert;
             bf16* block = p.act + (n0 / BN) * rows * (BN / 2);  // this tile's column block of act
-            store_slice<bf16>(area, lane, act, row * (BN / 2), block + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, act, block_rows, block + q * 64, 0, kNoColumnLimit, false);
           } else if constexpr (kStore != kGateUpOnly) {
-            store_slice<bf16>(area, lane, act, row * I, p.act + col0 + q * 64, 0, kNoColumnLimit, false);
+            store_slice<bf16>(area, lane, act, act_rows, p.act + col0 + q * 64, 0, kNoColumnLimit, false);
           }
         }
       }

@@ -846,13 +846,14 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         } else {
           const float scale = row_scale[h];
+          const SliceRows rows = slice_rows(lane, out_off[h]);
 #pragma unroll
           for (int q = 0; q < BN / Sl::kCols; ++q) {
             auto scaled = [&](int jj) {
               const float2 v = pair(q * G + jj);
               return make_float2(v.x * scale, v.y * scale);
             };
-            store_slice<OutT>(staging, lane, scaled, out_off[h], p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
+            store_slice<OutT>(staging, lane, scaled, rows, p.C, tile.n0 + q * Sl::kCols, p.N, p.accumulate);
           }
         }
       }

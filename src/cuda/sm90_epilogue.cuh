@@ -51,12 +51,27 @@ __device__ __forceinline__ uint4 add_vec16(uint4 a, uint4 b) {
   return a;
 }
 
+// The rows a lane stores in each slice of its warp's 8 rows (rows lane/8 and lane/8 + 4: four 16-byte pieces of
+// two rows per store instruction), from every lane's own row offset (row lane/4, the fragment's). Taken once for all
+// the slices of a row group: as two 64-bit shuffles inside every slice, behind its __syncwarp, the compiler could not
+// merge them, and a 128 × 256 tile's epilogue ran eight times the shuffles with a branch around each store.
+struct SliceRows {
+  int64_t off[2];
+};
+__device__ __forceinline__ SliceRows slice_rows(int lane, int64_t row_off) {
+  SliceRows rows;
+#pragma unroll
+  for (int it = 0; it < 2; ++it) rows.off[it] = __shfl_sync(0xffffffffu, row_off, (lane / 8 + 4 * it) * 4);
+  return rows;
+}
+
 // One slice: value(jj) is the lane's float pair of column group jj (columns jj·8 + (lane%4)·2, +1) of its row;
-// row_off is the element offset of the lane's row (lane/4) in `base`, < 0 for rows not stored. Columns
+// rows (slice_rows) the element offsets in `base` of the rows the lane stores, < 0 for rows not stored. Columns
 // col0 … col0 + kCols are stored where below `cols`. stage == nullptr stores zeros (an empty reduction).
-template <class OutT, class Value>
-__device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Value& value, int64_t row_off, OutT* base,
-                                            int64_t col0, int64_t cols, bool accumulate) {
+// (rows_of() gives them after the staging, where a caller's shuffles cost no registers across it.)
+template <class OutT, class Value, class Rows>
+__device__ __forceinline__ void store_slice_rows_of(uint8_t* stage, int lane, const Value& value, const Rows& rows_of,
+                                                    OutT* base, int64_t col0, int64_t cols, bool accumulate) {
   using S = Slice<OutT>;
   if (stage != nullptr) {
     if constexpr (sizeof(OutT) == 2) {
@@ -81,12 +96,13 @@ __device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Valu
   } else if (accumulate) {
     return;  // C += 0
   }
+  const SliceRows rows = rows_of();
   const int piece = lane % 8;  // 16-byte piece of a 128-byte row
   const int64_t col = col0 + piece * (16 / static_cast<int>(sizeof(OutT)));
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
     const int r = lane / 8 + 4 * it;
-    const int64_t off = __shfl_sync(0xffffffffu, row_off, r * 4);
+    const int64_t off = rows.off[it];
     if (off >= 0 && col < cols) {
       uint4 v = make_uint4(0, 0, 0, 0);
       if (stage != nullptr) v = *reinterpret_cast<const uint4*>(stage + r * S::kPitch + piece * 16);
@@ -96,6 +112,18 @@ __device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Valu
     }
   }
   __syncwarp();  // the staging area is rewritten by the next slice
+}
+template <class OutT, class Value>
+__device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Value& value, const SliceRows& rows,
+                                            OutT* base, int64_t col0, int64_t cols, bool accumulate) {
+  store_slice_rows_of<OutT>(stage, lane, value, [&] { return rows; }, base, col0, cols, accumulate);
+}
+// The same, the rows shuffled from each lane's own row offset inside the slice, after its staging (for callers that
+// cannot hold the shuffled rows of all their row groups: GEMM1's gated epilogue, whose registers are full).
+template <class OutT, class Value>
+__device__ __forceinline__ void store_slice(uint8_t* stage, int lane, const Value& value, int64_t row_off, OutT* base,
+                                            int64_t col0, int64_t cols, bool accumulate) {
+  store_slice_rows_of<OutT>(stage, lane, value, [&] { return slice_rows(lane, row_off); }, base, col0, cols, accumulate);
 }
 
 }  // namespace fusedmoe::detail::cuda::sm90
