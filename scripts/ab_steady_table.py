@@ -36,7 +36,7 @@ def parse(path):
             in_ours = m.group(1) == "fusedmoe"
             continue
         m = re.match(r"\s+([0-9.]+) µs\s+x\s*([0-9.]+)\s+(.+)$", line)
-        if m and in_ours and key:
+        if m and in_ours and key and " -> " not in m.group(3):
             runs[key][tree].setdefault(rnd, {})[m.group(3).strip()] = float(m.group(1))
     return runs
 
