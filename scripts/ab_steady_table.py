@@ -13,7 +13,7 @@ from collections import defaultdict
 
 
 def parse(path):
-    """{(T, mode): {tree: [ {kernel: µs}, ... per round ]}} for the fusedmoe rows only."""
+    """{(T, mode): {tree: {round: {kernel: µs per step}}}} from the fusedmoe rows (gap rows left out)."""
     runs = defaultdict(lambda: defaultdict(dict))  # (T, mode) -> tree -> round -> {kernel: us}
     tree = rnd = key = None
     in_ours = False

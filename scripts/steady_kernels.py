@@ -53,14 +53,6 @@ def profile(step, warmup_ms, steps):
     t0 = time.perf_counter()
     while (time.perf_counter() - t0) * 1e3 < warmup_ms:
         step()
-    # The host's time to issue the steps, from an idle GPU and without the profiler: if it comes near the wall time
-    # per step, the host bounds the back-to-back loop.
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    host_ms = (time.perf_counter() - t0) * 1e3 / steps
-    torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         start.record()
@@ -68,6 +60,14 @@ def profile(step, warmup_ms, steps):
             step()
         end.record()
         torch.cuda.synchronize()
+    # The host's time to issue the steps, from an idle GPU and without the profiler (after the profiled loop, which
+    # thus follows the warm-up's queue as it always did): if it comes near the wall time per step, the host bounds
+    # the back-to-back loop.
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    host_ms = (time.perf_counter() - t0) * 1e3 / steps
+    torch.cuda.synchronize()
     per = defaultdict(lambda: [0.0, 0])
     spans = []
     for e in prof.events():
