@@ -3,8 +3,9 @@
 # (with their stall reasons) and the warp-state summary. Expects build/gpu (scripts/gpu_check.sh or
 # scripts/gpu_ab.sh built it).  STALL_KERNEL=regex (default: the sm90 GEMMs)  STALL_SKIP=n launches to skip.
 # STALL_NAME_BASE=demangled matches the regex against the full demangled name, template arguments included (ncu's
-# default, function, has none: e.g. STALL_NAME_BASE=demangled STALL_KERNEL='gemm_sm90_kernel<__nv_bfloat16,
-# __nv_bfloat16, 256, 2' picks the 16-bit dW GEMMs).
+# default, function, has none). ncu spells them with their types: STALL_NAME_BASE=demangled
+# STALL_KERNEL='gemm_sm90_kernel<__nv_bfloat16, __nv_bfloat16, \(int\)256, \(fusedmoe::detail::cuda::GemmKind\)2'
+# picks the 16-bit dW GEMMs (STALL_SKIP=0: the backward's first, dW2).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"
