@@ -45,9 +45,10 @@ def gaps_by_pair(spans, steps):
     return {k: (v[0], v[1] / steps) for k, v in idle.items()}
 
 
-def profile(step, warmup_ms, steps):
+def profile(step, warmup_ms, steps, host=False):
     """(wall ms per step, {kernel: (µs per step, launches per step)}, {(previous, next): (idle µs per step, times per
-    step)}, the host's ms to issue a step) of `steps` back-to-back steps after a back-to-back warm-up of warmup_ms."""
+    step)}, the host's ms to issue a step, or None without `host`) of `steps` back-to-back steps after a back-to-back
+    warm-up of warmup_ms."""
     step()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -63,11 +64,13 @@ def profile(step, warmup_ms, steps):
     # The host's time to issue the steps, from an idle GPU and without the profiler (after the profiled loop, which
     # thus follows the warm-up's queue as it always did): if it comes near the wall time per step, the host bounds
     # the back-to-back loop.
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    host_ms = (time.perf_counter() - t0) * 1e3 / steps
-    torch.cuda.synchronize()
+    host_ms = None
+    if host:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        host_ms = (time.perf_counter() - t0) * 1e3 / steps
+        torch.cuda.synchronize()
     per = defaultdict(lambda: [0.0, 0])
     spans = []
     for e in prof.events():
@@ -104,7 +107,7 @@ def main():
             backward = mode == "fwdbwd"
             rows = {}
             for name, fn in list(impls.items()) + ([] if args.no_dense else [("dense", dense)]):
-                rows[name] = profile(step_of(fn, x, backward), args.warmup_ms, args.steps)
+                rows[name] = profile(step_of(fn, x, backward), args.warmup_ms, args.steps, host=args.gaps is not None)
             print(f"\nT={T} {mode}: wall ms per step / sum of kernels ms")
             for name, (wall, kernels, gaps, host_ms) in rows.items():
                 total = sum(us for us, _ in kernels.values()) / 1e3

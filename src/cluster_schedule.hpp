@@ -8,6 +8,10 @@
 
 namespace fusedmoe::detail {
 
+// The tile width (BN) the sm_90a GEMM takes for N output columns unless told otherwise: 256 where N fills it, else 128.
+// (Also the router's split-K choice, src/router_split.hpp, counts its column tiles with it.)
+FUSEDMOE_HD int default_block_n(int64_t N) { return N >= 256 ? 256 : 128; }
+
 // One CTA's tile of a work unit. n_tile >= the group's n-tile count: an empty tile (nothing stored; the CTA still
 // steps through the k-tiles with its cluster).
 struct ClusterTile {

@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cluster_schedule.hpp"  // default_block_n
+
 namespace fusedmoe::detail {
 
 // The router's GEMM has one or two column tiles (E ≤ 128, or 256-wide tiles) and T/128 row tiles: below one tile
@@ -15,7 +17,8 @@ namespace fusedmoe::detail {
 // partials within `room_bytes`; 1 (no split) where the row tiles already fill half the SMs.
 inline int router_split_k(int64_t T, int64_t H, int64_t E, int sms, size_t room_bytes) {
   constexpr int64_t kStep = 64, kMinSteps = 4, kMaxSplits = 8, kRows = 128;
-  const int64_t tiles = ((T + kRows - 1) / kRows) * (E >= 256 ? (E + 255) / 256 : (E + 127) / 128);
+  const int64_t block_n = default_block_n(E);
+  const int64_t tiles = ((T + kRows - 1) / kRows) * ((E + block_n - 1) / block_n);
   if (T <= 0 || H <= 0 || E <= 0 || H % kStep != 0 || 2 * tiles > sms) return 1;
   const int64_t steps = H / kStep;
   int best = 1;

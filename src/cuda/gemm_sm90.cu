@@ -1075,7 +1075,7 @@ bool launch_sm90(const Problem<T, OutT>& p, GemmKind kind, int64_t groups, int64
                                  : env_equals("FUSEDMOE_SM90_CLUSTER", "2") ? 2
                                  : env_equals("FUSEDMOE_SM90_CLUSTER", "1") ? 1
                                                                             : 0;
-  auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : !narrow_only && N >= 256 ? 256 : 128; };
+  auto block_n_for = [&](int64_t N) { return tiling.block_n != 0 ? tiling.block_n : narrow_only ? 128 : default_block_n(N); };
   const int block_n = block_n_for(p.N);
   const bool deep_groups = groups > 1 && M_total >= kBM * groups;
   const bool heuristic_pairs = tiling.cluster_m == 0 && cluster_env == 0 && deep_groups;
