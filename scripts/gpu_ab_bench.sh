@@ -12,6 +12,7 @@
 #   per-kernel µs per step at those T, AB_STEADY_MODES="fwdbwd"; finer than the bench for a change of one kernel;
 #   AB_STEADY_EXTRA="--no-dense" skips the dense equivalent)   AB_ALTERNATE=1 (even rounds run the trees in reverse
 #   order, so the clocks' drift within a call does not favour the tree that runs first)
+#   AB_HOST="--fwdbwd --marks 4096" (each round, each tree: scripts/host_overhead.py with these arguments)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
@@ -47,6 +48,10 @@ for round in $(seq "${AB_ROUNDS:-2}"); do
       echo "== $tree, round $round, steady kernels" | tee -a "$out"
       PYTHONPATH="$PWD/build/py_$tree" python3 scripts/steady_kernels.py --tokens $AB_STEADY_TOKENS \
         --modes ${AB_STEADY_MODES:-fwdbwd} ${AB_STEADY_EXTRA:-} 2>&1 | tee -a "$out"
+    fi
+    if [ -n "${AB_HOST:-}" ]; then
+      echo "== $tree, round $round, host_overhead.py $AB_HOST" | tee -a "$out"
+      PYTHONPATH="$PWD/build/py_$tree" python3 scripts/host_overhead.py $AB_HOST 2>&1 | tail -${AB_HOST_LINES:-60} | tee -a "$out"
     fi
     [ "${AB_BENCH:-1}" = 0 ] && continue
     impls=fusedmoe; [ "$tree" = new ] && impls="fusedmoe torch_grouped_mm"

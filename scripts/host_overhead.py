@@ -190,8 +190,9 @@ class HostMarks:
     def __init__(self, block):
         self.t, self.event = [], None
         ops = fusedmoe._ops
-        for name in ("_config", "_forward_outputs", "_backward_outputs", "_scratch"):
-            setattr(ops, name, self.wrapped(getattr(ops, name), name))
+        for name in ("_config", "_forward_plan", "_forward_outputs", "_backward_outputs", "_scratch"):
+            if hasattr(ops, name):  # (older trees lack some: gpu_ab_bench.sh's AB_HOST runs this on them too)
+                setattr(ops, name, self.wrapped(getattr(ops, name), name))
         block.forward = self.wrapped(block.forward, "block.forward")
         block.kernels_for = self.wrapped(block.kernels_for, "kernels_for")
         ext, marks = ops._ext, self
@@ -211,7 +212,8 @@ class HostMarks:
                     marks.mark(f"{name}: C++ returned")
                     return out
                 return call
-        ops._ext = Ext()
+        # (the eager path calls the extension's packed entry points itself, with its DLPack conversions done)
+        ops._ext = ops._packed = Ext()
 
     def wrapped(self, fn, name):
         def call(*args, **kw):

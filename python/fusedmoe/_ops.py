@@ -11,7 +11,9 @@ argument against 0.5 µs for torch.utils.dlpack.to_dlpack, which the extension c
 path also keeps the state saved for backward in one buffer (one allocation and one argument in place of
 six; a call without gradients shares it with the workspace), and every call takes the raw CUDA stream and a
 cached config: measured on the H200 machine's host, the forward spent ~9 µs per allocation, ~3 µs per DLPack
-conversion and ~25 µs constructing the torch.cuda.Stream object, all before its first kernel.
+conversion and ~25 µs constructing the torch.cuda.Stream object, all before its first kernel. So the eager
+path converts only the caller's tensors (x, the weights, d_out) to DLPack and hands the buffers it allocates
+itself to the extension as addresses, and its backward allocates only the gradients wanted.
 """
 from __future__ import annotations
 
@@ -23,9 +25,12 @@ from torch import Tensor
 from . import _C
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+
+
 def compiling() -> bool:
     """True while torch.compile traces (dynamo evaluates this as a constant)."""
-    return getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)()
+    return _is_compiling is not None and _is_compiling()
 
 
 class _Extension:
@@ -234,50 +239,81 @@ def _block_grads(need, grads, d_logits, x, gate) -> tuple:
 torch.library.register_autograd("fusedmoe::moe_forward", _moe_backward_rule, setup_context=_moe_setup_context)
 
 
-_forward_sizes: dict = {}  # (config, T) -> (saved bytes, inference state bytes, forward workspace bytes)
+_forward_plans: dict = {}  # (dtype, gate_up_proj shape, top_k, norm, kernels, T) -> _ForwardPlan
+
+
+class _ForwardPlan:
+    """What an eager block call needs besides its tensors, looked up once per problem: the config and the byte
+    sizes of its buffers (each with the 256 spare bytes the extension aligns in)."""
+    __slots__ = ("cfg", "saved_bytes", "inference_bytes", "ws_bytes")
+
+    def __init__(self, cfg, T):
+        self.cfg = cfg
+        self.saved_bytes = _C.moe_saved_bytes(cfg, T) + 256
+        self.inference_bytes = _C.moe_saved_bytes(cfg, T, False) + _C.moe_forward_workspace_bytes(cfg, T) + 256
+        self.ws_bytes = _C.moe_forward_workspace_bytes(cfg, T) + 256
+
+
+def _forward_plan(x, gate_up_proj, top_k, norm_topk_prob, kernels) -> _ForwardPlan:
+    T = x.shape[0]
+    key = (x.dtype, gate_up_proj.shape, top_k, norm_topk_prob, tuple(kernels), T)
+    plan = _forward_plans.get(key)
+    if plan is None:
+        if len(_forward_plans) >= 256:  # many distinct token counts: start over rather than grow without bound
+            _forward_plans.clear()
+        plan = _forward_plans[key] = _ForwardPlan(_config(x, gate_up_proj, top_k, norm_topk_prob, kernels), T)
+    return plan
+
+
+_dlpack = torch.utils.dlpack.to_dlpack
+_U8 = torch.uint8
+_packed = _C  # the extension's moe_forward_packed / moe_backward_packed (scripts/host_overhead.py marks its calls)
 
 
 def _moe_block_eager(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, kernels, keep_state):
-    """(out, router_logits, saved): the block's forward with the state for backward in one buffer (`saved`);
+    """(out, router_logits, saved, cfg): the block's forward with the state for backward in one buffer (`saved`);
     without keep_state (inference) that buffer also holds the workspace, and the first GEMM's output (Y1) is
-    neither kept nor written."""
-    cfg = _config(x, gate_up_proj, top_k, norm_topk_prob, kernels)
+    neither kept nor written. Only x and the weights cross as DLPack tensors; the buffers allocated here go as
+    addresses (the extension's moe_forward_packed)."""
+    plan = _forward_plan(x, gate_up_proj, top_k, norm_topk_prob, kernels)
     T = x.shape[0]
     out, logits = x.new_empty(x.shape), x.new_empty((T, gate.shape[0]))
-    sizes = _forward_sizes.get((cfg, T))
-    if sizes is None:
-        if len(_forward_sizes) >= 256:  # many distinct token counts: start over rather than grow without bound
-            _forward_sizes.clear()
-        sizes = _forward_sizes[(cfg, T)] = (_C.moe_saved_bytes(cfg, T), _C.moe_saved_bytes(cfg, T, False),
-                                            _C.moe_forward_workspace_bytes(cfg, T))
-    saved_bytes, inference_bytes, ws_bytes = sizes
     if keep_state:
-        saved, ws = _scratch(saved_bytes, x.device), _scratch(ws_bytes, x.device)
+        saved = torch.empty(plan.saved_bytes, dtype=_U8, device=x.device)
+        ws = torch.empty(plan.ws_bytes, dtype=_U8, device=x.device)
+        ws_address, ws_bytes, saved_bytes = ws.data_ptr(), plan.ws_bytes, plan.saved_bytes
     else:
-        saved, ws = _scratch(inference_bytes + ws_bytes, x.device), None
-    _ext.moe_forward_packed(cfg, x, gate, gate_up_proj, down_proj, out, logits, saved, ws, _stream(x), keep_state)
-    return out, logits, saved
+        saved = torch.empty(plan.inference_bytes, dtype=_U8, device=x.device)
+        ws_address, ws_bytes, saved_bytes = 0, 0, plan.inference_bytes
+    _packed.moe_forward_packed(plan.cfg, _dlpack(x), _dlpack(gate), _dlpack(gate_up_proj), _dlpack(down_proj),
+                               out.data_ptr(), logits.data_ptr(), saved.data_ptr(), saved_bytes, ws_address, ws_bytes,
+                               _stream(x), keep_state)
+    return out, logits, saved, plan.cfg
 
 
 def _moe_eager_setup_context(ctx, inputs, output):
     x, gate, gate_up_proj, down_proj, top_k, norm, kernels = inputs
-    out, logits, saved = output
+    out, logits, saved, cfg = output
     ctx.save_for_backward(x, gate, gate_up_proj, down_proj, logits, saved)
-    ctx.top_k, ctx.norm, ctx.kernels = top_k, norm, kernels
+    ctx.top_k, ctx.norm, ctx.kernels, ctx.cfg = top_k, norm, kernels, cfg
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)
 
 
-def _moe_eager_backward(ctx, d_out, d_logits, _):
-    """The op's autograd rule (_moe_backward_rule) over the eager path's state buffer."""
+def _moe_eager_backward(ctx, d_out, d_logits, *_):
+    """The op's autograd rule (_moe_backward_rule) over the eager path's state buffer; only the gradients wanted
+    are allocated."""
     x, gate, w1, w2, logits, saved = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
     d_out = torch.zeros_like(x) if d_out is None else d_out.contiguous()
-    cfg = _config(x, w1, ctx.top_k, ctx.norm, ctx.kernels)
-    grads = _backward_outputs(x, gate, w1, w2, *need)
-    ws = _scratch(_C.moe_backward_workspace_bytes(cfg, x.shape[0], *need), x.device)
-    _ext.moe_backward_packed(cfg, d_out, x, gate, w1, w2, logits, saved, *[g if n else None for g, n in zip(grads, need)],
-                             ws, _stream(x))
+    cfg = ctx.cfg
+    grads = [like.new_empty(like.shape) if n else None for like, n in zip((x, gate, w1, w2), need)]
+    ws_bytes = _C.moe_backward_workspace_bytes(cfg, x.shape[0], *need) + 256
+    ws = torch.empty(ws_bytes, dtype=_U8, device=x.device)
+    _packed.moe_backward_packed(cfg, _dlpack(d_out), _dlpack(x), _dlpack(gate), _dlpack(w1), _dlpack(w2),
+                                logits.data_ptr(), saved.data_ptr(), saved.numel(),
+                                *[0 if g is None else g.data_ptr() for g in grads], ws.data_ptr(), ws_bytes,
+                                _stream(x))
     return _block_grads(need, grads, d_logits, x, gate)
 
 

@@ -87,7 +87,7 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         self.kernel_config_bwd_dX = check_config(kernel_config_bwd_dX, KernelConfigBackward_dX, "kernel_config_bwd_dX")
         self.kernel_config_bwd_dW = check_config(kernel_config_bwd_dW, KernelConfigBackward_dW, "kernel_config_bwd_dW")
         self.dW_only, self.dX_only = bool(dW_only), bool(dX_only)
-        self._resolved_configs = {}  # (device, token bucket, dW needed, explicit configs) -> (fwd, dX, dW) configs
+        self._resolved_configs = {}  # (device, token bucket, dW needed, explicit configs) -> (configs, kernels)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, hidden={self.hidden_size}, "
@@ -121,12 +121,20 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
 
     def kernel_configs(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> tuple:
         """(forward, dX, dW) configs for input x: the explicit ones, else the autotuned ones (None: heuristic)."""
+        return self._resolve(x, gate, w1, w2)[0]
+
+    def kernels_for(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> list:
+        """The ops' `kernels` argument for input x (see kernel_configs)."""
+        return self._resolve(x, gate, w1, w2)[1]
+
+    def _resolve(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> tuple:
+        """(kernel_configs, kernels_for) of input x."""
         explicit = (self.kernel_config_fwd, self.kernel_config_bwd_dX, self.kernel_config_bwd_dW)
         # Under torch.compile the lookup (a file, a lock) cannot be traced: compiled graphs take the explicit
         # configs and the heuristic.
         if (_ops.compiling() or not self.autotune or x.device.type != "cuda"
                 or all(c is not None for c in explicit)):
-            return explicit
+            return explicit, kernels_arg(*explicit)
         with_dw = w1.requires_grad or w2.requires_grad
         # Resolved once per device, token bucket and dW need: later calls cost one dict lookup.
         memo_key = (x.device, _autotune.token_bucket(x.shape[0]), with_dw, explicit)
@@ -134,15 +142,12 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
         if resolved is not None:
             return resolved
         tuned = _autotune.tuned_choice(x, gate, w1, w2, self.top_k, self.norm_topk_prob, with_dw)
-        resolved = tuple(c if c is not None else (cls.from_tiling(tuned[name]) if tuned and tuned.get(name) else None)
-                         for c, (name, cls) in zip(explicit, FAMILIES))
+        configs = tuple(c if c is not None else (cls.from_tiling(tuned[name]) if tuned and tuned.get(name) else None)
+                        for c, (name, cls) in zip(explicit, FAMILIES))
+        resolved = (configs, kernels_arg(*configs))
         if tuned is not None:  # (no entry yet, e.g. while a CUDA graph is captured: look again next call)
             self._resolved_configs[memo_key] = resolved
         return resolved
-
-    def kernels_for(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> list:
-        """The ops' `kernels` argument for input x (see kernel_configs)."""
-        return kernels_arg(*self.kernel_configs(x, gate, w1, w2))
 
     def _unfused(self, x: Tensor, w1: Tensor, w2: Tensor):
         """The same function in separate steps, with explicit permutes where a fusion is switched off."""

@@ -66,15 +66,17 @@ MoeWeights weights_of(const Array* gate, const Array& w1, const Array& w2) {
 
 Stream stream_of(uintptr_t s) { return Stream{reinterpret_cast<void*>(s)}; }
 
-// A 256-byte-aligned region of at least `needed` bytes inside a uint8 buffer (allocated with 256 spare).
-void* aligned_region(const Array& buf, size_t needed, const char* name) {
-  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
-  const uintptr_t aligned = (p + 255) / 256 * 256;
-  const size_t bytes = buf.nbytes();
-  if (needed > 0 && (aligned - p) + needed > bytes)
+// A 256-byte-aligned region of at least `needed` bytes inside a buffer of `bytes` bytes at `address` (allocated
+// with 256 spare).
+void* aligned_region(uintptr_t address, size_t bytes, size_t needed, const char* name) {
+  const uintptr_t aligned = (address + 255) / 256 * 256;
+  if (needed > 0 && (aligned - address) + needed > bytes)
     throw Error(std::string("argument '") + name + "' needs " + std::to_string(needed) +
                 " bytes after 256-byte alignment, got " + std::to_string(bytes));
   return reinterpret_cast<void*>(aligned);
+}
+void* aligned_region(const Array& buf, size_t needed, const char* name) {
+  return aligned_region(reinterpret_cast<uintptr_t>(buf.data()), buf.nbytes(), needed, name);
 }
 
 Workspace workspace_of(const Array& buf, size_t needed) {
@@ -93,15 +95,31 @@ MoeSaved saved_of(const OptArray& topk_weights, const OptArray& topk_ids, const 
   return s;
 }
 
-// The saved state as one uint8 buffer (Python's eager path: one allocation and one argument in place of six),
-// carved by moe_saved_views after 256-byte alignment. `extra` bytes after it: the forward's workspace where
-// the caller passes none of its own (a call that keeps no state for backward: one allocation for both, and
-// no Y1 when keep_gate_up is false).
-MoeSaved saved_in(const MoeConfig& c, int64_t T, const Array& buf, size_t extra, void** after, bool keep_gate_up) {
-  const size_t bytes = moe_saved_bytes(c, T, keep_gate_up);
-  void* base = aligned_region(buf, bytes + extra, "saved");
-  if (after != nullptr) *after = static_cast<char*>(base) + bytes;
-  return moe_saved_views(c, T, base, device_of(buf, "saved"), keep_gate_up);
+// The saved state as one buffer (Python's eager path: one allocation in place of six), carved by moe_saved_views
+// after 256-byte alignment. `extra` bytes after it: the forward's workspace where the caller passes none of its own
+// (a call that keeps no state for backward: one allocation for both, and no Y1 when keep_gate_up is false).
+MoeSaved saved_in(const MoeConfig& c, int64_t T, uintptr_t address, size_t bytes, Device device, size_t extra,
+                  void** after, bool keep_gate_up) {
+  const size_t need = moe_saved_bytes(c, T, keep_gate_up);
+  void* base = aligned_region(address, bytes, need + extra, "saved");
+  if (after != nullptr) *after = static_cast<char*>(base) + need;
+  return moe_saved_views(c, T, base, device, keep_gate_up);
+}
+
+// The eager path's own allocations (Python's _ops makes them for this call: row-major, on x's device, shaped as the
+// C++ side expects) arrive as addresses, not DLPack tensors: a conversion costs ~3 µs of host time each, in front of
+// the first kernel. `like` gives dtype and device; address 0 marks an output not wanted (an undefined view).
+Tensor own(uintptr_t address, const Tensor& like, std::initializer_list<int64_t> shape) {
+  if (address == 0) return Tensor{};
+  return Tensor::contiguous(reinterpret_cast<void*>(address), like.dtype, shape, like.device);
+}
+Tensor own_like(uintptr_t address, const Tensor& like) {
+  if (address == 0) return Tensor{};
+  Tensor t = like;
+  t.data = reinterpret_cast<void*>(address);
+  int64_t stride = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) t.strides[d] = stride, stride *= t.shape[d];
+  return t;
 }
 
 int64_t tokens_of(const Tensor& x) { return x.ndim ? x.shape[0] : 0; }
@@ -277,36 +295,46 @@ NB_MODULE(_C, m) {
      nb::arg("m_sizes"), nb::arg("expert_offsets"), nb::arg("gate_up_out"), nb::arg("dx").none(),
      nb::arg("d_gate").none(), nb::arg("d_gate_up_proj").none(), nb::arg("d_down_proj").none(), nb::arg("workspace"),
      nb::arg("stream"));
+  // The eager path (python/fusedmoe/_ops.py): x, gate and the expert weights as DLPack tensors, its own buffers as
+  // addresses (see own()): out [T,H] and router_logits [T,E] in x's dtype, the saved state (and, with workspace 0,
+  // the workspace after it) in `saved_bytes` bytes at `saved`.
   m.def("moe_forward_packed", [](const MoeConfig& c, const Array& x, const Array& gate, const Array& w1,
-                                 const Array& w2, const Array& out, const Array& logits, const Array& saved,
-                                 const OptArray& ws, uintptr_t s, bool keep_gate_up) {
+                                 const Array& w2, uintptr_t out, uintptr_t logits, uintptr_t saved, size_t saved_bytes,
+                                 uintptr_t ws, size_t ws_bytes, uintptr_t s, bool keep_gate_up) {
     const Tensor xv = view(x, "x");
     const int64_t T = tokens_of(xv);
     const size_t need = moe_forward_workspace_bytes(c, T);
     void* after = nullptr;
-    const MoeSaved state = saved_in(c, T, saved, ws ? 0 : need, &after, keep_gate_up);
-    const Workspace work = ws ? workspace_of(*ws, need) : Workspace{after, need};
+    const MoeSaved state = saved_in(c, T, saved, saved_bytes, xv.device, ws ? 0 : need, &after, keep_gate_up);
+    const Workspace work{ws ? aligned_region(ws, ws_bytes, need, "workspace") : after, need};
     nb::gil_scoped_release g;
-    moe_forward(c, xv, weights_of(&gate, w1, w2), view(out, "out"),
-                view(logits, "router_logits"), state, work, stream_of(s));
+    moe_forward(c, xv, weights_of(&gate, w1, w2), own(out, xv, {T, c.hidden_size}),
+                own(logits, xv, {T, c.num_experts}), state, work, stream_of(s));
   }, nb::arg("cfg"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"), nb::arg("out"),
-     nb::arg("router_logits"), nb::arg("saved"), nb::arg("workspace").none(), nb::arg("stream"),
-     nb::arg("keep_gate_up") = true);
+     nb::arg("router_logits"), nb::arg("saved"), nb::arg("saved_bytes"), nb::arg("workspace"),
+     nb::arg("workspace_bytes"), nb::arg("stream"), nb::arg("keep_gate_up") = true);
+  // Its backward: d_out, x and the weights as DLPack tensors; router_logits and the state (the forward's), the
+  // gradients (row-major, shaped like x, gate, gate_up_proj and down_proj; 0: not wanted) and the workspace as
+  // addresses.
   m.def("moe_backward_packed", [](const MoeConfig& c, const Array& dout, const Array& x, const Array& gate,
-                                  const Array& w1, const Array& w2, const Array& logits, const Array& saved,
-                                  const OptArray& dx, const OptArray& dgate, const OptArray& dw1, const OptArray& dw2,
-                                  const Array& ws, uintptr_t s) {
-    const MoeGrads grads{view(dx, "dx"), view(dgate, "d_gate"), view(dw1, "d_gate_up_proj"), view(dw2, "d_down_proj")};
+                                  const Array& w1, const Array& w2, uintptr_t logits, uintptr_t saved,
+                                  size_t saved_bytes, uintptr_t dx, uintptr_t dgate, uintptr_t dw1, uintptr_t dw2,
+                                  uintptr_t ws, size_t ws_bytes, uintptr_t s) {
     const Tensor xv = view(x, "x");
+    const MoeWeights weights = weights_of(&gate, w1, w2);
+    const MoeGrads grads{own_like(dx, xv), own_like(dgate, weights.gate), own_like(dw1, weights.gate_up_proj),
+                         own_like(dw2, weights.down_proj)};
     const int64_t T = tokens_of(xv);
-    const MoeSaved state = saved_in(c, T, saved, 0, nullptr, true);
+    const MoeSaved state = saved_in(c, T, saved, saved_bytes, xv.device, 0, nullptr, true);
     const size_t need = moe_backward_workspace_bytes(c, T, grads);
+    const Workspace work{aligned_region(ws, ws_bytes, need, "workspace"), need};
     nb::gil_scoped_release g;
-    moe_backward(c, view(dout, "d_out"), xv, weights_of(&gate, w1, w2),
-                 view(logits, "router_logits"), state, grads, workspace_of(ws, need), stream_of(s));
+    moe_backward(c, view(dout, "d_out"), xv, weights, own(logits, xv, {T, c.num_experts}), state, grads, work,
+                 stream_of(s));
   }, nb::arg("cfg"), nb::arg("d_out"), nb::arg("x"), nb::arg("gate"), nb::arg("gate_up_proj"), nb::arg("down_proj"),
-     nb::arg("router_logits"), nb::arg("saved"), nb::arg("dx").none(), nb::arg("d_gate").none(),
-     nb::arg("d_gate_up_proj").none(), nb::arg("d_down_proj").none(), nb::arg("workspace"), nb::arg("stream"));
+     nb::arg("router_logits"), nb::arg("saved"), nb::arg("saved_bytes"), nb::arg("dx"), nb::arg("d_gate"),
+     nb::arg("d_gate_up_proj"), nb::arg("d_down_proj"), nb::arg("workspace"), nb::arg("workspace_bytes"),
+     nb::arg("stream"));
   m.def("moe_experts_forward", [](const MoeConfig& c, const Array& x, const Array& tw, const Array& ids,
                                   const Array& w1, const Array& w2, const Array& out, const Array& gather,
                                   const Array& m_sizes, const Array& offsets, const OptArray& y1, const Array& ws,

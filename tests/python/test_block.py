@@ -187,8 +187,9 @@ def test_bad_inputs_raise_clear_errors(device):
 
 
 def test_packed_state_buffer_is_checked(device):
-    # The eager path's state buffer (the saved tensors in one allocation) is sized by moe_saved_bytes; one too
-    # small is refused with the argument's name, before any kernel runs, in forward and backward.
+    # The eager path's state buffer (the saved tensors in one allocation) and workspace are sized by
+    # moe_saved_bytes and the workspace queries; ones too small are refused with the argument's name, before any
+    # kernel runs, in forward and backward. (The eager path passes its own buffers as address and byte count.)
     from fusedmoe import _C, _ops
     dtype = dtype_for(device)
     T, H, I, E, k = 5, 32, 16, 4, 2
@@ -199,25 +200,42 @@ def test_packed_state_buffer_is_checked(device):
     cfg = _ops._config(x, w1, k, True)
     out, logits = torch.empty_like(x), torch.empty(T, E, device=device, dtype=dtype)
     stream = _ops._stream(x)
-    small = _ops._scratch(_C.moe_saved_bytes(cfg, T) - 512, x.device)
-    ws = _ops._scratch(_C.moe_forward_workspace_bytes(cfg, T), x.device)
+    dl = torch.utils.dlpack.to_dlpack
+
+    def buf(n):
+        b = _ops._scratch(n, x.device)
+        return b, b.data_ptr(), b.numel()
+
+    def forward(saved, ws, keep=True):
+        _C.moe_forward_packed(cfg, dl(x), dl(gate), dl(w1), dl(w2), out.data_ptr(), logits.data_ptr(), *saved[1:],
+                              *(ws[1:] if ws else (0, 0)), stream, keep)
+
+    small = buf(_C.moe_saved_bytes(cfg, T) - 512)
+    ws = buf(_C.moe_forward_workspace_bytes(cfg, T))
     with pytest.raises(ValueError, match="argument 'saved' needs"):
-        _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, small, ws, stream)
+        forward(small, ws)
     with pytest.raises(ValueError, match="argument 'saved' needs"):  # the workspace is to follow the state
-        _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, _ops._scratch(_C.moe_saved_bytes(cfg, T), x.device),
-                              None, stream)
+        forward(buf(_C.moe_saved_bytes(cfg, T)), None)
+    with pytest.raises(ValueError, match="argument 'workspace' needs"):
+        forward(buf(_C.moe_saved_bytes(cfg, T)), buf(_C.moe_forward_workspace_bytes(cfg, T) - 512))
     # An inference state (keep_gate_up=False: no Y1) is smaller; the backward's full state cannot be carved from it.
     inference = _C.moe_saved_bytes(cfg, T, False)
     assert inference < _C.moe_saved_bytes(cfg, T)
-    _C.moe_forward_packed(cfg, x, gate, w1, w2, out, logits, _ops._scratch(inference, x.device), ws, stream, False)
-    bwd_ws = _ops._scratch(_C.moe_backward_workspace_bytes(cfg, T, True, True, True, True), x.device)
+    forward(buf(inference), ws, False)
+    grads = [torch.empty_like(t) for t in (x, gate, w1, w2)]
+    bwd_ws = buf(_C.moe_backward_workspace_bytes(cfg, T, True, True, True, True))
+
+    def backward(saved, ws):
+        _C.moe_backward_packed(cfg, dl(torch.randn_like(x)), dl(x), dl(gate), dl(w1), dl(w2), logits.data_ptr(),
+                               *saved[1:], *[g.data_ptr() for g in grads], *ws[1:], stream)
+
     with pytest.raises(ValueError, match="argument 'saved' needs"):
-        _C.moe_backward_packed(cfg, torch.randn_like(x), x, gate, w1, w2, logits, _ops._scratch(inference, x.device),
-                               torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w1),
-                               torch.empty_like(w2), bwd_ws, stream)
+        backward(buf(inference), bwd_ws)
     with pytest.raises(ValueError, match="argument 'saved' needs"):
-        _C.moe_backward_packed(cfg, torch.randn_like(x), x, gate, w1, w2, logits, small, torch.empty_like(x),
-                               torch.empty_like(gate), torch.empty_like(w1), torch.empty_like(w2), bwd_ws, stream)
+        backward(small, bwd_ws)
+    with pytest.raises(ValueError, match="argument 'workspace' needs"):
+        backward(buf(_C.moe_saved_bytes(cfg, T)), buf(_C.moe_backward_workspace_bytes(cfg, T, True, True, True, True)
+                                                      - 512))
 
 
 def test_torch_compile_fullgraph_matches_eager(device):
