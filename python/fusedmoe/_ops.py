@@ -248,10 +248,11 @@ class _ForwardPlan:
     __slots__ = ("cfg", "saved_bytes", "inference_bytes", "ws_bytes")
 
     def __init__(self, cfg, T):
+        ws = _C.moe_forward_workspace_bytes(cfg, T)
         self.cfg = cfg
         self.saved_bytes = _C.moe_saved_bytes(cfg, T) + 256
-        self.inference_bytes = _C.moe_saved_bytes(cfg, T, False) + _C.moe_forward_workspace_bytes(cfg, T) + 256
-        self.ws_bytes = _C.moe_forward_workspace_bytes(cfg, T) + 256
+        self.inference_bytes = _C.moe_saved_bytes(cfg, T, False) + ws + 256  # (the workspace follows the state)
+        self.ws_bytes = ws + 256
 
 
 def _forward_plan(x, gate_up_proj, top_k, norm_topk_prob, kernels) -> _ForwardPlan:

@@ -125,7 +125,7 @@ class Qwen3MoeFusedGroupedGEMMBlock(nn.Module):
 
     def kernels_for(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> list:
         """The ops' `kernels` argument for input x (see kernel_configs)."""
-        return self._resolve(x, gate, w1, w2)[1]
+        return list(self._resolve(x, gate, w1, w2)[1])  # (a copy: the memo keeps its own)
 
     def _resolve(self, x: Tensor, gate: Tensor, w1: Tensor, w2: Tensor) -> tuple:
         """(kernel_configs, kernels_for) of input x."""
