@@ -9,18 +9,22 @@
 // let the second warpgroup store (global, shared, or both) while the first issues alone: does an epilogue in one
 // warpgroup slow the other's tensor-core work?
 //
+// The last rows sweep one m64nNk16 per warpgroup over N = 16 … 256 (wrappers in wgmma_widths.cuh): the rate a
+// tiling with the tokens as wgmma's N, sized per group in steps of 8, would run its MMAs at (NOTES, session 29).
+//
 // Build and run on an sm_90a GPU: scripts/gpu_micro.sh (nvcc, no other dependency). Output: per shape, the
 // cycles per 64-deep k-step (median over the CTAs, one per SM) and the share of the SM's tensor-core peak
 // (kMacPerCycle) that implies.
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <utility>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
 
-#include "../../src/cuda/wgmma.cuh"
 #include "../../src/cuda/sm90_primitives.cuh"
+#include "wgmma_widths.cuh"  // (with ../../src/cuda/wgmma.cuh): m64nNk16 for the N sweep
 
 using namespace fusedmoe::detail::cuda::sm90;
 
@@ -36,9 +40,13 @@ enum Shape : int {
   kN256 = 0,    // one m64n256k16: 64 rows × 256 columns (the cooperative kernel's half of a 128 × 256 tile)
   kN128x2 = 1,  // two m64n128k16 on rows 0-63 and 64-127: a whole 128 × 128 tile (session 9's ping-pong, v17)
   kN128 = 2,    // one m64n128k16: 64 rows × 128 columns
+  kNSweep = 3,  // one m64nNk16, N = the kernel's kN: a tile whose token side is N (weights as the 64 rows, per
+                // warpgroup), sized per group in steps of 8, so that a group's last tile pads fewer than 128 rows
 };
 
-constexpr double macs_per_kstep(int shape) { return shape == kN128 ? 64.0 * 128 * 64 : 64.0 * 256 * 64; }
+constexpr double macs_per_kstep(int shape, int n) {
+  return shape == kN128 ? 64.0 * 128 * 64 : shape == kNSweep ? 64.0 * n * 64 : 64.0 * 256 * 64;
+}
 
 // What the second warpgroup does while the first issues wgmma alone (a ping-pong kernel's other warpgroup in its
 // epilogue): nothing, 16-byte global stores (a tile's output leaving), a shared-memory round trip (staging), or both.
@@ -47,7 +55,7 @@ constexpr int kStoreScratchBytes = 16 * 1024;  // beside the stages
 constexpr int kSmemBytes = kStages * kStageBytes + kStoreScratchBytes + 16 + 1024;
 constexpr int64_t kStoreWindow = 4 << 20;      // per CTA: 132 × 4 MB, past L2, so the stores reach memory
 
-template <int kShape, int kWait>
+template <int kShape, int kWait, int kN = 256>
 __global__ void __launch_bounds__(256, 1)
     wgmma_rate_kernel(long long* cycles, int ksteps, int warpgroups, int storer, uint8_t* store_buf, long long* stored) {
   extern __shared__ uint8_t smem_raw[];
@@ -107,6 +115,9 @@ __global__ void __launch_bounds__(256, 1)
       } else if constexpr (kShape == kN128x2) {
         Wgmma<__nv_bfloat16, 128>::mma<0, 0>(lo, smem_desc(a + k16 * 32, 16, 1024), db);
         Wgmma<__nv_bfloat16, 128>::mma<0, 0>(hi, smem_desc(a + 64 * 128 + k16 * 32, 16, 1024), db);
+      } else if constexpr (kShape == kNSweep) {
+        Wgmma<__nv_bfloat16, kN>::mma<0, 0>(*reinterpret_cast<float(*)[kN / 2]>(acc),
+                                            smem_desc(a + wg * 64 * 128 + k16 * 32, 16, 1024), db);
       } else {
         Wgmma<__nv_bfloat16, 128>::mma<0, 0>(lo, smem_desc(a + wg * 64 * 128 + k16 * 32, 16, 1024), db);
       }
@@ -131,9 +142,9 @@ void check(cudaError_t e, const char* what) {
   }
 }
 
-template <int kShape, int kWait>
+template <int kShape, int kWait, int kN = 256>
 void run(const char* name, int warpgroups, int ctas, int ksteps, int storer = kNoStorer) {
-  auto kernel = wgmma_rate_kernel<kShape, kWait>;
+  auto kernel = wgmma_rate_kernel<kShape, kWait, kN>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes), "smem attribute");
   long long *d = nullptr, *d_stored = nullptr;
   uint8_t* store_buf = nullptr;
@@ -156,7 +167,7 @@ void run(const char* name, int warpgroups, int ctas, int ksteps, int storer = kN
     for (int w = 0; w < warpgroups; ++w) per_kstep.push_back(static_cast<double>(h[c * 2 + w]) / ksteps);
   std::sort(per_kstep.begin(), per_kstep.end());
   const double median = per_kstep[per_kstep.size() / 2];
-  const double ideal = warpgroups * macs_per_kstep(kShape) / kMacPerCycle;  // both warpgroups share the SM
+  const double ideal = warpgroups * macs_per_kstep(kShape, kN) / kMacPerCycle;  // both warpgroups share the SM
   std::printf("%-34s wait<%d>  warpgroups %d  CTAs %3d: %7.1f cycles per k-step (ideal %5.0f): tensor cores %5.1f%%"
               "  [min %.1f, max %.1f]\n",
               name, kWait, warpgroups, ctas, median, ideal, 100.0 * ideal / median, per_kstep.front(), per_kstep.back());
@@ -168,6 +179,12 @@ void run(const char* name, int warpgroups, int ctas, int ksteps, int storer = kN
     std::printf("%34s   ... while the other warpgroup ran %s: %.1f bytes per cycle (median over CTAs)\n", "",
                 kNames[storer], rate[rate.size() / 2]);
   }
+}
+
+template <int... N>
+void n_sweep(std::integer_sequence<int, N...>, int sms, int ksteps) {
+  char name[48];
+  ((std::snprintf(name, sizeof name, "m64n%dk16 (N sweep)", N), run<kNSweep, 1, N>(name, 2, sms, ksteps)), ...);
 }
 
 }  // namespace
@@ -192,5 +209,9 @@ int main(int argc, char** argv) {
     for (int storer : {kGlobalStores, kSmemRoundTrip, kStagedStores})
       run<kN256, 1>("m64n256k16 alone + a storing WG", 1, ctas, ksteps, storer);
   }
+  // The N sweep, two warpgroups as the cooperative kernel runs them, every SM: does a narrower token side keep the
+  // tensor cores' rate per MAC (what a per-group N would save in padded rows, it must not lose per instruction)?
+  n_sweep(std::integer_sequence<int, 16, 32, 64, 96, 112, 128, 136, 160, 176, 192, 208, 216, 224, 240, 256>{}, sms,
+          ksteps);
   return 0;
 }
