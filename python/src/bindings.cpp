@@ -113,14 +113,6 @@ Tensor own(uintptr_t address, const Tensor& like, std::initializer_list<int64_t>
   if (address == 0) return Tensor{};
   return Tensor::contiguous(reinterpret_cast<void*>(address), like.dtype, shape, like.device);
 }
-Tensor own_like(uintptr_t address, const Tensor& like) {
-  if (address == 0) return Tensor{};
-  Tensor t = like;
-  t.data = reinterpret_cast<void*>(address);
-  int64_t stride = 1;
-  for (int d = t.ndim - 1; d >= 0; --d) t.strides[d] = stride, stride *= t.shape[d];
-  return t;
-}
 
 int64_t tokens_of(const Tensor& x) { return x.ndim ? x.shape[0] : 0; }
 
@@ -322,9 +314,9 @@ NB_MODULE(_C, m) {
                                   uintptr_t ws, size_t ws_bytes, uintptr_t s) {
     const Tensor xv = view(x, "x");
     const MoeWeights weights = weights_of(&gate, w1, w2);
-    const MoeGrads grads{own_like(dx, xv), own_like(dgate, weights.gate), own_like(dw1, weights.gate_up_proj),
-                         own_like(dw2, weights.down_proj)};
-    const int64_t T = tokens_of(xv);
+    const int64_t T = tokens_of(xv), H = c.hidden_size, I = c.intermediate_size, E = c.num_experts;
+    const MoeGrads grads{own(dx, xv, {T, H}), own(dgate, weights.gate, {E, H}),
+                         own(dw1, weights.gate_up_proj, {E, 2 * I, H}), own(dw2, weights.down_proj, {E, H, I})};
     const MoeSaved state = saved_in(c, T, saved, saved_bytes, xv.device, 0, nullptr, true);
     const size_t need = moe_backward_workspace_bytes(c, T, grads);
     const Workspace work{aligned_region(ws, ws_bytes, need, "workspace"), need};
