@@ -5,7 +5,7 @@
 #   pipeline_rate  a synthetic grouped-GEMM mainloop (TMA + cp.async producer, wgmma consumers, stores) at
 #                  Qwen3-30B-A3B's GEMM shapes, cooperative and ping-pong schedules
 #   WGMMA_KSTEPS=8192 (k-steps per warpgroup in wgmma_rate)   MICRO="wgmma_rate pipeline_rate" (which to run)
-#   PIPELINE_ARGS=tiles (pipeline_rate: 128 × 256 against 192 × 192 tiles only)
+#   PIPELINE_ARGS=tiles (pipeline_rate: 128 × 256 against 192 × 192 tiles only; =intake: the stages' fill rate alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"

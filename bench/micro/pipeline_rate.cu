@@ -85,7 +85,12 @@ struct Problem {
   int experts, rows_per_expert, N, K;
 };
 
-template <int BN, int kSched, int kStore>
+// The operand intake alone (argument `intake`): no wgmma, the consumers hand each stage back as soon as it is full,
+// so a k-step takes what filling a stage takes. kIntakeBoth: the weight tile by TMA and the A rows by cp.async;
+// kIntakeWeights: the TMA boxes only; kIntakeRows: the cp.async rows only.
+enum Intake : int { kMma = 0, kIntakeBoth = 1, kIntakeWeights = 2, kIntakeRows = 3 };
+
+template <int BN, int kSched, int kStore, int kIntake = kMma>
 __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
     pipeline_kernel(const __grid_constant__ CUtensorMap w_map, Problem p, long long* cycles) {
   constexpr int kBM = kTileRows<kSched>;
@@ -134,14 +139,20 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
         mbar_wait(empty_bar + 8 * stage, phase ^ 1);
         const uint32_t a_dst = stages + stage * C::kStageBytes, b_dst = a_dst + C::kABytes;
         if (tid == 0) {
-          mbar_arrive_expect_tx(full_bar + 8 * stage, C::kBBytes);
-          for (int half = 0; half < 2; ++half)
-            tma_load<1>(b_dst + half * (BN / 2) * 128, &w_map, full_bar + 8 * stage, kt * 64, n0 + half * (BN / 2), e);
+          if constexpr (kIntake == kIntakeRows) {
+            mbar_arrive(full_bar + 8 * stage);
+          } else {
+            mbar_arrive_expect_tx(full_bar + 8 * stage, C::kBBytes);
+            for (int half = 0; half < 2; ++half)
+              tma_load<1>(b_dst + half * (BN / 2) * 128, &w_map, full_bar + 8 * stage, kt * 64, n0 + half * (BN / 2), e);
+          }
         }
+        if constexpr (kIntake != kIntakeWeights) {
 #pragma unroll
-        for (int i = 0; i < kBM / 16; ++i) {
-          const int row = tid / 8 + 16 * i, c = tid % 8;
-          cp_async_16(a_dst + row * 128 + ((c ^ (row & 7)) << 4), p.A + row_off[i] + kt * 64 + c * 8, true);
+          for (int i = 0; i < kBM / 16; ++i) {
+            const int row = tid / 8 + 16 * i, c = tid % 8;
+            cp_async_16(a_dst + row * 128 + ((c ^ (row & 7)) << 4), p.A + row_off[i] + kt * 64 + c * 8, true);
+          }
         }
         asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(full_bar + 8 * stage) : "memory");
         if (++stage == S) stage = 0, phase ^= 1;
@@ -177,6 +188,10 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
       const long long g = static_cast<long long>(local) * k_tiles + kt;  // the CTA's k-steps so far, in fill order
       const int stage = static_cast<int>(g % S);
       mbar_wait(full_bar + 8 * stage, static_cast<uint32_t>((g / S) & 1));
+      if constexpr (kIntake != kMma) {
+        release(stage);  // intake only: the stage is free again as soon as it is full
+        continue;
+      }
       fence_proxy_async();
       const uint32_t a = stages + stage * C::kStageBytes, b = a + C::kABytes;
       wgmma_fence();
@@ -202,6 +217,7 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers<kSched>), 1)
     wgmma_wait<0>();
     pin_registers(acc);
     ksteps_done += k_tiles;
+    if constexpr (kIntake != kMma) continue;  // (every stage already released)
     constexpr int kThreads = kSched == kPingPong ? 128 : 128 * kConsumers<kSched>;
     const int thread = kSched == kPingPong ? tid : consumer * 128 + tid;
     int e, m0, n0;
@@ -361,7 +377,7 @@ struct Buffers {
   bf16* out;
 };
 
-template <int BN, int kSched, int kStore>
+template <int BN, int kSched, int kStore, int kIntake = kMma>
 void run(const Shape& sh, const Buffers& buffers, int sms) {
   const bf16* A = buffers.A;
   const int32_t *gather = buffers.gather, *perm = buffers.perm;
@@ -369,7 +385,7 @@ void run(const Shape& sh, const Buffers& buffers, int sms) {
   bf16* out = buffers.out;
   constexpr int kBM = kTileRows<kSched>;
   using C = Cfg<BN, kBM>;
-  auto kernel = pipeline_kernel<BN, kSched, kStore>;
+  auto kernel = pipeline_kernel<BN, kSched, kStore, kIntake>;
   check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes), "smem attribute");
   const CUtensorMap map = weight_map(W, sh.experts, sh.N, sh.K, BN / 2);
   // Output rows: GEMM1 writes rows in expert order, GEMM2 slot rows (a permutation of the routed rows).
@@ -416,15 +432,23 @@ void run(const Shape& sh, const Buffers& buffers, int sms) {
                                        "gate+up only", "gated, no σ", "act only", "gated, Y1 interleaved",
                                        "gated, Y1+act blocked"};
   static const char* kScheduleNames[] = {"cooperative", "ping-pong", "cooperative3"};
+  if constexpr (kIntake != kMma) {
+    static const char* kIntakeNames[] = {"", "weights TMA + rows cp.async", "weights TMA only", "rows cp.async only"};
+    const int bytes = (kIntake != kIntakeRows ? C::kBBytes : 0) + (kIntake != kIntakeWeights ? C::kABytes : 0);
+    std::printf("%-8s intake %-28s (%s A rows): %8.1f us, %6.1f cycles per %d-byte stage: %5.1f bytes per SM clock, "
+                "SM clock %4.0f MHz\n", sh.name, kIntakeNames[kIntake], sh.gather ? "gathered" : "in-order", best * 1e3,
+                per_kstep, bytes, bytes / per_kstep, mhz);
+    return;
+  }
   std::printf("%-8s %-12s %dx%-3d %-21s: %8.1f us %6.1f TFLOP/s  %7.1f cycles per %dx%dx64 k-step incl. epilogue"
               " (ideal %4d): tensor cores %5.1f%% of the busiest SM's time, SM clock %4.0f MHz\n",
               sh.name, kScheduleNames[kSched], kBM, BN, kStoreNames[kStore], best * 1e3, flops / (best * 1e-3) / 1e12,
               per_kstep, kBM, BN, kBM * BN / 32, 100.0 * macs / (2048.0 * cyc * sms), mhz);
 }
 
-template <int BN, int kSched, int kStore>
+template <int BN, int kSched, int kStore, int kIntake = kMma>
 struct Run {
-  static void go(const Shape& sh, const Buffers& b, int sms) { run<BN, kSched, kStore>(sh, b, sms); }
+  static void go(const Shape& sh, const Buffers& b, int sms) { run<BN, kSched, kStore, kIntake>(sh, b, sms); }
 };
 
 template <class... Runs>
@@ -439,6 +463,7 @@ void run_each(const Shape& sh, const Buffers& b, int sms) {
 int main(int argc, char** argv) {
   setvbuf(stdout, nullptr, _IOLBF, 0);
   const bool tiles_only = argc > 1 && std::string(argv[1]) == "tiles";
+  const bool intake_only = argc > 1 && std::string(argv[1]) == "intake";
   int sms = 0;
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
   cudaDeviceProp prop{};
@@ -491,6 +516,14 @@ int main(int argc, char** argv) {
   check(cudaMemcpy(perm, h_perm.data(), routed * 4, cudaMemcpyHostToDevice), "perm");
   std::printf("%s, %d SMs\n", prop.name, sms);
   const Buffers buf{A, gather, perm, W, out};
+  if (intake_only) {
+    // What a 128 × 256 tile's stages take in a clock per SM with no MMA to wait for, against the k-step the real
+    // mainloop takes (its MMA: 1024 cycles).
+    for (const Shape& s : shapes)
+      run_each<Run<256, kCooperative, kNoStores, kIntakeBoth>, Run<256, kCooperative, kNoStores, kIntakeWeights>,
+               Run<256, kCooperative, kNoStores, kIntakeRows>, Run<256, kCooperative, kNoStores>>(s, buf, sms);
+    return 0;
+  }
   if (tiles_only) {
     for (const Shape& s : tile_shapes)
       run_each<Run<256, kCooperative, kNoStores>, Run<192, kCooperative3, kNoStores>,
