@@ -20,6 +20,8 @@
 //
 // Reports, per schedule and problem, the kernel time (events), TFLOP/s and the tensor-core share of the whole
 // kernel, and the cycles per 64-deep k-step of a tile including its share of the epilogue.
+// With the argument `intake`: the stages' fill rate alone (no wgmma), in bytes per SM clock, weights and rows
+// together and each on its own, beside the mainloop with wgmma.
 // Build and run: scripts/gpu_micro.sh (it runs both microbenchmarks).
 #include <cuda.h>
 #include <cuda_bf16.h>
