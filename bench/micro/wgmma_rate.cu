@@ -9,7 +9,7 @@
 // let the second warpgroup store (global, shared, or both) while the first issues alone: does an epilogue in one
 // warpgroup slow the other's tensor-core work?
 //
-// The last rows sweep one m64nNk16 per warpgroup over N = 16 … 256 (wrappers in wgmma_widths.cuh): the rate a
+// The last rows sweep one m64nNk16 per warpgroup over N = 16 … 256 (the wrappers of src/cuda/wgmma.cuh): the rate a
 // tiling with the tokens as wgmma's N, sized per group in steps of 8, would run its MMAs at (NOTES, session 29).
 //
 // Build and run on an sm_90a GPU: scripts/gpu_micro.sh (nvcc, no other dependency). Output: per shape, the
@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "../../src/cuda/sm90_primitives.cuh"
-#include "wgmma_widths.cuh"  // (with ../../src/cuda/wgmma.cuh): m64nNk16 for the N sweep
+#include "../../src/cuda/wgmma.cuh"  // m64nNk16 for every N of the sweep too
 
 using namespace fusedmoe::detail::cuda::sm90;
 
