@@ -244,15 +244,15 @@ _forward_plans: dict = {}  # (dtype, gate_up_proj shape, top_k, norm, kernels, T
 
 class _ForwardPlan:
     """What an eager block call needs besides its tensors, looked up once per problem: the config and the byte
-    sizes of its buffers (each with the 256 spare bytes the extension aligns in)."""
+    sizes of its buffers (allocated by _scratch, which adds the alignment's spare bytes)."""
     __slots__ = ("cfg", "saved_bytes", "inference_bytes", "ws_bytes")
 
     def __init__(self, cfg, T):
         ws = _C.moe_forward_workspace_bytes(cfg, T)
         self.cfg = cfg
-        self.saved_bytes = _C.moe_saved_bytes(cfg, T) + 256
-        self.inference_bytes = _C.moe_saved_bytes(cfg, T, False) + ws + 256  # (the workspace follows the state)
-        self.ws_bytes = ws + 256
+        self.saved_bytes = _C.moe_saved_bytes(cfg, T)
+        self.inference_bytes = _C.moe_saved_bytes(cfg, T, False) + ws  # (the workspace follows the state)
+        self.ws_bytes = ws
 
 
 def _forward_plan(x, gate_up_proj, top_k, norm_topk_prob, kernels) -> _ForwardPlan:
@@ -267,7 +267,6 @@ def _forward_plan(x, gate_up_proj, top_k, norm_topk_prob, kernels) -> _ForwardPl
 
 
 _dlpack = torch.utils.dlpack.to_dlpack
-_U8 = torch.uint8
 _packed = _C  # the extension's moe_forward_packed / moe_backward_packed (scripts/host_overhead.py marks its calls)
 
 
@@ -280,14 +279,13 @@ def _moe_block_eager(x, gate, gate_up_proj, down_proj, top_k, norm_topk_prob, ke
     T = x.shape[0]
     out, logits = x.new_empty(x.shape), x.new_empty((T, gate.shape[0]))
     if keep_state:
-        saved = torch.empty(plan.saved_bytes, dtype=_U8, device=x.device)
-        ws = torch.empty(plan.ws_bytes, dtype=_U8, device=x.device)
-        ws_address, ws_bytes, saved_bytes = ws.data_ptr(), plan.ws_bytes, plan.saved_bytes
+        saved, ws = _scratch(plan.saved_bytes, x.device), _scratch(plan.ws_bytes, x.device)
+        ws_address, ws_bytes = ws.data_ptr(), ws.numel()
     else:
-        saved = torch.empty(plan.inference_bytes, dtype=_U8, device=x.device)
-        ws_address, ws_bytes, saved_bytes = 0, 0, plan.inference_bytes
+        saved = _scratch(plan.inference_bytes, x.device)
+        ws_address, ws_bytes = 0, 0
     _packed.moe_forward_packed(plan.cfg, _dlpack(x), _dlpack(gate), _dlpack(gate_up_proj), _dlpack(down_proj),
-                               out.data_ptr(), logits.data_ptr(), saved.data_ptr(), saved_bytes, ws_address, ws_bytes,
+                               out.data_ptr(), logits.data_ptr(), saved.data_ptr(), saved.numel(), ws_address, ws_bytes,
                                _stream(x), keep_state)
     return out, logits, saved, plan.cfg
 
@@ -309,11 +307,10 @@ def _moe_eager_backward(ctx, d_out, d_logits, *_):
     d_out = torch.zeros_like(x) if d_out is None else d_out.contiguous()
     cfg = ctx.cfg
     grads = [like.new_empty(like.shape) if n else None for like, n in zip((x, gate, w1, w2), need)]
-    ws_bytes = _C.moe_backward_workspace_bytes(cfg, x.shape[0], *need) + 256
-    ws = torch.empty(ws_bytes, dtype=_U8, device=x.device)
+    ws = _scratch(_C.moe_backward_workspace_bytes(cfg, x.shape[0], *need), x.device)
     _packed.moe_backward_packed(cfg, _dlpack(d_out), _dlpack(x), _dlpack(gate), _dlpack(w1), _dlpack(w2),
                                 logits.data_ptr(), saved.data_ptr(), saved.numel(),
-                                *[0 if g is None else g.data_ptr() for g in grads], ws.data_ptr(), ws_bytes,
+                                *[0 if g is None else g.data_ptr() for g in grads], ws.data_ptr(), ws.numel(),
                                 _stream(x))
     return _block_grads(need, grads, d_logits, x, gate)
 
